@@ -1,0 +1,127 @@
+"""The result of one training run: the summary block both scripts print, its JSON twin, and the
+hash of the locked harness that produced it.
+
+The summary is the contract between a training script and whoever reads run.log (an agent with
+grep, or tools/experiment.py). Its first keys and their order are fixed (SUMMARY_KEYS), then the
+keys that make a result comparable (CONTEXT_KEYS), then any extras. The same fields are written as
+JSON to runs/last_run.json (stable path) and runs/run_<timestamp>.json (archive).
+"""
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUMMARY_KEYS = (
+    "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
+    "total_tokens_M", "num_steps", "num_params_M", "depth", "backend", "chip",
+)
+CONTEXT_KEYS = ("dataset", "eval_tokens", "time_budget", "harness")
+# How each numeric field is written, so every run prints the same widths and decimals.
+_FORMATS = {
+    "val_bpb": "{:.6f}", "training_seconds": "{:.1f}", "total_seconds": "{:.1f}",
+    "peak_vram_mb": "{:.1f}", "mfu_percent": "{:.2f}", "total_tokens_M": "{:.1f}",
+    "num_params_M": "{:.1f}",
+}
+LOCKED_PATHS = ("prepare.py", "backends")
+
+
+def runs_dir():
+    """Where run JSON files go: AUTORESEARCH_RUNS_DIR, else ./runs under the current directory."""
+    return Path(os.environ.get("AUTORESEARCH_RUNS_DIR", "runs"))
+
+
+def harness_hash(root=REPO_ROOT):
+    """Short sha256 over the locked files (prepare.py and backends/*.py), in a fixed order."""
+    root = Path(root)
+    files = [root / "prepare.py"] + sorted((root / "backends").glob("*.py"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(b"\0")
+        digest.update(path.read_bytes() if path.exists() else b"<missing>")
+        digest.update(b"\0")
+    return digest.hexdigest()[:12]
+
+
+def _format_value(key, value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if key in _FORMATS and isinstance(value, (int, float)):
+        return _FORMATS[key].format(value)
+    return str(value)
+
+
+def format_summary(fields):
+    """The summary block: '---' then 'key: value' lines, SUMMARY_KEYS, CONTEXT_KEYS, then extras.
+
+    A missing required key is a bug in the training script, so it raises instead of printing a
+    summary that tools would misread.
+    """
+    missing = [k for k in SUMMARY_KEYS + CONTEXT_KEYS if k not in fields]
+    if missing:
+        raise KeyError(f"summary is missing required keys: {', '.join(missing)}")
+    ordered = list(SUMMARY_KEYS + CONTEXT_KEYS) + [k for k in fields if k not in SUMMARY_KEYS + CONTEXT_KEYS]
+    width = max(len(k) for k in ordered) + 2
+    lines = ["---"] + [f"{k + ':':<{width}}{_format_value(k, fields[k])}" for k in ordered]
+    return "\n".join(lines)
+
+
+def _parse_value(text):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text in ("true", "false"):
+        return text == "true"
+    return text
+
+
+def parse_summary(log_text):
+    """Fields of the last summary block in a log, or None when the log holds no complete summary.
+
+    Progress lines use '\\r', so the text is split on both kinds of line end. A block counts only
+    if it has every SUMMARY_KEYS entry (a run killed mid-print is not a result).
+    """
+    lines = log_text.replace("\r", "\n").split("\n")
+    starts = [i for i, line in enumerate(lines) if line.strip() == "---"]
+    for start in reversed(starts):
+        fields = {}
+        for line in lines[start + 1:]:
+            key, sep, value = line.partition(":")
+            if not sep or not key or " " in key.strip():
+                break
+            fields[key.strip()] = _parse_value(value.strip())
+        if all(k in fields for k in SUMMARY_KEYS):
+            return fields
+    return None
+
+
+def write_run_json(fields, directory=None):
+    """Write the fields to <dir>/last_run.json and a timestamped copy; returns the stable path.
+
+    Each file is written to a temporary name and renamed, so a reader never sees half a file.
+    """
+    directory = Path(directory) if directory is not None else runs_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps(fields, indent=2, sort_keys=False) + "\n"
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    for name in (f"run_{stamp}_{os.getpid()}.json", "last_run.json"):
+        tmp = directory / (name + ".tmp")
+        tmp.write_text(payload)
+        os.replace(tmp, directory / name)
+    return directory / "last_run.json"
+
+
+def read_run_json(path):
+    """Fields from a run JSON file, or None if it is absent or not a complete result."""
+    try:
+        fields = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(fields, dict) or not all(k in fields for k in SUMMARY_KEYS):
+        return None
+    return fields
