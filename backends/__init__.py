@@ -1,0 +1,29 @@
+"""Hardware-aware helpers shared by prepare.py, train.py and train_mlx.py (locked for the agent).
+
+    detect_backend()                       -> "mlx" | "mps" | "cuda" | "cpu"
+    get_hardware_info()                    -> dict describing this machine (cached)
+    peak_flops(info, backend)              -> dense bf16 FLOP/s of the training device
+    suggest_hyperparameters(info, backend) -> default configuration for this tier
+    eval_tokens(info)                      -> the tier's evaluation budget in tokens
+    sync(backend), peak_memory_mb(backend), print_summary()
+
+`uv run python -m backends` prints the summary. Importing this package never imports torch or mlx.
+"""
+
+from backends.flops import peak_flops, peak_flops_and_source
+from backends.hardware import (
+    BACKENDS,
+    BackendUnavailable,
+    detect_backend,
+    get_hardware_info,
+    peak_memory_mb,
+    sync,
+)
+from backends.summary import print_summary
+from backends.tiers import current_profile, eval_tokens, suggest_hyperparameters
+
+__all__ = [
+    "BACKENDS", "BackendUnavailable", "current_profile", "detect_backend", "eval_tokens",
+    "get_hardware_info", "peak_flops", "peak_flops_and_source", "peak_memory_mb", "print_summary",
+    "suggest_hyperparameters", "sync",
+]

@@ -1,0 +1,237 @@
+"""Peak dense matmul throughput (FLOP/s) of the device a backend trains on: the denominator of MFU.
+
+GPUs come from tables of published figures (Apple per GPU core, NVIDIA per product). A CPU, or a
+GPU missing from the tables, is measured instead: a short bf16 and fp32 matmul benchmark that runs
+once and is cached on disk (AUTORESEARCH_CACHE_DIR or ~/.cache/autoresearch, calibration.json),
+keyed by device, library version and thread count.
+"""
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+CALIBRATION_FILE = "calibration.json"
+CPU_SIZES = (256, 512, 1024, 2048)  # bf16 on 2 cores reaches its peak only at 2048 (~20 ms a product)
+GPU_SIZES = (2048, 4096, 8192)
+MAX_PRODUCT_S = 0.25  # grow the matrix while the next size (8x the work) should stay under this...
+REPEATS = 5           # ...then keep the best of this many timings (other processes share the cores)
+
+# Apple GPUs: dense fp16/bf16 FLOP/s per GPU core. M1-M4 cores have 128 FP32 ALUs and run
+# fp16/bf16 matmuls at the FP32 rate, so a core does 256 FLOP per clock (one FMA per ALU). Where
+# Apple quotes no TFLOPS, that is multiplied by a third-party GPU clock reading (approximate).
+APPLE_FLOPS_PER_GPU_CORE = {
+    "M1": 0.325e12,  # Apple M1 launch (Nov 2020): 2.6 TFLOPS from 8 GPU cores; M1 Pro/Max: 5.2/10.4 from 16/32
+    "M2": 0.358e12,  # 256 FLOP/clock x 1.398 GHz (TechPowerUp GPU database, "Apple M2 GPU"): 3.6 TFLOPS at 10 cores
+    "M3": 0.353e12,  # 256 FLOP/clock x 1.38 GHz (TechPowerUp GPU database, "Apple M3 GPU")
+    "M4": 0.376e12,  # 256 FLOP/clock x 1.47 GHz (TechPowerUp GPU database, "Apple M4 GPU")
+    "M5": 1.505e12,  # Apple M5 announcement (Oct 2025): a Neural Accelerator in every GPU core gives "over 4x
+                     # the peak GPU compute for AI" of M4 at the same 10 cores, so 4 x the M4 figure
+}
+# Only used when system_profiler gave no core count: a common configuration of each tier.
+APPLE_TYPICAL_GPU_CORES = {"base": 10, "Pro": 16, "Max": 32, "Ultra": 64}
+
+# NVIDIA: dense (no sparsity) BF16 tensor-core FLOP/s, matched against torch.cuda.get_device_name()
+# in order (first match wins). Datasheets quote "with sparsity" figures; dense is half of those.
+NVIDIA_BF16_FLOPS = (
+    (r"GB200|B200", 2.25e15),    # NVIDIA HGX B200 datasheet: FP16/BF16 4.5 PFLOPS per GPU with sparsity
+    (r"H200 NVL", 835e12),       # NVIDIA H200 datasheet: H200 NVL BF16 1,671 TFLOPS with sparsity
+    (r"H200", 989e12),           # NVIDIA H200 datasheet (H200 SXM) and GH200 datasheet: 1,979 with sparsity
+    (r"H100 NVL", 835e12),       # NVIDIA H100 datasheet: H100 NVL BF16 1,671 TFLOPS with sparsity
+    (r"H100 PCIe", 756e12),      # NVIDIA H100 datasheet: H100 PCIe BF16 1,513 TFLOPS with sparsity
+    (r"H100", 989e12),           # NVIDIA H100 datasheet: H100 SXM BF16 1,979 TFLOPS with sparsity
+    (r"A100", 312e12),           # NVIDIA A100 datasheet: BF16 Tensor Core 312 TFLOPS (624 with sparsity)
+    (r"L40S", 362e12),           # NVIDIA L40S datasheet: BF16 Tensor 362.05 TFLOPS (733 with sparsity)
+    (r"L40\b", 181e12),          # NVIDIA L40 datasheet: BF16 Tensor 181.05 TFLOPS (362.1 with sparsity)
+    (r"\bL4\b", 121e12),         # NVIDIA L4 datasheet: BF16 Tensor Core 242 TFLOPS with sparsity
+    (r"\bA40\b", 149.7e12),      # NVIDIA A40 datasheet: BF16 Tensor 149.7 TFLOPS (299.4 with sparsity)
+    (r"\bA10\b", 125e12),        # NVIDIA A10 datasheet: BF16 Tensor Core 125 TFLOPS (250 with sparsity)
+    (r"RTX 5090", 209.5e12),     # NVIDIA RTX Blackwell GPU architecture whitepaper: BF16 FP32-accumulate 209.5
+    (r"RTX 4090(?! ?D)", 165.2e12),  # NVIDIA Ada Lovelace GPU architecture whitepaper: BF16 FP32-acc. 165.2
+    (r"RTX 3090(?! Ti)", 71e12),     # NVIDIA Ampere GA102 GPU architecture whitepaper: BF16 FP32-acc. 71
+    (r"V100", 125e12),           # NVIDIA V100 datasheet: 125 TFLOPS tensor (FP16; Volta has no BF16)
+    (r"\bT4\b", 65e12),          # NVIDIA T4 datasheet: 65 TFLOPS mixed precision (FP16; Turing has no BF16)
+)
+
+
+def cache_dir():
+    """Cache root: $AUTORESEARCH_CACHE_DIR, else ~/.cache/autoresearch (the same rule as prepare.py)."""
+    return Path(os.environ.get("AUTORESEARCH_CACHE_DIR") or Path.home() / ".cache" / "autoresearch")
+
+
+def apple_gpu_flops(info):
+    """(FLOP/s, how) for an Apple GPU from its generation and core count.
+
+    A generation newer than the table uses the newest known per-core rate; an unknown core count
+    assumes a common configuration of the tier. Both say so in `how`.
+    """
+    generation, tier = info.get("generation"), info.get("tier")
+    known = sorted(APPLE_FLOPS_PER_GPU_CORE, key=lambda name: int(name[1:]))  # "M10" after "M9"
+    rate_from = generation if generation in APPLE_FLOPS_PER_GPU_CORE else known[-1]
+    cores = info.get("gpu_cores")
+    how = f"table: {cores} GPU cores x {APPLE_FLOPS_PER_GPU_CORE[rate_from] / 1e12:.3f} TFLOP/s per {rate_from} core"
+    if cores is None:
+        cores = APPLE_TYPICAL_GPU_CORES.get(tier, APPLE_TYPICAL_GPU_CORES["base"])
+        how = f"estimated: core count unknown, assumed {cores} ({tier or 'base'} tier), {rate_from} per-core rate"
+    elif rate_from != generation:
+        how += f" (newest in table; {generation or 'this chip'} is not)"
+    return cores * APPLE_FLOPS_PER_GPU_CORE[rate_from], how
+
+
+def nvidia_gpu_flops(name):
+    """Dense BF16 FLOP/s of an NVIDIA GPU from NVIDIA_BF16_FLOPS, or None if the name is not there."""
+    for pattern, flops in NVIDIA_BF16_FLOPS:
+        if re.search(pattern, name or "", re.IGNORECASE):
+            return flops
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Measurement
+
+def _seconds(product):
+    start = time.perf_counter()
+    product()
+    return time.perf_counter() - start
+
+
+def _matmul_rate(make_product, sizes):
+    """(FLOP/s, n): grow n through `sizes` while doubling n (8x the work) should stay under
+    MAX_PRODUCT_S, then keep the best of REPEATS timings at that n. A fast library thus reaches the
+    large sizes where it peaks, and a slow one stops early instead of taking minutes.
+
+    make_product(n) returns a function that computes one n x n product and waits for it.
+    """
+    for n in sizes:
+        product = make_product(n)
+        product()  # warm-up: allocation, kernel choice, thread-pool start
+        seconds = _seconds(product)
+        if 8 * seconds > MAX_PRODUCT_S:
+            break
+    for _ in range(REPEATS - 1):
+        seconds = min(seconds, _seconds(product))
+    return 2 * n**3 / seconds, n
+
+
+def _torch_products(device):
+    import torch
+
+    def products(dtype_name):
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+
+        def make(n):
+            a = torch.randn(n, n, device=device).to(dtype)
+            b = torch.randn(n, n, device=device).to(dtype)
+
+            def product():
+                a @ b
+                if device == "cuda":
+                    torch.cuda.synchronize()  # kernels are asynchronous: wait before stopping the clock
+            return product
+        return make
+    return products, f"torch {torch.__version__}", torch.get_num_threads()
+
+
+def _mlx_products():
+    import importlib.metadata
+    import mlx.core as mx
+
+    def products(dtype_name):
+        dtype = {"bf16": mx.bfloat16, "fp32": mx.float32}[dtype_name]
+
+        def make(n):
+            a = mx.random.normal((n, n)).astype(dtype)
+            b = mx.random.normal((n, n)).astype(dtype)
+            mx.eval(a, b)
+            return lambda: mx.eval(a @ b)
+        return make
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return products, f"mlx {importlib.metadata.version('mlx')}", threads
+
+
+def _read_cache(path):
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
+def measure_matmul_flops(library, device_name, *, device="cpu", sizes=None, cache_root=None):
+    """Measured dense matmul throughput: {"bf16", "fp32" (FLOP/s), "bf16_size", "fp32_size" (n of
+    the n x n products timed), "threads", "library", "cached"}. Measured once per (library version,
+    device, threads, largest size), then read back from <cache_root>/calibration.json.
+
+    library is "torch" (device "cpu" or "cuda") or "mlx" (its default device); device_name names
+    the hardware in the cache key (CPU model or GPU name). Takes about a second on 2 CPU cores.
+    """
+    if library == "torch":
+        products, version, threads = _torch_products(device)
+    elif library == "mlx":
+        products, version, threads = _mlx_products()
+    else:
+        raise ValueError(f"unknown library {library!r}; expected torch or mlx")
+    sizes = tuple(sizes or (GPU_SIZES if device == "cuda" else CPU_SIZES))
+    key = f"{version} | {device}: {device_name} | {threads} threads | n<={max(sizes)}"
+    path = Path(cache_root or cache_dir()) / CALIBRATION_FILE
+    cached = _read_cache(path)
+    if key in cached:
+        return {**cached[key], "cached": True}
+    record = {"library": version, "threads": threads}
+    for dtype_name in ("bf16", "fp32"):
+        record[dtype_name], record[f"{dtype_name}_size"] = _matmul_rate(products(dtype_name), sizes)
+    # Re-read before writing so a calibration another process stored meanwhile is kept.
+    cached = {**_read_cache(path), key: record}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cached, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return {**record, "cached": False}
+
+
+def forget_calibration(cache_root=None):
+    """Delete the cached measurements (e.g. ones taken while other jobs loaded the machine), so the
+    next peak_flops() measures again. Returns True if there was something to delete."""
+    path = Path(cache_root or cache_dir()) / CALIBRATION_FILE
+    existed = path.exists()
+    path.unlink(missing_ok=True)
+    return existed
+
+
+def _measured(record, where):
+    # A CPU without native bf16 emulates it slower than fp32; training then runs in fp32, so the
+    # peak is whichever dtype is faster.
+    n = record["bf16_size"]
+    how = (f"measured: {record['library']} {n}x{n} matmul {where}, "
+           f"bf16 {record['bf16'] / 1e12:.3f} / fp32 {record['fp32'] / 1e12:.3f} TFLOP/s"
+           f"{' (cached)' if record['cached'] else ''}")
+    return max(record["bf16"], record["fp32"]), how
+
+
+def peak_flops_and_source(info, backend):
+    """(FLOP/s, how it was obtained) for the device `backend` trains on; see peak_flops."""
+    if backend in ("mlx", "mps") and info.get("kind") == "apple":
+        return apple_gpu_flops(info)
+    if backend == "mps":
+        raise ValueError("the mps backend needs an Apple Silicon Mac")
+    if backend == "cuda":
+        flops = nvidia_gpu_flops(info.get("gpu_name"))
+        if flops is not None:
+            return flops, f"table: {info.get('gpu_name')} dense BF16 (NVIDIA datasheet)"
+        record = measure_matmul_flops("torch", info.get("gpu_name"), device="cuda")
+        return _measured(record, f"on {info.get('gpu_name')} (not in the table)")
+    if backend in ("mlx", "cpu"):
+        record = measure_matmul_flops("mlx" if backend == "mlx" else "torch", info.get("cpu_model"))
+        return _measured(record, f"on {record['threads']} CPU threads")
+    raise ValueError(f"unknown backend {backend!r}; expected one of mlx, mps, cuda, cpu")
+
+
+def peak_flops(info, backend):
+    """Peak dense bf16 matmul FLOP/s of the device `backend` trains on (one device, not all of them).
+
+    Apple GPUs (mlx, mps) and known NVIDIA GPUs come from tables; the CPU (cpu, and mlx off a Mac)
+    and unknown NVIDIA GPUs are measured once and cached. A measured CPU peak is the faster of bf16
+    and fp32, since a CPU without native bf16 trains in fp32.
+    """
+    return peak_flops_and_source(info, backend)[0]
