@@ -19,15 +19,12 @@ tiny_env (function scope)
 """
 
 import random
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+REPO_ROOT = Path(__file__).resolve().parent.parent  # cwd for tests that run a script
 
 TINY_VOCAB_SIZE = 512
 TINY_DOCUMENTS = 400
