@@ -150,7 +150,8 @@ def require_clean_harness():
     base_name, base = branch_base()
     changed = harness_changes(base)
     if changed:
-        refuse(f"the harness is locked but {', '.join(changed)} differ from {base[:7]} ({base_name}); "
+        refuse(f"the harness is locked but {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} "
+               f"from {base[:7]} ({base_name}); "
                f"undo that with: git checkout {base[:7]} -- {' '.join(LOCKED_PATHS)}")
 
 

@@ -23,14 +23,17 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiment import parse_results  # noqa: E402
+from experiment import NONSTANDARD_TAG, STANDARD, parse_results  # noqa: E402
 
 DEFAULT_OUTPUT = "progress.png"
 # tab10 without its red, which is kept for crashes.
 SERIES_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
                   "tab:gray", "tab:olive", "tab:cyan")
 CRASH_COLOUR = "tab:red"
-OFF_SCALE_MARGIN = 0.5  # show discards up to half the kept range above the worst kept result
+# Discards are shown up to the worst kept result plus half the kept range (at least 1% of it);
+# worse ones are drawn as triangles on the top edge.
+OFF_SCALE_MARGIN = 0.5
+OFF_SCALE_MIN_FRACTION = 0.01
 CRASH_ROW = 0.035  # height of one series' row of crash markers, as a fraction of the axes
 MAX_ANNOTATIONS = 40  # label kept experiments with their description (single series only)
 LABEL_CHARS = 38
@@ -61,8 +64,9 @@ def value_range(series):
     ok = [r["val_bpb"] for _, rows in series for r in rows if r["status"] != "crash"]
     kept = [r["val_bpb"] for _, rows in series for r in rows if r["status"] == "keep"]
     low, clip = min(ok), max(ok)
-    if kept and max(kept) > low:
-        clip = min(clip, max(kept) + OFF_SCALE_MARGIN * (max(kept) - low))
+    if kept:
+        margin = max(OFF_SCALE_MARGIN * (max(kept) - low), OFF_SCALE_MIN_FRACTION * abs(max(kept)))
+        clip = min(clip, max(kept) + margin)
     pad = (clip - low) * 0.08 or 0.01
     bottom, top = low - pad, clip + pad
     band = crash_row(len(series))
@@ -98,6 +102,9 @@ def draw_series(ax, index, name, rows, colour, crash_colour, clip, annotate):
                linewidths=0, zorder=2)
     ax.scatter([x for x, _ in off_scale], [clip] * len(off_scale), s=30, marker="^", color=colour, alpha=0.3,
                linewidths=0, zorder=2, clip_on=False)
+    for x, row in off_scale:
+        ax.annotate(f"{row['val_bpb']:.3f}", (x, clip), xytext=(0, 5), textcoords="offset points", fontsize=6,
+                    ha="center", color=colour, alpha=0.7)
     xs, ys = running_best(rows)
     best = f"best {ys[-1]:.4f}, " if ys else ""
     ax.step(xs, ys, where="post", color=colour, linewidth=1.8, alpha=0.9, zorder=3,
@@ -108,7 +115,7 @@ def draw_series(ax, index, name, rows, colour, crash_colour, clip, annotate):
                linewidths=1.5, zorder=4, transform=ax.get_xaxis_transform())
     if annotate and len(kept) <= MAX_ANNOTATIONS:
         for x, row in kept:
-            text = row["description"]
+            text = NONSTANDARD_TAG.sub("", row["description"])
             text = text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS - 1] + "…"
             ax.annotate(text, (x, row["val_bpb"]), xytext=(6, 5), textcoords="offset points", fontsize=7,
                         rotation=25, color="#333333", zorder=5)
@@ -136,7 +143,9 @@ def plot(series, output):
         xs, ys = running_best(rows)
         first = next((r["val_bpb"] for r in rows if r["status"] == "keep"), None)
         gain = f": best {ys[-1]:.6f}, {ys[-1] - first:+.6f} from the first kept result {first:.6f}" if ys else ""
-        ax.set_title(f"autoresearch progress, {len(rows)} experiments{gain}")
+        kinds = {r["kind"] for r in rows if r["status"] != "crash"}
+        kind = f" ({kinds.pop()} results)" if len(kinds) == 1 and STANDARD not in kinds else ""
+        ax.set_title(f"autoresearch progress: {name}{kind}\n{len(rows)} experiments{gain}", fontsize=11)
     else:
         ax.set_title(f"autoresearch progress: {len(series)} runs side by side")
     grey = "#555555"
