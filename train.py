@@ -1,0 +1,480 @@
+"""
+Pretrain a small GPT for a fixed time budget with PyTorch (CUDA, MPS or CPU) and report val_bpb.
+
+This is one of the two files the agent edits. train_mlx.py is its MLX twin: the same model, the
+same loop and the same summary, section by section under the same names, so that
+`diff train.py train_mlx.py` shows only what the frameworks force. Anything here is fair game:
+the constants, the model, the optimizer set-up, the schedules, the loop. The harness (prepare.py:
+data, tokenizer, evaluate_bpb, TIME_BUDGET) and backends/ are locked.
+
+    uv run train.py                                   # backend from backends.detect_backend()
+    AUTORESEARCH_BACKEND=cpu uv run train.py          # or mps, cuda; mlx runs train_mlx.py
+    AUTORESEARCH_PROFILE=smoke AUTORESEARCH_TIME_BUDGET=10 uv run train.py   # a quick try
+"""
+
+import gc
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+import backends
+from backends.report import format_summary, harness_hash, write_run_json
+
+
+def exit_with_error(error):
+    """End the run with one line on stderr and no traceback: the message says what to do."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+try:
+    BACKEND = backends.detect_backend()
+    PROFILE = backends.current_profile()
+except (backends.BackendUnavailable, ValueError) as error:
+    exit_with_error(error)
+if BACKEND == "mlx" and __name__ == "__main__":
+    # Hand the whole run to the MLX twin (same interpreter, same arguments) before torch loads.
+    mlx_script = str(Path(__file__).with_name("train_mlx.py"))
+    os.execv(sys.executable, [sys.executable, mlx_script, *sys.argv[1:]])
+
+import torch  # noqa: E402  (imported only once the run is known to stay in PyTorch)
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import prepare  # noqa: E402
+from backends.muon_torch import MuonAdamW  # noqa: E402
+from backends.optim import param_groups  # noqa: E402
+from prepare import MAX_SEQ_LEN, TIME_BUDGET  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameters. The size and batch ones default to what backends suggests for this machine;
+# replace any of them by a literal to experiment.
+
+HARDWARE = backends.get_hardware_info()
+SUGGESTED = backends.suggest_hyperparameters(HARDWARE, BACKEND)
+
+# Model
+DEPTH = SUGGESTED["depth"]                    # transformer layers
+ASPECT_RATIO = SUGGESTED["aspect_ratio"]      # model_dim = DEPTH * ASPECT_RATIO, rounded up to HEAD_DIM
+HEAD_DIM = SUGGESTED["head_dim"]              # channels per attention head
+WINDOW_PATTERN = SUGGESTED["window_pattern"]  # per layer, tiled: L = full SEQ_LEN, S = half
+# Batch
+SEQ_LEN = SUGGESTED["seq_len"]                      # tokens per training row
+DEVICE_BATCH_SIZE = SUGGESTED["device_batch_size"]  # rows per forward/backward
+TOTAL_BATCH_SIZE = SUGGESTED["total_batch_size"]    # tokens per optimizer step
+EVAL_BATCH_SIZE = SUGGESTED["eval_batch_size"]      # rows of MAX_SEQ_LEN per evaluation forward
+# Optimizer
+EMBEDDING_LR = 0.6      # AdamW, token and value embeddings
+UNEMBEDDING_LR = 0.004  # AdamW, lm_head
+MATRIX_LR = 0.04        # Muon, the transformer's matrices
+SCALAR_LR = 0.5         # AdamW, resid_lambdas and x0_lambdas
+WEIGHT_DECAY = 0.2      # Muon's cautious weight decay, decayed linearly to 0 over the run
+ADAM_BETAS = (0.8, 0.95)
+NS_STEPS = 5            # Polar Express (Newton-Schulz) iterations in Muon
+# Schedule, as fractions of the time budget
+WARMUP_RATIO = 0.0
+WARMDOWN_RATIO = 0.5
+FINAL_LR_FRAC = 0.0
+MUON_MOMENTUM_START, MUON_MOMENTUM_END, MUON_MOMENTUM_RAMP_STEPS = 0.85, 0.95, 300
+# Loop
+UNTIMED_STEPS = 2      # steps 0 and 1 (compilation, allocator warm-up) train but are not timed
+GC_EVERY_STEPS = 5000  # the garbage collector is off during training except every this many steps
+
+# Device, precision and compilation: bf16 autocast wherever the device computes it natively.
+DEVICE = torch.device(BACKEND if BACKEND in ("cuda", "mps") else "cpu")
+if BACKEND == "cuda":
+    USE_BF16 = torch.cuda.is_bf16_supported()
+elif BACKEND == "mps":
+    USE_BF16 = torch.backends.mps.is_macos_or_newer(14, 0)
+else:
+    USE_BF16 = True  # CPU: bf16 matmuls run ~4x faster than fp32 on AVX-512/AMX cores
+COMPILE = BACKEND in ("cuda", "cpu") and PROFILE != "smoke"  # smoke: compiling costs more than it saves
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+ROPE_BASE = 10000.0
+SOFTCAP = 15.0
+NORM_EPS = 1e-6
+VE_GATE_CHANNELS = 32  # value-embedding gates read this many leading channels of the block input
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048  # training row length: sets the windows (L = this, S = half)
+    vocab_size: int = 8192
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+
+
+def norm(x):
+    """Parameter-free RMSNorm over the channels."""
+    return F.rms_norm(x, (x.size(-1),), eps=NORM_EPS)
+
+
+def has_value_embedding(layer_idx, n_layer):
+    """Value embeddings sit on alternating layers, always including the last."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def window_sizes(config):
+    """Attention window (in tokens) of each layer: the pattern tiled over the layers, last layer L.
+
+    Inputs longer than sequence_len (evaluation runs at MAX_SEQ_LEN) keep these windows, so no
+    layer attends further back than it did in training.
+    """
+    pattern = config.window_pattern.upper()
+    if not pattern or set(pattern) - set("SL"):
+        raise ValueError(f"window_pattern {config.window_pattern!r} must be made of S and L only")
+    size = {"L": config.sequence_len, "S": config.sequence_len // 2}
+    windows = [size[pattern[i % len(pattern)]] for i in range(config.n_layer)]
+    windows[-1] = size["L"]
+    return tuple(windows)
+
+
+def window_mask(T, window, device):
+    """Boolean [T, T] mask (True = attend) for causal attention over the last `window` tokens;
+    None when plain causal attention already fits in the window."""
+    if window >= T:
+        return None
+    pos = torch.arange(T, device=device)
+    distance = pos[:, None] - pos[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+def rotary_tables(seq_len, head_dim):
+    """cos and sin [1, seq_len, 1, head_dim // 2], fp32, for rotating channel pairs (i, i + d/2)."""
+    inv_freq = ROPE_BASE ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the pairs (first half, second half) of x [B, T, H, D] by their position's angle;
+    the same convention as mx.fast.rope(traditional=False)."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        has_ve = has_value_embedding(layer_idx, config.n_layer)
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if has_ve else None
+
+    def forward(self, x, ve, cos, sin, mask):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            # Input-dependent gate in (0, 2) on how much of the token's value embedding to add.
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, mask):
+        x = x + self.attn(norm(x), ve, cos, sin, mask)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.window_sizes = window_sizes(config)
+        head_dim = config.n_embd // config.n_head
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(config.vocab_size, config.n_kv_head * head_dim)
+            for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)
+        })
+        # Evaluation runs at MAX_SEQ_LEN even when training rows are shorter.
+        cos, sin = rotary_tables(max(config.sequence_len, MAX_SEQ_LEN), head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        s = 3 ** 0.5 * self.config.n_embd ** -0.5  # uniform(-s, s) has std n_embd ** -0.5
+        nn.init.normal_(self.transformer.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.transformer.h:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(linear.weight, -s, s)
+            # Zero output projections: every block starts as the identity on the residual stream.
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        for embedding in self.value_embeds.values():
+            nn.init.uniform_(embedding.weight, -s, s)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        """Logits [B, T, V] (fp32, softcapped); with targets, the cross-entropy loss instead:
+        a scalar for reduction='mean', per-token nats [B, T] for reduction='none'."""
+        B, T = idx.shape
+        device_type = idx.device.type
+        x = self.transformer.wte(idx)
+        if torch.is_autocast_enabled(device_type):
+            # Embeddings come out in fp32; cast so the whole residual stream stays in bf16.
+            x = x.to(torch.get_autocast_dtype(device_type))
+        x = norm(x)
+        x0 = x
+        cos, sin = self.cos[:, :T].to(x.dtype), self.sin[:, :T].to(x.dtype)
+        masks = {w: window_mask(T, w, idx.device) for w in set(self.window_sizes)}
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, masks[self.window_sizes[i]])
+        x = norm(x)
+        logits = self.lm_head(x).float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), reduction=reduction)
+        return loss if reduction == "mean" else loss.view(B, T)
+
+    def num_flops_per_token(self, T):
+        """Training FLOPs per token at row length T: 6 per matmul weight (forward + backward)
+        plus attention scores and values, 12 * heads * head_dim per attended position, counting
+        min(window, T) positions per layer as upstream does."""
+        embedding_like = (self.transformer.wte.weight.numel() + self.resid_lambdas.numel()
+                          + self.x0_lambdas.numel()
+                          + sum(e.weight.numel() for e in self.value_embeds.values()))
+        matmul_params = sum(p.numel() for p in self.parameters()) - embedding_like
+        head_dim = self.config.n_embd // self.config.n_head
+        attention = sum(12 * self.config.n_head * head_dim * min(w, T) for w in self.window_sizes)
+        return 6 * matmul_params + attention
+
+
+def build_config(vocab_size):
+    model_dim = -(-DEPTH * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM
+    n_head = model_dim // HEAD_DIM
+    return GPTConfig(sequence_len=SEQ_LEN, vocab_size=vocab_size, n_layer=DEPTH, n_head=n_head,
+                     n_kv_head=n_head, n_embd=model_dim, window_pattern=WINDOW_PATTERN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules, all driven by progress = training time / TIME_BUDGET (and Muon momentum by step)
+
+def lr_multiplier(progress):
+    """Linear warmup, flat, then linear warmdown to FINAL_LR_FRAC."""
+    if progress < WARMUP_RATIO:
+        return progress / WARMUP_RATIO
+    if progress <= 1 - WARMDOWN_RATIO:
+        return 1.0
+    cooldown = max(0.0, (1 - progress) / WARMDOWN_RATIO)
+    return cooldown + (1 - cooldown) * FINAL_LR_FRAC
+
+
+def weight_decay_multiplier(progress):
+    return 1 - progress
+
+
+def muon_momentum(step):
+    frac = min(step / MUON_MOMENTUM_RAMP_STEPS, 1.0)
+    return (1 - frac) * MUON_MOMENTUM_START + frac * MUON_MOMENTUM_END
+
+
+def fail_if_diverged(loss, step):
+    """Fast-fail: a NaN/inf or exploding loss will not recover, so stop instead of wasting the budget."""
+    if not math.isfinite(loss) or loss > 100:
+        print(f"\nFAIL: training diverged at step {step}: loss {loss}", flush=True)
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training run
+
+def main():
+    process_start = psutil.Process().create_time()
+    torch.manual_seed(42)
+    if BACKEND == "cuda":
+        torch.set_float32_matmul_precision("high")
+    autocast = torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16, enabled=USE_BF16)
+
+    tokens_per_micro_step = DEVICE_BATCH_SIZE * SEQ_LEN
+    if TOTAL_BATCH_SIZE % tokens_per_micro_step:
+        raise SystemExit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of "
+                         f"DEVICE_BATCH_SIZE * SEQ_LEN = {tokens_per_micro_step}: change one of them")
+    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
+
+    tokenizer = prepare.get_tokenizer()
+    config = build_config(tokenizer.get_vocab_size())
+    model = GPT(config).to(DEVICE)
+    num_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = model.num_flops_per_token(SEQ_LEN)
+    peak_flops = backends.peak_flops(HARDWARE, BACKEND)
+
+    named_params = dict(model.named_parameters())
+    groups = param_groups({name: tuple(p.shape) for name, p in named_params.items()}, config.n_embd,
+                          matrix_lr=MATRIX_LR, embedding_lr=EMBEDDING_LR,
+                          unembedding_lr=UNEMBEDDING_LR, scalar_lr=SCALAR_LR,
+                          weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, ns_steps=NS_STEPS)
+    for group in groups:
+        group["initial_weight_decay"] = group["weight_decay"]
+    optimizer = MuonAdamW(named_params, groups)
+    train_model = torch.compile(model, dynamic=False) if COMPILE else model
+
+    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train")
+
+    def next_batch():
+        inputs, targets, _ = next(train_loader)
+        return (torch.from_numpy(inputs).to(DEVICE, non_blocking=True),
+                torch.from_numpy(targets).to(DEVICE, non_blocking=True))
+
+    print(f"backend {BACKEND} ({HARDWARE['chip']}), bf16 {USE_BF16}, compile {COMPILE}, "
+          f"profile {PROFILE}")
+    print(f"model: {DEPTH} layers, dim {config.n_embd}, {config.n_head} heads, windows "
+          f"{list(model.window_sizes)}, {num_params / 1e6:.1f}M params, "
+          f"{flops_per_token / 1e6:.1f} MFLOP/token")
+    print(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows "
+          f"x {SEQ_LEN} tokens; time budget {TIME_BUDGET:g}s", flush=True)
+
+    x, y = next_batch()
+    step = 0
+    training_time = 0.0
+    smooth_loss = 0.0
+    while True:
+        backends.sync(BACKEND)
+        step_start = time.perf_counter()
+        loss_sum = torch.zeros((), device=DEVICE)
+        for _ in range(grad_accum_steps):
+            with autocast:
+                loss = train_model(x, y)
+            (loss / grad_accum_steps).backward()
+            loss_sum += loss.detach()
+            x, y = next_batch()
+        progress = min(training_time / TIME_BUDGET, 1.0)
+        lrm = lr_multiplier(progress)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            group["weight_decay"] = group["initial_weight_decay"] * weight_decay_multiplier(progress)
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = loss_sum.item() / grad_accum_steps  # .item() waits for the step to finish
+        fail_if_diverged(train_loss, step)
+        step_seconds = time.perf_counter() - step_start
+        if step >= UNTIMED_STEPS:
+            training_time += step_seconds
+
+        if step == 0:
+            # Everything alive now lives for the whole run: stop the collector scanning it.
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif step % GC_EVERY_STEPS == 0:
+            gc.collect()
+
+        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
+        debiased_loss = smooth_loss / (1 - 0.9 ** (step + 1))
+        tokens_per_second = TOTAL_BATCH_SIZE / step_seconds
+        mfu = 100 * flops_per_token * tokens_per_second / peak_flops
+        remaining = max(0.0, TIME_BUDGET - training_time)
+        print(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss {debiased_loss:.4f} | lrm {lrm:.2f} "
+              f"| {tokens_per_second:,.0f} tok/s | mfu {mfu:.1f}% | remaining {remaining:.0f}s   ",
+              end="", flush=True)
+        step += 1
+        if step > UNTIMED_STEPS and training_time >= TIME_BUDGET:
+            break
+    print()
+
+    timed_tokens = (step - UNTIMED_STEPS) * TOTAL_BATCH_SIZE
+    mfu_percent = 100 * flops_per_token * timed_tokens / training_time / peak_flops
+    print(f"training: {timed_tokens / training_time:,.0f} tok/s, mfu {mfu_percent:.2f}% over "
+          f"{training_time:.1f}s timed", flush=True)
+
+    # Final evaluation: eager model, no autograd, EVAL_BATCH_SIZE rows of MAX_SEQ_LEN at a time.
+    model.eval()
+
+    @torch.inference_mode()
+    def per_token_nats(inputs, targets):
+        inputs = torch.from_numpy(inputs).to(DEVICE)
+        targets = torch.from_numpy(targets).to(DEVICE)
+        with autocast:
+            return model(inputs, targets, reduction="none").float().cpu().numpy()
+
+    eval_start = time.perf_counter()
+    val_bpb = prepare.evaluate_bpb(per_token_nats, tokenizer, EVAL_BATCH_SIZE)
+    eval_tokens = prepare.eval_token_budget()
+    eval_seconds = time.perf_counter() - eval_start
+    print(f"evaluation: {eval_tokens:,} tokens in {eval_seconds:.1f}s", flush=True)
+
+    fields = {
+        "val_bpb": val_bpb,
+        "training_seconds": training_time,
+        "total_seconds": time.time() - process_start,
+        "peak_vram_mb": backends.peak_memory_mb(BACKEND),
+        "mfu_percent": mfu_percent,
+        "total_tokens_M": step * TOTAL_BATCH_SIZE / 1e6,
+        "num_steps": step,
+        "num_params_M": num_params / 1e6,
+        "depth": DEPTH,
+        "backend": BACKEND,
+        "chip": HARDWARE["chip"],
+        "dataset": prepare.active_dataset(),
+        "eval_tokens": eval_tokens,
+        "time_budget": TIME_BUDGET,
+        "harness": harness_hash(),
+        "standard": prepare.is_standard_run(),
+        "profile": PROFILE,
+        "world_size": 1,
+    }
+    print(format_summary(fields), flush=True)
+    write_run_json(fields)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except prepare.DataError as error:
+        exit_with_error(error)
