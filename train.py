@@ -10,6 +10,7 @@ data, tokenizer, evaluate_bpb, TIME_BUDGET) and backends/ are locked.
     uv run train.py                                   # backend from backends.detect_backend()
     AUTORESEARCH_BACKEND=cpu uv run train.py          # or mps, cuda; mlx runs train_mlx.py
     AUTORESEARCH_PROFILE=smoke AUTORESEARCH_TIME_BUDGET=10 uv run train.py   # a quick try
+    uv run torchrun --nproc_per_node 2 train.py       # data parallel: 2 processes (GPUs or cores)
 """
 
 import gc
@@ -23,6 +24,7 @@ from pathlib import Path
 import psutil
 
 import backends
+from backends import distributed
 from backends.report import format_summary, harness_hash, write_run_json
 
 
@@ -43,6 +45,7 @@ if BACKEND == "mlx" and __name__ == "__main__":
     os.execv(sys.executable, [sys.executable, mlx_script, *sys.argv[1:]])
 
 import torch  # noqa: E402  (imported only once the run is known to stay in PyTorch)
+import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -50,6 +53,15 @@ import prepare  # noqa: E402
 from backends.muon_torch import MuonAdamW  # noqa: E402
 from backends.optim import param_groups  # noqa: E402
 from prepare import MAX_SEQ_LEN, TIME_BUDGET  # noqa: E402
+
+# Data parallel: under `torchrun --nproc_per_node N` this process is rank RANK of WORLD_SIZE. Each
+# rank trains on its own rows of every batch and the gradients are averaged, so all ranks take the
+# same step; rank 0 alone prints, evaluates and reports. Without torchrun: rank 0 of 1.
+try:
+    RANKS = distributed.torchrun_ranks(BACKEND)
+except distributed.DistributedError as error:
+    exit_with_error(error)
+RANK, WORLD_SIZE = RANKS.rank, RANKS.world_size
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters. The size and batch ones default to what backends suggests for this machine;
@@ -326,8 +338,28 @@ def muon_momentum(step):
 def fail_if_diverged(loss, step):
     """Fast-fail: a NaN/inf or exploding loss will not recover, so stop instead of wasting the budget."""
     if not math.isfinite(loss) or loss > 100:
-        print(f"\nFAIL: training diverged at step {step}: loss {loss}", flush=True)
+        print0(f"\nFAIL: training diverged at step {step}: loss {loss}", flush=True)
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallel (see RANK above; backends/distributed.py holds the engine's plumbing)
+
+def print0(*args, **kwargs):
+    """print on rank 0 only: one progress line and one summary however many ranks train."""
+    if RANK == 0:
+        print(*args, **kwargs)
+
+
+def agree_across_ranks(train_loss, step_seconds):
+    """Every rank takes the mean loss over the ranks and rank 0's step time, so all of them stop
+    together on a diverged loss, follow the same schedules and end at the same step."""
+    if WORLD_SIZE == 1:
+        return train_loss, step_seconds
+    stats = torch.tensor([train_loss / WORLD_SIZE, step_seconds if RANK == 0 else 0.0],
+                         dtype=torch.float64, device=DEVICE)
+    dist.all_reduce(stats)
+    return stats[0].item(), stats[1].item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,23 +367,26 @@ def fail_if_diverged(loss, step):
 
 def main():
     process_start = psutil.Process().create_time()
+    distributed.init_torch(BACKEND, RANKS)
     torch.manual_seed(42)
     if BACKEND == "cuda":
         torch.set_float32_matmul_precision("high")
     autocast = torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16, enabled=USE_BF16)
 
-    tokens_per_micro_step = DEVICE_BATCH_SIZE * SEQ_LEN
+    tokens_per_micro_step = DEVICE_BATCH_SIZE * SEQ_LEN * WORLD_SIZE  # over all ranks
     if TOTAL_BATCH_SIZE % tokens_per_micro_step:
-        raise SystemExit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of "
-                         f"DEVICE_BATCH_SIZE * SEQ_LEN = {tokens_per_micro_step}: change one of them")
+        raise SystemExit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE "
+                         f"* SEQ_LEN * ranks = {tokens_per_micro_step}: change one of them")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
 
     tokenizer = prepare.get_tokenizer()
+    distributed.check_same_run_torch(__file__, prepare.active_dataset(), DEVICE)
     config = build_config(tokenizer.get_vocab_size())
     model = GPT(config).to(DEVICE)
+    distributed.broadcast_torch_parameters(model)
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.num_flops_per_token(SEQ_LEN)
-    peak_flops = backends.peak_flops(HARDWARE, BACKEND)
+    peak_flops = backends.peak_flops(HARDWARE, BACKEND) * WORLD_SIZE  # every rank's device
 
     named_params = dict(model.named_parameters())
     groups = param_groups({name: tuple(p.shape) for name, p in named_params.items()}, config.n_embd,
@@ -363,22 +398,27 @@ def main():
     optimizer = MuonAdamW(named_params, groups)
     train_model = torch.compile(model, dynamic=False) if COMPILE else model
 
-    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train")
+    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train",
+                                           rank=RANK, world_size=WORLD_SIZE)
 
     def next_batch():
         inputs, targets, _ = next(train_loader)
         return (torch.from_numpy(inputs).to(DEVICE, non_blocking=True),
                 torch.from_numpy(targets).to(DEVICE, non_blocking=True))
 
-    print(f"backend {BACKEND} ({HARDWARE['chip']}), bf16 {USE_BF16}, compile {COMPILE}, "
-          f"profile {PROFILE}")
-    print(f"model: {DEPTH} layers, dim {config.n_embd}, {config.n_head} heads, windows "
-          f"{list(model.window_sizes)}, {num_params / 1e6:.1f}M params, "
-          f"{flops_per_token / 1e6:.1f} MFLOP/token")
-    print(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows "
-          f"x {SEQ_LEN} tokens; time budget {TIME_BUDGET:g}s", flush=True)
+    print0(f"backend {BACKEND} ({HARDWARE['chip']}), bf16 {USE_BF16}, compile {COMPILE}, "
+           f"profile {PROFILE}")
+    if WORLD_SIZE > 1:
+        print0(f"data parallel: {WORLD_SIZE} ranks, torch.distributed over {dist.get_backend()}")
+    print0(f"model: {DEPTH} layers, dim {config.n_embd}, {config.n_head} heads, windows "
+           f"{list(model.window_sizes)}, {num_params / 1e6:.1f}M params, "
+           f"{flops_per_token / 1e6:.1f} MFLOP/token")
+    print0(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows "
+           f"x {SEQ_LEN} tokens{f' x {WORLD_SIZE} ranks' if WORLD_SIZE > 1 else ''}; "
+           f"time budget {TIME_BUDGET:g}s", flush=True)
 
     x, y = next_batch()
+    watchdog = distributed.Watchdog(RANK, WORLD_SIZE)
     step = 0
     training_time = 0.0
     smooth_loss = 0.0
@@ -392,6 +432,7 @@ def main():
             (loss / grad_accum_steps).backward()
             loss_sum += loss.detach()
             x, y = next_batch()
+        distributed.average_torch_gradients(model.parameters())  # the mean over the ranks
         progress = min(training_time / TIME_BUDGET, 1.0)
         lrm = lr_multiplier(progress)
         for group in optimizer.param_groups:
@@ -402,8 +443,10 @@ def main():
         optimizer.step()
         model.zero_grad(set_to_none=True)
         train_loss = loss_sum.item() / grad_accum_steps  # .item() waits for the step to finish
-        fail_if_diverged(train_loss, step)
         step_seconds = time.perf_counter() - step_start
+        train_loss, step_seconds = agree_across_ranks(train_loss, step_seconds)
+        watchdog.beat()
+        fail_if_diverged(train_loss, step)
         if step >= UNTIMED_STEPS:
             training_time += step_seconds
 
@@ -420,13 +463,17 @@ def main():
         tokens_per_second = TOTAL_BATCH_SIZE / step_seconds
         mfu = 100 * flops_per_token * tokens_per_second / peak_flops
         remaining = max(0.0, TIME_BUDGET - training_time)
-        print(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss {debiased_loss:.4f} | lrm {lrm:.2f} "
-              f"| {tokens_per_second:,.0f} tok/s | mfu {mfu:.1f}% | remaining {remaining:.0f}s   ",
-              end="", flush=True)
+        print0(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss {debiased_loss:.4f} | lrm {lrm:.2f} "
+               f"| {tokens_per_second:,.0f} tok/s | mfu {mfu:.1f}% | remaining {remaining:.0f}s   ",
+               end="", flush=True)
         step += 1
         if step > UNTIMED_STEPS and training_time >= TIME_BUDGET:
             break
-    print()
+    print0()
+    watchdog.stop()
+    distributed.finish_torch()
+    if RANK != 0:
+        return  # the other ranks' work is done: rank 0 alone evaluates and reports
 
     timed_tokens = (step - UNTIMED_STEPS) * TOTAL_BATCH_SIZE
     mfu_percent = 100 * flops_per_token * timed_tokens / training_time / peak_flops
@@ -467,7 +514,7 @@ def main():
         "harness": harness_hash(),
         "standard": prepare.is_standard_run(),
         "profile": PROFILE,
-        "world_size": 1,
+        "world_size": WORLD_SIZE,
     }
     print(format_summary(fields), flush=True)
     write_run_json(fields)
@@ -476,5 +523,11 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except prepare.DataError as error:
+    except (prepare.DataError, distributed.DistributedError) as error:
         exit_with_error(error)
+    except RuntimeError as error:
+        if WORLD_SIZE == 1:
+            raise
+        # Usually the engine reporting a peer rank that stopped first: one line, not a traceback.
+        exit_with_error(f"rank {RANK} of {WORLD_SIZE}: {str(error).strip().splitlines()[0]} "
+                        f"(if another rank failed first, its output says why)")

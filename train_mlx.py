@@ -10,6 +10,7 @@ data, tokenizer, evaluate_bpb, TIME_BUDGET) and backends/ are locked.
 
     uv run train_mlx.py                               # or AUTORESEARCH_BACKEND=mlx uv run train.py
     AUTORESEARCH_PROFILE=smoke AUTORESEARCH_TIME_BUDGET=10 uv run train_mlx.py   # a quick try
+    uv run mlx.launch -n 2 --python .venv/bin/python train_mlx.py   # data parallel: 2 processes
 """
 
 import gc
@@ -22,6 +23,7 @@ import numpy as np
 import psutil
 
 import backends
+from backends import distributed
 from backends.report import format_summary, harness_hash, write_run_json
 
 
@@ -45,6 +47,16 @@ import prepare  # noqa: E402
 from backends.muon_mlx import MuonAdamW  # noqa: E402
 from backends.optim import param_groups  # noqa: E402
 from prepare import TIME_BUDGET  # noqa: E402
+
+# Data parallel: under `mlx.launch` (-n N on one machine, --hostfile across Macs) this process is
+# rank RANK of WORLD_SIZE in GROUP. Each rank trains on its own rows of every batch and the
+# gradients are averaged, so all ranks take the same step; rank 0 alone prints, evaluates and
+# reports. Without mlx.launch: rank 0 of 1.
+try:
+    GROUP = distributed.init_mlx()
+except distributed.DistributedError as error:
+    exit_with_error(error)
+RANK, WORLD_SIZE = GROUP.rank(), GROUP.size()
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters. The size and batch ones default to what backends suggests for this machine;
@@ -311,8 +323,27 @@ def muon_momentum(step):
 def fail_if_diverged(loss, step):
     """Fast-fail: a NaN/inf or exploding loss will not recover, so stop instead of wasting the budget."""
     if not math.isfinite(loss) or loss > 100:
-        print(f"\nFAIL: training diverged at step {step}: loss {loss}", flush=True)
+        print0(f"\nFAIL: training diverged at step {step}: loss {loss}", flush=True)
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallel (see RANK above; backends/distributed.py holds the engine's plumbing)
+
+def print0(*args, **kwargs):
+    """print on rank 0 only: one progress line and one summary however many ranks train."""
+    if RANK == 0:
+        print(*args, **kwargs)
+
+
+def agree_across_ranks(train_loss, step_seconds):
+    """Every rank takes the mean loss over the ranks and rank 0's step time, so all of them stop
+    together on a diverged loss, follow the same schedules and end at the same step."""
+    if WORLD_SIZE == 1:
+        return train_loss, step_seconds
+    stats = mx.distributed.all_sum(mx.array([train_loss / WORLD_SIZE,
+                                             step_seconds if RANK == 0 else 0.0]), group=GROUP)
+    return stats[0].item(), stats[1].item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,19 +353,21 @@ def main():
     process_start = psutil.Process().create_time()
     mx.random.seed(42)
 
-    tokens_per_micro_step = DEVICE_BATCH_SIZE * SEQ_LEN
+    tokens_per_micro_step = DEVICE_BATCH_SIZE * SEQ_LEN * WORLD_SIZE  # over all ranks
     if TOTAL_BATCH_SIZE % tokens_per_micro_step:
-        raise SystemExit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of "
-                         f"DEVICE_BATCH_SIZE * SEQ_LEN = {tokens_per_micro_step}: change one of them")
+        raise SystemExit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE "
+                         f"* SEQ_LEN * ranks = {tokens_per_micro_step}: change one of them")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
 
     tokenizer = prepare.get_tokenizer()
+    distributed.check_same_run_mlx(__file__, prepare.active_dataset(), GROUP)
     config = build_config(tokenizer.get_vocab_size())
     model = GPT(config, compute_dtype=COMPUTE_DTYPE)
     mx.eval(model.parameters())
+    distributed.broadcast_mlx_parameters(model, GROUP)
     num_params = sum(p.size for _, p in tree_flatten(model.parameters()))
     flops_per_token = model.num_flops_per_token(SEQ_LEN)
-    peak_flops = backends.peak_flops(HARDWARE, BACKEND)
+    peak_flops = backends.peak_flops(HARDWARE, BACKEND) * WORLD_SIZE  # every rank's device
 
     named_params = dict(tree_flatten(model.trainable_parameters()))
     groups = param_groups({name: tuple(p.shape) for name, p in named_params.items()}, config.n_embd,
@@ -355,27 +388,33 @@ def main():
         return loss_and_grad(model, x, y)
 
     def optimizer_step(grads):
+        grads = distributed.average_mlx_gradients(grads, GROUP)  # the mean over the ranks
         optimizer.update(model, tree_map(lambda g: g / grad_accum_steps, grads))
 
     if COMPILE:
         micro_step = mx.compile(micro_step, inputs=state, outputs=state)
         optimizer_step = mx.compile(optimizer_step, inputs=state, outputs=state)
 
-    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train")
+    train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train",
+                                           rank=RANK, world_size=WORLD_SIZE)
 
     def next_batch():
         inputs, targets, _ = next(train_loader)
         return mx.array(inputs.astype(np.int32)), mx.array(targets.astype(np.int32))
 
-    print(f"backend {BACKEND} ({HARDWARE['chip']}), bf16 {USE_BF16}, compile {COMPILE}, "
-          f"profile {PROFILE}")
-    print(f"model: {DEPTH} layers, dim {config.n_embd}, {config.n_head} heads, windows "
-          f"{list(model.window_sizes)}, {num_params / 1e6:.1f}M params, "
-          f"{flops_per_token / 1e6:.1f} MFLOP/token")
-    print(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows "
-          f"x {SEQ_LEN} tokens; time budget {TIME_BUDGET:g}s", flush=True)
+    print0(f"backend {BACKEND} ({HARDWARE['chip']}), bf16 {USE_BF16}, compile {COMPILE}, "
+           f"profile {PROFILE}")
+    if WORLD_SIZE > 1:
+        print0(f"data parallel: {WORLD_SIZE} ranks, mx.distributed")
+    print0(f"model: {DEPTH} layers, dim {config.n_embd}, {config.n_head} heads, windows "
+           f"{list(model.window_sizes)}, {num_params / 1e6:.1f}M params, "
+           f"{flops_per_token / 1e6:.1f} MFLOP/token")
+    print0(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows "
+           f"x {SEQ_LEN} tokens{f' x {WORLD_SIZE} ranks' if WORLD_SIZE > 1 else ''}; "
+           f"time budget {TIME_BUDGET:g}s", flush=True)
 
     x, y = next_batch()
+    watchdog = distributed.Watchdog(RANK, WORLD_SIZE)
     step = 0
     training_time = 0.0
     smooth_loss = 0.0
@@ -401,8 +440,10 @@ def main():
         optimizer_step(grads)
         mx.eval(state)
         train_loss = loss_sum.item() / grad_accum_steps
-        fail_if_diverged(train_loss, step)
         step_seconds = time.perf_counter() - step_start
+        train_loss, step_seconds = agree_across_ranks(train_loss, step_seconds)
+        watchdog.beat()
+        fail_if_diverged(train_loss, step)
         if step >= UNTIMED_STEPS:
             training_time += step_seconds
 
@@ -419,13 +460,16 @@ def main():
         tokens_per_second = TOTAL_BATCH_SIZE / step_seconds
         mfu = 100 * flops_per_token * tokens_per_second / peak_flops
         remaining = max(0.0, TIME_BUDGET - training_time)
-        print(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss {debiased_loss:.4f} | lrm {lrm:.2f} "
-              f"| {tokens_per_second:,.0f} tok/s | mfu {mfu:.1f}% | remaining {remaining:.0f}s   ",
-              end="", flush=True)
+        print0(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss {debiased_loss:.4f} | lrm {lrm:.2f} "
+               f"| {tokens_per_second:,.0f} tok/s | mfu {mfu:.1f}% | remaining {remaining:.0f}s   ",
+               end="", flush=True)
         step += 1
         if step > UNTIMED_STEPS and training_time >= TIME_BUDGET:
             break
-    print()
+    print0()
+    watchdog.stop()
+    if RANK != 0:
+        return  # the other ranks' work is done: rank 0 alone evaluates and reports
 
     timed_tokens = (step - UNTIMED_STEPS) * TOTAL_BATCH_SIZE
     mfu_percent = 100 * flops_per_token * timed_tokens / training_time / peak_flops
@@ -465,7 +509,7 @@ def main():
         "harness": harness_hash(),
         "standard": prepare.is_standard_run(),
         "profile": PROFILE,
-        "world_size": 1,
+        "world_size": WORLD_SIZE,
     }
     print(format_summary(fields), flush=True)
     write_run_json(fields)
@@ -474,5 +518,11 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except prepare.DataError as error:
+    except (prepare.DataError, distributed.DistributedError) as error:
         exit_with_error(error)
+    except RuntimeError as error:
+        if WORLD_SIZE == 1:
+            raise
+        # Usually the engine reporting a peer rank that stopped first: one line, not a traceback.
+        exit_with_error(f"rank {RANK} of {WORLD_SIZE}: {str(error).strip().splitlines()[0]} "
+                        f"(if another rank failed first, its output says why)")
