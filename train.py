@@ -92,7 +92,7 @@ if BACKEND == "cuda":
 elif BACKEND == "mps":
     USE_BF16 = torch.backends.mps.is_macos_or_newer(14, 0)
 else:
-    USE_BF16 = True  # CPU: bf16 matmuls run ~4x faster than fp32 on AVX-512/AMX cores
+    USE_BF16 = True  # CPU: ~4x fp32's matmul speed on AVX-512 x86; set False on a CPU without bf16
 COMPILE = BACKEND in ("cuda", "cpu") and PROFILE != "smoke"  # smoke: compiling costs more than it saves
 
 # ---------------------------------------------------------------------------------------------
@@ -352,8 +352,8 @@ def main():
 
     tokens_per_micro_step = DEVICE_BATCH_SIZE * SEQ_LEN
     if TOTAL_BATCH_SIZE % tokens_per_micro_step:
-        raise SystemExit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of "
-                         f"DEVICE_BATCH_SIZE * SEQ_LEN = {tokens_per_micro_step}: change one of them")
+        exit_with_error(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE "
+                        f"* SEQ_LEN = {tokens_per_micro_step}: change one of them")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
 
     tokenizer = prepare.get_tokenizer()

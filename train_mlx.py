@@ -333,8 +333,8 @@ def main():
 
     tokens_per_micro_step = DEVICE_BATCH_SIZE * SEQ_LEN
     if TOTAL_BATCH_SIZE % tokens_per_micro_step:
-        raise SystemExit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of "
-                         f"DEVICE_BATCH_SIZE * SEQ_LEN = {tokens_per_micro_step}: change one of them")
+        exit_with_error(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE "
+                        f"* SEQ_LEN = {tokens_per_micro_step}: change one of them")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
 
     tokenizer = prepare.get_tokenizer()
