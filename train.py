@@ -210,7 +210,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, mask):
+    def forward(self, x, x0, resid_lambda, x0_lambda, ve, cos, sin, mask):
+        # Mix in the embedding x0 first: inside the block, so torch.compile fuses it too.
+        x = resid_lambda.to(x.dtype) * x + x0_lambda.to(x.dtype) * x0
         x = x + self.attn(norm(x), ve, cos, sin, mask)
         return x + self.mlp(norm(x))
 
@@ -286,9 +288,9 @@ class GPT(nn.Module):
         cos, sin = self.cos[:, :T].to(x.dtype), self.sin[:, :T].to(x.dtype)
         masks = {w: window_mask(T, w, idx.device) for w in set(self.window_sizes)}
         for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, masks[self.window_sizes[i]])
+            x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, cos, sin,
+                      masks[self.window_sizes[i]])
         return self.softcap_loss(self.lm_head(norm(x)), targets, reduction)
 
     def num_flops_per_token(self, T):

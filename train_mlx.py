@@ -198,7 +198,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def __call__(self, x, ve, mask):
+    def __call__(self, x, x0, resid_lambda, x0_lambda, ve, mask):
+        # Mix in the embedding x0 first: inside the block, as in train.py (where that helps compile).
+        x = resid_lambda.astype(x.dtype) * x + x0_lambda.astype(x.dtype) * x0
         x = x + self.attn(norm(x), ve, mask)
         return x + self.mlp(norm(x))
 
@@ -270,9 +272,8 @@ class GPT(nn.Module):
         x0 = x
         masks = {w: window_mask(T, w) for w in set(self.window_sizes)}
         for i, block in enumerate(self.transformer["h"]):
-            x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx).astype(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, masks[self.window_sizes[i]])
+            x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, masks[self.window_sizes[i]])
         return self.softcap_loss(self.lm_head(norm(x)), targets, reduction)
 
     def num_flops_per_token(self, T):
