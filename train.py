@@ -35,6 +35,7 @@ def exit_with_error(error):
 try:
     BACKEND = backends.detect_backend()
     PROFILE = backends.current_profile()
+    import prepare  # reads AUTORESEARCH_TIME_BUDGET, which may be malformed
 except (backends.BackendUnavailable, ValueError) as error:
     exit_with_error(error)
 if BACKEND == "mlx" and __name__ == "__main__":
@@ -46,7 +47,6 @@ import torch  # noqa: E402  (imported only once the run is known to stay in PyTo
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import prepare  # noqa: E402
 from backends.muon_torch import MuonAdamW  # noqa: E402
 from backends.optim import param_groups  # noqa: E402
 from prepare import MAX_SEQ_LEN, TIME_BUDGET  # noqa: E402

@@ -34,6 +34,7 @@ def exit_with_error(error):
 try:
     BACKEND = backends.detect_backend("mlx")  # this script always runs MLX; is it usable here?
     PROFILE = backends.current_profile()
+    import prepare  # reads AUTORESEARCH_TIME_BUDGET, which may be malformed
 except (backends.BackendUnavailable, ValueError) as error:
     exit_with_error(error)
 
@@ -41,7 +42,6 @@ import mlx.core as mx  # noqa: E402  (imported only once MLX is known to be usab
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
-import prepare  # noqa: E402
 from backends.muon_mlx import MuonAdamW  # noqa: E402
 from backends.optim import param_groups  # noqa: E402
 from prepare import TIME_BUDGET  # noqa: E402
