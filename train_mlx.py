@@ -36,6 +36,7 @@ def exit_with_error(error):
 try:
     BACKEND = backends.detect_backend("mlx")  # this script always runs MLX; is it usable here?
     PROFILE = backends.current_profile()
+    import prepare  # reads AUTORESEARCH_TIME_BUDGET, which may be malformed
 except (backends.BackendUnavailable, ValueError) as error:
     exit_with_error(error)
 
@@ -43,7 +44,6 @@ import mlx.core as mx  # noqa: E402  (imported only once MLX is known to be usab
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
-import prepare  # noqa: E402
 from backends.muon_mlx import MuonAdamW  # noqa: E402
 from backends.optim import param_groups  # noqa: E402
 from prepare import TIME_BUDGET  # noqa: E402
@@ -89,7 +89,7 @@ WARMDOWN_RATIO = 0.5
 FINAL_LR_FRAC = 0.0
 MUON_MOMENTUM_START, MUON_MOMENTUM_END, MUON_MOMENTUM_RAMP_STEPS = 0.85, 0.95, 300
 # Loop
-UNTIMED_STEPS = 2      # steps 0 and 1 (compilation, allocator warm-up) train but are not timed
+UNTIMED_STEPS = 1      # step 0 (compilation, allocator warm-up) trains but is not timed
 GC_EVERY_STEPS = 5000  # the garbage collector is off during training except every this many steps
 
 # Device, precision and compilation. Parameters stay fp32; the forward pass computes in
@@ -210,9 +210,25 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def __call__(self, x, ve, mask):
+    def __call__(self, x, x0, resid_lambda, x0_lambda, ve, mask):
+        # Mix in the embedding x0 first: inside the block, as in train.py (where that helps compile).
+        x = resid_lambda.astype(x.dtype) * x + x0_lambda.astype(x.dtype) * x0
         x = x + self.attn(norm(x), ve, mask)
         return x + self.mlp(norm(x))
+
+
+class SoftcapCrossEntropy(nn.Module):
+    """The elementwise-heavy tail of the model: logits in fp32, capped smoothly to
+    (-SOFTCAP, SOFTCAP); with targets, their cross-entropy instead (a scalar for reduction='mean',
+    per-token nats [B, T] for 'none'). Its own module to mirror train.py, which compiles it."""
+
+    def __call__(self, logits, targets=None, reduction="mean"):
+        logits = logits.astype(mx.float32)
+        logits = SOFTCAP * mx.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        loss = nn.losses.cross_entropy(logits, targets)
+        return loss.mean() if reduction == "mean" else loss
 
 
 class GPT(nn.Module):
@@ -227,6 +243,7 @@ class GPT(nn.Module):
             "h": [Block(config, i) for i in range(config.n_layer)],
         }
         self.lm_head = Linear(config.n_embd, config.vocab_size)
+        self.softcap_loss = SoftcapCrossEntropy()
         self.resid_lambdas = mx.ones((config.n_layer,))
         self.x0_lambdas = mx.full((config.n_layer,), 0.1)
         self.value_embeds = {
@@ -260,23 +277,16 @@ class GPT(nn.Module):
     def __call__(self, idx, targets=None, reduction="mean"):
         """Logits [B, T, V] (fp32, softcapped); with targets, the cross-entropy loss instead:
         a scalar for reduction='mean', per-token nats [B, T] for reduction='none'."""
-        B, T = idx.shape
+        T = idx.shape[1]
         # Embeddings come out in fp32; cast so the whole residual stream is in the compute dtype.
         x = self.transformer["wte"](idx).astype(self.compute_dtype)
         x = norm(x)
         x0 = x
         masks = {w: window_mask(T, w) for w in set(self.window_sizes)}
         for i, block in enumerate(self.transformer["h"]):
-            x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx).astype(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, masks[self.window_sizes[i]])
-        x = norm(x)
-        logits = self.lm_head(x).astype(mx.float32)
-        logits = SOFTCAP * mx.tanh(logits / SOFTCAP)
-        if targets is None:
-            return logits
-        loss = nn.losses.cross_entropy(logits, targets)
-        return loss.mean() if reduction == "mean" else loss
+            x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, masks[self.window_sizes[i]])
+        return self.softcap_loss(self.lm_head(norm(x)), targets, reduction)
 
     def num_flops_per_token(self, T):
         """Training FLOPs per token at row length T: 6 per matmul weight (forward + backward)
@@ -355,8 +365,8 @@ def main():
 
     tokens_per_micro_step = DEVICE_BATCH_SIZE * SEQ_LEN * WORLD_SIZE  # over all ranks
     if TOTAL_BATCH_SIZE % tokens_per_micro_step:
-        raise SystemExit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE "
-                         f"* SEQ_LEN * ranks = {tokens_per_micro_step}: change one of them")
+        exit_with_error(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE "
+                        f"* SEQ_LEN * ranks = {tokens_per_micro_step}: change one of them")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
 
     tokenizer = prepare.get_tokenizer()
@@ -481,7 +491,7 @@ def main():
     def per_token_nats(inputs, targets):
         nats = model(mx.array(inputs.astype(np.int32)), mx.array(targets.astype(np.int32)),
                      reduction="none")
-        nats = np.array(nats.astype(mx.float32))
+        nats = np.array(nats)  # evaluates this batch's graph
         mx.clear_cache()
         return nats
 

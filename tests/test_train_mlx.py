@@ -63,8 +63,8 @@ def test_residual_stream_stays_bf16_in_bf16_mode(monkeypatch):
     dtypes = []
     block_call = train_mlx.Block.__call__
 
-    def recording_call(self, x, ve, mask):
-        output = block_call(self, x, ve, mask)
+    def recording_call(self, x, *args):
+        output = block_call(self, x, *args)
         dtypes.append((x.dtype, output.dtype))
         return output
 
@@ -126,7 +126,8 @@ def test_smoke_run_trains_evaluates_and_reports(tiny_dataset, tmp_path):
                                                      "AUTORESEARCH_TIME_BUDGET": "2",
                                                      "AUTORESEARCH_RUNS_DIR": str(tmp_path)})
     check_finished_run(result, tmp_path, "mlx")
-    assert "\rstep 00002" in result.stdout
+    assert "\rstep 00000" in result.stdout and "\rstep 00001" in result.stdout
+    assert "\nstep" not in result.stdout  # one progress line, rewritten in place
 
 
 def test_nan_loss_fails_fast_with_exit_1(tiny_dataset, tmp_path):

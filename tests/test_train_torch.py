@@ -192,7 +192,8 @@ def test_smoke_run_trains_evaluates_and_reports(tiny_dataset, tmp_path):
                                                  "AUTORESEARCH_TIME_BUDGET": "2",
                                                  "AUTORESEARCH_RUNS_DIR": str(tmp_path)})
     check_finished_run(result, tmp_path, "cpu")
-    assert "\rstep 00002" in result.stdout  # one progress line, rewritten in place
+    assert "\rstep 00000" in result.stdout and "\rstep 00001" in result.stdout
+    assert "\nstep" not in result.stdout  # one progress line, rewritten in place
 
 
 def test_nan_loss_fails_fast_with_exit_1(tiny_dataset, tmp_path):
@@ -211,13 +212,15 @@ def test_nan_loss_fails_fast_with_exit_1(tiny_dataset, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_bad_backend_is_one_clear_line_and_exit_2(tmp_path):
-    result = run_script(REPO_ROOT / "train.py", {"AUTORESEARCH_BACKEND": "tpu",
-                                                 "AUTORESEARCH_CACHE_DIR": str(tmp_path)})
+@pytest.mark.parametrize("name, value", [("AUTORESEARCH_BACKEND", "tpu"),
+                                         ("AUTORESEARCH_PROFILE", "huge"),
+                                         ("AUTORESEARCH_TIME_BUDGET", "5min")])
+def test_a_bad_setting_is_one_clear_line_and_exit_2(name, value, tmp_path):
+    result = run_script(REPO_ROOT / "train.py", {name: value, "AUTORESEARCH_CACHE_DIR": str(tmp_path)})
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "AUTORESEARCH_BACKEND='tpu'" in lines[0]
+    assert len(lines) == 1 and f"{name}={value!r}" in lines[0]
     assert "Traceback" not in result.stderr
 
 
