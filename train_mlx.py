@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 
 import backends
-from backends.report import format_summary, harness_hash, write_run_json
+from backends.report import format_summary, run_context, write_run_json
 
 
 def exit_with_error(error):
@@ -388,10 +388,14 @@ def main():
     x, y = next_batch()
     step = 0
     training_time = 0.0
+    compile_seconds = 0.0  # the untimed steps: compilation, warm-up
+    data_wait_time = 0.0   # of the timed steps, spent in next_batch()
     smooth_loss = 0.0
+    startup_seconds = time.time() - process_start
     while True:
         backends.sync(BACKEND)
         step_start = time.perf_counter()
+        step_data_wait = 0.0
         grads = None
         loss_sum = mx.array(0.0)
         for _ in range(grad_accum_steps):
@@ -399,7 +403,9 @@ def main():
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             loss_sum = loss_sum + loss
             mx.eval(loss_sum, grads)  # one micro-batch's activations in memory at a time
+            data_start = time.perf_counter()
             x, y = next_batch()
+            step_data_wait += time.perf_counter() - data_start
         progress = min(training_time / TIME_BUDGET, 1.0)
         lrm = lr_multiplier(progress)
         for group in optimizer.param_groups:
@@ -415,6 +421,9 @@ def main():
         step_seconds = time.perf_counter() - step_start
         if step >= UNTIMED_STEPS:
             training_time += step_seconds
+            data_wait_time += step_data_wait
+        else:
+            compile_seconds += step_seconds
 
         if step == 0:
             # Everything alive now lives for the whole run: stop the collector scanning it.
@@ -469,13 +478,13 @@ def main():
         "depth": DEPTH,
         "backend": BACKEND,
         "chip": HARDWARE["chip"],
-        "dataset": prepare.active_dataset(),
-        "eval_tokens": eval_tokens,
-        "time_budget": TIME_BUDGET,
-        "harness": harness_hash(),
-        "standard": prepare.is_standard_run(),
-        "profile": PROFILE,
-        "world_size": 1,
+        **run_context(world_size=1),
+        "startup_seconds": startup_seconds,
+        "compile_seconds": compile_seconds,
+        "train_tokens_per_second": timed_tokens / training_time,
+        "data_wait_percent": 100 * data_wait_time / training_time,
+        "eval_seconds": eval_seconds,
+        "eval_tokens_per_second": eval_tokens / eval_seconds,
     }
     print(format_summary(fields), flush=True)
     write_run_json(fields)
