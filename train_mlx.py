@@ -24,7 +24,7 @@ import psutil
 
 import backends
 from backends import distributed
-from backends.report import format_summary, harness_hash, write_run_json
+from backends.report import format_summary, run_context, write_run_json
 
 
 def exit_with_error(error):
@@ -427,10 +427,14 @@ def main():
     watchdog = distributed.Watchdog(RANK, WORLD_SIZE)
     step = 0
     training_time = 0.0
+    compile_seconds = 0.0  # the untimed steps: compilation, warm-up
+    data_wait_time = 0.0   # of the timed steps, spent in next_batch()
     smooth_loss = 0.0
+    startup_seconds = time.time() - process_start
     while True:
         backends.sync(BACKEND)
         step_start = time.perf_counter()
+        step_data_wait = 0.0
         grads = None
         loss_sum = mx.array(0.0)
         for _ in range(grad_accum_steps):
@@ -438,7 +442,9 @@ def main():
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             loss_sum = loss_sum + loss
             mx.eval(loss_sum, grads)  # one micro-batch's activations in memory at a time
+            data_start = time.perf_counter()
             x, y = next_batch()
+            step_data_wait += time.perf_counter() - data_start
         progress = min(training_time / TIME_BUDGET, 1.0)
         lrm = lr_multiplier(progress)
         for group in optimizer.param_groups:
@@ -456,6 +462,9 @@ def main():
         fail_if_diverged(train_loss, step)
         if step >= UNTIMED_STEPS:
             training_time += step_seconds
+            data_wait_time += step_data_wait
+        else:
+            compile_seconds += step_seconds
 
         if step == 0:
             # Everything alive now lives for the whole run: stop the collector scanning it.
@@ -513,13 +522,13 @@ def main():
         "depth": DEPTH,
         "backend": BACKEND,
         "chip": HARDWARE["chip"],
-        "dataset": prepare.active_dataset(),
-        "eval_tokens": eval_tokens,
-        "time_budget": TIME_BUDGET,
-        "harness": harness_hash(),
-        "standard": prepare.is_standard_run(),
-        "profile": PROFILE,
-        "world_size": WORLD_SIZE,
+        **run_context(world_size=WORLD_SIZE),
+        "startup_seconds": startup_seconds,
+        "compile_seconds": compile_seconds,
+        "train_tokens_per_second": timed_tokens / training_time,
+        "data_wait_percent": 100 * data_wait_time / training_time,
+        "eval_seconds": eval_seconds,
+        "eval_tokens_per_second": eval_tokens / eval_seconds,
     }
     print(format_summary(fields), flush=True)
     write_run_json(fields)

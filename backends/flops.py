@@ -1,9 +1,17 @@
 """Peak dense matmul throughput (FLOP/s) of the device a backend trains on: the denominator of MFU.
 
 GPUs come from tables of published figures (Apple per GPU core, NVIDIA per product). A CPU, or a
-GPU missing from the tables, is measured instead: a short bf16 and fp32 matmul benchmark that runs
-once and is cached on disk (AUTORESEARCH_CACHE_DIR or ~/.cache/autoresearch, calibration.json),
+GPU missing from the tables, is measured instead: a short bf16 and fp32 matmul benchmark whose
+result is cached on disk (AUTORESEARCH_CACHE_DIR or ~/.cache/autoresearch, calibration.json),
 keyed by device, library version and thread count.
+
+Other processes sharing the cores can only make a measurement slower, never faster, so the cache
+keeps the best of all measurements taken, and a new one can only raise it. Until it holds
+CALIBRATION_MEASUREMENTS of them, the peak is measured again (about a second) whenever it is needed
+and the last measurement is more than REMEASURE_AFTER_S old: a machine that was busy at the first
+measurement is usually idle at one of the next. recalibrate=True measures again now (`uv run
+python -m backends --recalibrate`, `uv run tools/bench.py --recalibrate`); forget_calibration()
+is the only way to lower the cached peak.
 """
 
 import json
@@ -17,6 +25,10 @@ CPU_SIZES = (256, 512, 1024, 2048)  # bf16 on 2 cores reaches its peak only at 2
 GPU_SIZES = (2048, 4096, 8192)
 MAX_PRODUCT_S = 0.25  # grow the matrix while the next size (8x the work) should stay under this...
 REPEATS = 5           # ...then keep the best of this many timings (other processes share the cores)
+# A cached peak is trusted once it is the best of this many measurements at least
+# REMEASURE_AFTER_S apart (spread in time, so a busy spell on the machine cannot spoil them all).
+CALIBRATION_MEASUREMENTS = 3
+REMEASURE_AFTER_S = 600
 
 # Apple GPUs: dense fp16/bf16 FLOP/s per GPU core. M1-M4 cores have 128 FP32 ALUs and run
 # fp16/bf16 matmuls at the FP32 rate, so a core does 256 FLOP per clock (one FMA per ALU). Where
@@ -158,13 +170,38 @@ def _read_cache(path):
     return cached if isinstance(cached, dict) else {}
 
 
-def measure_matmul_flops(library, device_name, *, device="cpu", sizes=None, cache_root=None):
-    """Measured dense matmul throughput: {"bf16", "fp32" (FLOP/s), "bf16_size", "fp32_size" (n of
-    the n x n products timed), "threads", "library", "cached"}. Measured once per (library version,
-    device, threads, largest size), then read back from <cache_root>/calibration.json.
+def _best_of(stored, new):
+    """One new measurement merged into the stored record: the faster of the two dtype by dtype
+    (each rate with the matrix size it was timed at), one more in the count."""
+    if not stored:
+        return new
+    best = dict(new, measurements=stored["measurements"] + 1)
+    for dtype_name in ("bf16", "fp32"):
+        if stored[dtype_name] > new[dtype_name]:
+            best[dtype_name], best[f"{dtype_name}_size"] = stored[dtype_name], stored[f"{dtype_name}_size"]
+    return best
 
-    library is "torch" (device "cpu" or "cuda") or "mlx" (its default device); device_name names
-    the hardware in the cache key (CPU model or GPU name). Takes about a second on 2 CPU cores.
+
+def _stored_record(cache, key):
+    """The cached record under key, or None. Entries written before the count and the time were
+    recorded count as one measurement taken long ago."""
+    record = cache.get(key)
+    return {"measurements": 1, "measured_at": 0.0, **record} if isinstance(record, dict) else None
+
+
+def measure_matmul_flops(library, device_name, *, device="cpu", sizes=None, cache_root=None,
+                         recalibrate=False):
+    """Measured dense matmul throughput: {"bf16", "fp32" (FLOP/s), "bf16_size", "fp32_size" (n of
+    the n x n products timed), "threads", "library", "measurements", "cached"}, the best of every
+    measurement stored in <cache_root>/calibration.json for this (library version, device,
+    threads, largest size).
+
+    It measures (and merges the result into the cache, where it can only raise the rates) when
+    the cache has no entry, when the entry holds fewer than CALIBRATION_MEASUREMENTS measurements
+    and the last is more than REMEASURE_AFTER_S old, or when recalibrate is true; otherwise it
+    reads the cache ("cached": True). library is "torch" (device "cpu" or "cuda") or "mlx" (its
+    default device); device_name names the hardware in the cache key (CPU model or GPU name). A
+    measurement takes about a second on 2 CPU cores.
     """
     if library == "torch":
         products, version, threads = _torch_products(device)
@@ -175,24 +212,29 @@ def measure_matmul_flops(library, device_name, *, device="cpu", sizes=None, cach
     sizes = tuple(sizes or (GPU_SIZES if device == "cuda" else CPU_SIZES))
     key = f"{version} | {device}: {device_name} | {threads} threads | n<={max(sizes)}"
     path = Path(cache_root or cache_dir()) / CALIBRATION_FILE
-    cached = _read_cache(path)
-    if key in cached:
-        return {**cached[key], "cached": True}
-    record = {"library": version, "threads": threads}
+    cached = _stored_record(_read_cache(path), key)
+    trusted = cached is not None and (cached["measurements"] >= CALIBRATION_MEASUREMENTS
+                                      or time.time() - cached["measured_at"] < REMEASURE_AFTER_S)
+    if trusted and not recalibrate:
+        return {**cached, "cached": True}
+    record = {"library": version, "threads": threads, "measurements": 1}
     for dtype_name in ("bf16", "fp32"):
         record[dtype_name], record[f"{dtype_name}_size"] = _matmul_rate(products(dtype_name), sizes)
+    record["measured_at"] = time.time()
     # Re-read before writing so a calibration another process stored meanwhile is kept.
-    cached = {**_read_cache(path), key: record}
+    stored = _read_cache(path)
+    record = _best_of(_stored_record(stored, key), record)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cached, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps({**stored, key: record}, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return {**record, "cached": False}
 
 
 def forget_calibration(cache_root=None):
-    """Delete the cached measurements (e.g. ones taken while other jobs loaded the machine), so the
-    next peak_flops() measures again. Returns True if there was something to delete."""
+    """Delete the cached measurements (e.g. after a change that makes matmuls slower, since a new
+    measurement can only raise them), so the next peak_flops() starts over. Returns True if
+    there was something to delete."""
     path = Path(cache_root or cache_dir()) / CALIBRATION_FILE
     existed = path.exists()
     path.unlink(missing_ok=True)
@@ -205,11 +247,11 @@ def _measured(record, where):
     n = record["bf16_size"]
     how = (f"measured: {record['library']} {n}x{n} matmul {where}, "
            f"bf16 {record['bf16'] / 1e12:.3f} / fp32 {record['fp32'] / 1e12:.3f} TFLOP/s"
-           f"{' (cached)' if record['cached'] else ''}")
+           f", best of {record['measurements']}{' (cached)' if record['cached'] else ''}")
     return max(record["bf16"], record["fp32"]), how
 
 
-def peak_flops_and_source(info, backend):
+def peak_flops_and_source(info, backend, *, recalibrate=False):
     """(FLOP/s, how it was obtained) for the device `backend` trains on; see peak_flops."""
     if backend in ("mlx", "mps") and info.get("kind") == "apple":
         return apple_gpu_flops(info)
@@ -219,19 +261,22 @@ def peak_flops_and_source(info, backend):
         flops = nvidia_gpu_flops(info.get("gpu_name"))
         if flops is not None:
             return flops, f"table: {info.get('gpu_name')} dense BF16 (NVIDIA datasheet)"
-        record = measure_matmul_flops("torch", info.get("gpu_name"), device="cuda")
+        record = measure_matmul_flops("torch", info.get("gpu_name"), device="cuda",
+                                      recalibrate=recalibrate)
         return _measured(record, f"on {info.get('gpu_name')} (not in the table)")
     if backend in ("mlx", "cpu"):
-        record = measure_matmul_flops("mlx" if backend == "mlx" else "torch", info.get("cpu_model"))
+        record = measure_matmul_flops("mlx" if backend == "mlx" else "torch", info.get("cpu_model"),
+                                      recalibrate=recalibrate)
         return _measured(record, f"on {record['threads']} CPU threads")
     raise ValueError(f"unknown backend {backend!r}; expected one of mlx, mps, cuda, cpu")
 
 
-def peak_flops(info, backend):
+def peak_flops(info, backend, *, recalibrate=False):
     """Peak dense bf16 matmul FLOP/s of the device `backend` trains on (one device, not all of them).
 
     Apple GPUs (mlx, mps) and known NVIDIA GPUs come from tables; the CPU (cpu, and mlx off a Mac)
-    and unknown NVIDIA GPUs are measured once and cached. A measured CPU peak is the faster of bf16
-    and fp32, since a CPU without native bf16 trains in fp32.
+    and unknown NVIDIA GPUs are measured and cached (see measure_matmul_flops; recalibrate=True
+    measures again, which can only raise the cached peak). A measured CPU peak is the faster of
+    bf16 and fp32, since a CPU without native bf16 trains in fp32.
     """
-    return peak_flops_and_source(info, backend)[0]
+    return peak_flops_and_source(info, backend, recalibrate=recalibrate)[0]

@@ -5,6 +5,9 @@ The summary is the contract between a training script and whoever reads run.log 
 grep, or tools/experiment.py). Its first keys and their order are fixed (SUMMARY_KEYS), then the
 keys that make a result comparable (CONTEXT_KEYS), then any extras. The same fields are written as
 JSON to runs/last_run.json (stable path) and runs/run_<timestamp>.json (archive).
+
+Both scripts build the comparability fields with run_context() and add the TIMING_KEYS extras
+(where the run's wall-clock time went), which tools/bench.py reads.
 """
 
 import hashlib
@@ -19,11 +22,19 @@ SUMMARY_KEYS = (
     "total_tokens_M", "num_steps", "num_params_M", "depth", "backend", "chip",
 )
 CONTEXT_KEYS = ("dataset", "eval_tokens", "time_budget", "harness")
+RUN_EXTRA_KEYS = ("standard", "profile", "world_size")  # run_context() adds these after CONTEXT_KEYS
+# Where a run's time went, after the keys above. startup: process start to the first step;
+# compile: the untimed first step(s); data_wait_percent: share of timed step time spent in the
+# loader (and the copy to the device); eval: the final evaluate_bpb.
+TIMING_KEYS = ("startup_seconds", "compile_seconds", "train_tokens_per_second", "data_wait_percent",
+               "eval_seconds", "eval_tokens_per_second")
 # How each numeric field is written, so every run prints the same widths and decimals.
 _FORMATS = {
     "val_bpb": "{:.6f}", "training_seconds": "{:.1f}", "total_seconds": "{:.1f}",
     "peak_vram_mb": "{:.1f}", "mfu_percent": "{:.2f}", "total_tokens_M": "{:.1f}",
-    "num_params_M": "{:.1f}",
+    "num_params_M": "{:.1f}", "startup_seconds": "{:.2f}", "compile_seconds": "{:.2f}",
+    "train_tokens_per_second": "{:.0f}", "data_wait_percent": "{:.2f}", "eval_seconds": "{:.2f}",
+    "eval_tokens_per_second": "{:.0f}",
 }
 LOCKED_PATHS = ("prepare.py", "backends")
 
@@ -44,6 +55,24 @@ def harness_hash(root=REPO_ROOT):
         digest.update(path.read_bytes() if path.exists() else b"<missing>")
         digest.update(b"\0")
     return digest.hexdigest()[:12]
+
+
+def run_context(world_size=1):
+    """CONTEXT_KEYS then RUN_EXTRA_KEYS for a run in this process, in summary order: the active
+    dataset, the evaluation budget, the time budget, the harness hash, whether the result is
+    standard (comparable), the profile and the number of training processes."""
+    import prepare  # here, not at the top: prepare imports backends, and the runner needs no numpy
+    from backends.tiers import current_profile
+
+    return {
+        "dataset": prepare.active_dataset(),
+        "eval_tokens": prepare.eval_token_budget(),
+        "time_budget": prepare.TIME_BUDGET,
+        "harness": harness_hash(),
+        "standard": prepare.is_standard_run(),
+        "profile": current_profile(),
+        "world_size": world_size,
+    }
 
 
 def _format_value(key, value):

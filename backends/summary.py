@@ -46,15 +46,16 @@ def backend_lines(backend, requested, flops, how, config, profile):
     ]
 
 
-def print_summary(file=None):
+def print_summary(file=None, recalibrate=False):
     """Print this machine's hardware, detected backend, peak FLOPS (and how it was obtained) and the
-    suggested configuration. May run the one-off CPU calibration (about a second). The hardware
-    lines come first, so they are printed even when no backend can run."""
+    suggested configuration. May run the CPU calibration (about a second; recalibrate=True always
+    measures again, which can only raise the cached peak). The hardware lines come first, so they
+    are printed even when no backend can run."""
     file = file or sys.stdout
     info = get_hardware_info()
     print("\n".join(hardware_lines(info)), file=file)
     backend = detect_backend()
-    flops, how = peak_flops_and_source(info, backend)
+    flops, how = peak_flops_and_source(info, backend, recalibrate=recalibrate)
     config = suggest_hyperparameters(info, backend)
     lines = backend_lines(backend, os.environ.get(BACKEND_ENV), flops, how, config, current_profile())
     print("\n".join(lines), file=file)

@@ -279,10 +279,10 @@ def test_nvidia_table_matches_torch_device_names(name, tflops):
 
 def fake_measurement(calls, bf16=2e12, fp32=1e12):
     """A stand-in for measure_matmul_flops that records its calls."""
-    def measure(library, device_name, *, device="cpu", sizes=None, cache_root=None):
+    def measure(library, device_name, *, device="cpu", sizes=None, cache_root=None, recalibrate=False):
         calls.append((library, device_name, device))
-        return {"bf16": bf16, "fp32": fp32, "bf16_size": 2048, "fp32_size": 2048,
-                "threads": 2, "library": f"{library} 0.0", "cached": False}
+        return {"bf16": bf16, "fp32": fp32, "bf16_size": 2048, "fp32_size": 2048, "threads": 2,
+                "library": f"{library} 0.0", "measurements": 1, "cached": False}
     return measure
 
 

@@ -13,7 +13,7 @@ import torch
 
 import train
 from backends.optim import param_groups
-from backends.report import CONTEXT_KEYS, SUMMARY_KEYS, parse_summary
+from backends.report import CONTEXT_KEYS, RUN_EXTRA_KEYS, SUMMARY_KEYS, TIMING_KEYS, parse_summary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(sequence_len=16, vocab_size=96, n_layer=4, n_head=2, n_kv_head=2, n_embd=64,
@@ -171,7 +171,7 @@ def summary_keys(stdout):
 
 def check_finished_run(result, runs_dir, backend):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    expected = list(SUMMARY_KEYS + CONTEXT_KEYS) + ["standard", "profile", "world_size"]
+    expected = list(SUMMARY_KEYS + CONTEXT_KEYS + RUN_EXTRA_KEYS + TIMING_KEYS)
     assert summary_keys(result.stdout) == expected
     fields = parse_summary(result.stdout)
     assert math.isfinite(fields["val_bpb"]) and 0 < fields["val_bpb"] < 20
@@ -183,6 +183,12 @@ def check_finished_run(result, runs_dir, backend):
     assert fields["standard"] is False and fields["profile"] == "smoke" and fields["world_size"] == 1
     saved = json.loads((runs_dir / "last_run.json").read_text())
     assert list(saved) == expected
+    # Where the time went: start-up, the untimed first step(s) and evaluation fit in the total.
+    assert saved["startup_seconds"] > 0 and saved["compile_seconds"] > 0 and saved["eval_seconds"] > 0
+    assert saved["startup_seconds"] + saved["compile_seconds"] + saved["training_seconds"] \
+        + saved["eval_seconds"] <= saved["total_seconds"]
+    assert saved["train_tokens_per_second"] > 0 and saved["eval_tokens_per_second"] > 0
+    assert 0 <= saved["data_wait_percent"] < 100
     assert saved["val_bpb"] == pytest.approx(fields["val_bpb"], abs=1e-6)
     assert len(list(runs_dir.glob("run_*.json"))) == 1
 
