@@ -59,13 +59,15 @@ APPLE_TIERS = {
 # A tier name Apple has not used yet is placed by GPU cores: at least this many -> that tier.
 APPLE_TIER_BY_GPU_CORES = ((60, "Ultra"), (30, "Max"), (14, "Pro"), (0, "base"))
 
-# CPU (torch CPU, and MLX's CPU build on Linux). These values are to be replaced by the winner of
-# tools/sweep_cpu.py on the 2-core reference machine (its results table is kept next to it); until
-# then they are provisional: upstream's README advice for small machines (DEPTH=4, WINDOW_PATTERN
-# "L" because banded attention is slow without FlashAttention, TOTAL_BATCH_SIZE ~2**14) and an
-# evaluation of 32 rows, a few seconds on 2 cores, so start-up + eval fit in 15% of 300 s.
-CPU_TIER = dict(tier="cpu", depth=4, aspect_ratio=64, head_dim=64, seq_len=2048, window_pattern="L",
-                device_batch_size=8, total_batch_size=2**14, eval_tokens=32 * MAX_SEQ_LEN,
+# CPU (torch CPU, and MLX's CPU build on Linux): the winner of tools/sweep_cpu.py, whose results
+# table is tools/sweep_cpu_results.tsv. Swept on the 2-core AMD EPYC reference machine (torch CPU,
+# pystdlib, standard 300 s budget, 2026-11-22): depth 4 / dim 256 with 512-token rows (val_bpb 1.512)
+# beat depth 2 / dim 192 (1.654), depth 4 with 2048-token rows (1.691) and depth 6 (1.806): on two
+# cores more steps beat a bigger model, and short rows keep attention a small share of each step.
+# The window is "L" (full row) because a banded mask saves nothing without a windowed kernel. The
+# evaluation reads 32 rows of 2048, a few seconds, so start-up + eval stay within 15% of 300 s.
+CPU_TIER = dict(tier="cpu", depth=4, aspect_ratio=64, head_dim=64, seq_len=512, window_pattern="L",
+                device_batch_size=32, total_batch_size=2**14, eval_tokens=32 * MAX_SEQ_LEN,
                 eval_batch_size=8)
 
 
