@@ -104,6 +104,22 @@ def test_residual_stream_stays_bf16_under_autocast():
     assert logits.abs().max().item() <= train.SOFTCAP
 
 
+def test_softcap_loss_and_its_gradient_equal_cross_entropy_of_the_capped_logits():
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 5, 96) * 40).requires_grad_(True)  # far beyond the cap, both signs
+    targets = torch.randint(0, 96, (2, 5))
+    capped = train.SOFTCAP * torch.tanh(logits / train.SOFTCAP)
+    expected = torch.nn.functional.cross_entropy(capped.view(10, 96), targets.view(10), reduction="none")
+    tail = train.SoftcapCrossEntropy()
+    nats = tail(logits, targets, reduction="none")
+    assert nats.shape == (2, 5)
+    assert torch.allclose(nats, expected.view(2, 5), atol=1e-5)
+    grad, = torch.autograd.grad(tail(logits, targets), logits)
+    expected_grad, = torch.autograd.grad(expected.mean(), logits)
+    assert torch.allclose(grad, expected_grad, atol=1e-7)
+    assert torch.equal(tail(logits), capped)
+
+
 def test_flops_per_token_counts_matmul_weights_and_attention_windows():
     config = train.GPTConfig(**SMALL)
     model = train.GPT(config)
