@@ -5,7 +5,7 @@
     peak_flops(info, backend)              -> dense bf16 FLOP/s of the training device
     suggest_hyperparameters(info, backend) -> default configuration for this tier
     eval_tokens(info)                      -> the tier's evaluation budget in tokens
-    sync(backend), peak_memory_mb(backend), print_summary()
+    sync(backend), peak_memory_mb(backend), keep_freed_memory(), print_summary()
 
 `uv run python -m backends` prints the summary. Importing this package never imports torch or mlx.
 """
@@ -16,6 +16,7 @@ from backends.hardware import (
     BackendUnavailable,
     detect_backend,
     get_hardware_info,
+    keep_freed_memory,
     peak_memory_mb,
     sync,
 )
@@ -24,6 +25,6 @@ from backends.tiers import current_profile, eval_tokens, suggest_hyperparameters
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "current_profile", "detect_backend", "eval_tokens",
-    "get_hardware_info", "peak_flops", "peak_flops_and_source", "peak_memory_mb", "print_summary",
+    "get_hardware_info", "keep_freed_memory", "peak_flops", "peak_flops_and_source", "peak_memory_mb", "print_summary",
     "suggest_hyperparameters", "sync",
 ]

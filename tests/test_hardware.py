@@ -341,6 +341,18 @@ def test_matrix_growth_stops_before_a_product_would_take_too_long(monkeypatch):
     assert rate == pytest.approx(2 * 1024**3 / 0.064)
 
 
+def test_the_peak_is_the_best_rate_over_the_sizes_not_the_largest_sizes(monkeypatch):
+    seconds_per_n = {256: 0.001, 512: 0.004, 1024: 0.016, 2048: 0.150}  # 1024 is the fastest
+    monkeypatch.setattr(flops, "_seconds", lambda product: seconds_per_n[product.n])
+
+    def make_product(n):
+        product = lambda: None  # noqa: E731
+        product.n = n
+        return product
+    rate, n = flops._matmul_rate(make_product, (256, 512, 1024, 2048))
+    assert (rate, n) == (pytest.approx(2 * 1024**3 / 0.016), 1024)
+
+
 @pytest.mark.parametrize("library", ["torch", "mlx"])
 def test_calibration_on_this_machine_measures_once_then_reads_the_cache(library, tmp_path):
     first = flops.measure_matmul_flops(library, "test cpu", sizes=(32, 64), cache_root=tmp_path)
@@ -592,3 +604,39 @@ def test_python_m_backends_ends_a_bad_request_with_one_line_and_no_traceback(tmp
     assert out.stderr == ("error: AUTORESEARCH_BACKEND='tpu' is not a backend; set it to one of auto, mlx, "
                           "mps, cuda, cpu or unset it\n")
     assert out.stdout.startswith("os:")
+
+
+PAGE_FAULTS_OF_REALLOCATION = (
+    "import ctypes, resource, sys, backends\n"
+    "applied = backends.keep_freed_memory() if sys.argv[1] == 'keep' else None\n"
+    "libc = ctypes.CDLL('libc.so.6')\n"
+    "libc.malloc.restype = ctypes.c_void_p\n"
+    "libc.free.argtypes = [ctypes.c_void_p]\n"
+    "def use_and_free_a_block():\n"
+    "    block = libc.malloc(128 * 2**20)\n"
+    "    ctypes.memset(block, 1, 128 * 2**20)\n"
+    "    libc.free(block)\n"
+    "use_and_free_a_block()\n"
+    "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+    "for _ in range(4):\n"
+    "    use_and_free_a_block()\n"
+    "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc is Linux-only")
+def test_kept_freed_memory_is_reused_without_page_faults_on_linux():
+    def page_faults(mode):
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_REALLOCATION, mode], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True)
+        applied, faults = out.stdout.split()
+        return applied, int(faults)
+    default_applied, default_faults = page_faults("default")
+    kept_applied, kept_faults = page_faults("keep")
+    # By default each 128 MiB block is a fresh mmap, faulted in again page by page (64 faults
+    # even with 2 MiB transparent huge pages, 32,768 with 4 KiB pages); kept, it is reused.
+    assert default_faults >= 4 * 64
+    assert kept_applied == "True" and kept_faults < 64
+
+
+def test_freed_memory_is_left_alone_off_linux():
+    assert hardware.keep_freed_memory(system="Darwin") is False
