@@ -104,20 +104,70 @@ def test_residual_stream_stays_bf16_under_autocast():
     assert logits.abs().max().item() <= train.SOFTCAP
 
 
-def test_softcap_loss_and_its_gradient_equal_cross_entropy_of_the_capped_logits():
+def reference_softcap_loss(x, weight, targets):
+    """The loss written the plain way: full logits, torch.tanh, F.cross_entropy (per-token nats)."""
+    capped = train.SOFTCAP * torch.tanh((x @ weight.t()).float() / train.SOFTCAP)
+    return torch.nn.functional.cross_entropy(capped, targets, reduction="none")
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_chunked_softcap_loss_and_gradients_equal_the_plain_cross_entropy(monkeypatch, compiled):
+    # Small chunks and groups that do not divide the 45 rows, so every loop edge runs.
+    monkeypatch.setattr(train, "LOSS_CHUNK_ROWS", 4)
+    monkeypatch.setattr(train, "LOSS_GROUP_ROWS", 12)
     torch.manual_seed(0)
-    logits = (torch.randn(2, 5, 96) * 40).requires_grad_(True)  # far beyond the cap, both signs
-    targets = torch.randint(0, 96, (2, 5))
-    capped = train.SOFTCAP * torch.tanh(logits / train.SOFTCAP)
-    expected = torch.nn.functional.cross_entropy(capped.view(10, 96), targets.view(10), reduction="none")
-    tail = train.SoftcapCrossEntropy()
-    nats = tail(logits, targets, reduction="none")
-    assert nats.shape == (2, 5)
-    assert torch.allclose(nats, expected.view(2, 5), atol=1e-5)
-    grad, = torch.autograd.grad(tail(logits, targets), logits)
-    expected_grad, = torch.autograd.grad(expected.mean(), logits)
-    assert torch.allclose(grad, expected_grad, atol=1e-7)
-    assert torch.equal(tail(logits), capped)
+    x = (torch.randn(45, 32) * 3).requires_grad_(True)
+    weight = (torch.randn(96, 32) * 3).requires_grad_(True)  # logits far beyond the cap, both signs
+    targets = torch.randint(0, 96, (45,))
+    chunk = train.SoftcapChunk()
+    if compiled:
+        chunk.compile(dynamic=False)
+    expected = reference_softcap_loss(x, weight, targets)
+    expected_grads = torch.autograd.grad(expected.mean(), (x, weight))
+
+    with torch.no_grad():
+        nats, no_grad_x, no_grad_w = train.chunked_softcap_loss(x, weight, targets, chunk)
+    assert no_grad_x is None and no_grad_w is None
+    assert torch.allclose(nats, expected, atol=1e-5)
+    loss = train.SoftcapLinearCrossEntropy.apply(x, weight, targets, chunk)
+    assert torch.allclose(loss, expected.mean(), atol=1e-6)
+    grads = torch.autograd.grad(3 * loss, (x, weight))  # the incoming gradient scales both
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert torch.allclose(grad, 3 * expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_model_loss_matches_its_capped_logits_in_training_and_evaluation():
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(**SMALL))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.3)
+    idx, targets = torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))
+    logits = model(idx)
+    assert logits.abs().max().item() <= train.SOFTCAP
+    expected = torch.nn.functional.cross_entropy(logits.view(32, 96), targets.view(32), reduction="none")
+    loss = model(idx, targets)
+    assert loss.requires_grad and torch.allclose(loss, expected.mean(), atol=1e-5)
+    with torch.inference_mode():
+        nats = model(idx, targets, reduction="none")
+    assert nats.shape == (2, 16) and torch.allclose(nats, expected.view(2, 16), atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+@pytest.mark.parametrize("window", [None, 5])
+def test_matmul_attention_equals_scaled_dot_product_attention(n_kv_head, window):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 12, 8, requires_grad=True)
+    k, v = (torch.randn(2, n_kv_head, 12, 8, requires_grad=True) for _ in range(2))
+    mask = None if window is None else train.window_mask(12, window, "cpu")
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=n_kv_head != 4)
+    got = train.matmul_attention(q, k, v, mask)
+    assert torch.allclose(got, expected, atol=1e-5)
+    grad_out = torch.randn_like(got)
+    for grad, expected_grad in zip(torch.autograd.grad(got, (q, k, v), grad_out),
+                                   torch.autograd.grad(expected, (q, k, v), grad_out)):
+        assert torch.allclose(grad, expected_grad, atol=1e-5)
 
 
 def test_flops_per_token_counts_matmul_weights_and_attention_windows():
