@@ -220,7 +220,9 @@ class Block(nn.Module):
 class SoftcapCrossEntropy(nn.Module):
     """The elementwise-heavy tail of the model: logits in fp32, capped smoothly to
     (-SOFTCAP, SOFTCAP); with targets, their cross-entropy instead (a scalar for reduction='mean',
-    per-token nats [B, T] for 'none'). Its own module to mirror train.py, which compiles it."""
+    per-token nats [B, T] for 'none'). train.py computes the same loss in row chunks with its
+    gradient in the same pass (SoftcapLinearCrossEntropy) because torch on a CPU ran the full
+    [B, T, V] logits' elementwise passes from memory; here the plain form stays."""
 
     def __call__(self, logits, targets=None, reduction="mean"):
         logits = logits.astype(mx.float32)

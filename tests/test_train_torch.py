@@ -155,11 +155,12 @@ def test_model_loss_matches_its_capped_logits_in_training_and_evaluation():
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 @pytest.mark.parametrize("window", [None, 5])
-def test_matmul_attention_equals_scaled_dot_product_attention(n_kv_head, window):
+@pytest.mark.parametrize("T", [12, 13, 2])  # query blocks of 3; of 4 with a short last one; of 1
+def test_matmul_attention_equals_scaled_dot_product_attention(n_kv_head, window, T):
     torch.manual_seed(0)
-    q = torch.randn(2, 4, 12, 8, requires_grad=True)
-    k, v = (torch.randn(2, n_kv_head, 12, 8, requires_grad=True) for _ in range(2))
-    mask = None if window is None else train.window_mask(12, window, "cpu")
+    q = torch.randn(2, 4, T, 8, requires_grad=True)
+    k, v = (torch.randn(2, n_kv_head, T, 8, requires_grad=True) for _ in range(2))
+    mask = None if window is None else train.window_mask(T, window, "cpu")
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=n_kv_head != 4)
     got = train.matmul_attention(q, k, v, mask)
