@@ -510,9 +510,9 @@ def main():
         group["initial_weight_decay"] = group["weight_decay"]
     optimizer = MuonAdamW(named_params, groups)
     if COMPILE:
-        # Regional compilation: the blocks (which share one compiled graph) and the loss tail,
+        # Regional compilation: the blocks (which share compiled graphs) and the loss chunk,
         # each on its own, train as fast as the whole model compiled at once, in about half the
-        # compile time; the final evaluation runs through them too.
+        # compile time. A GPU's final evaluation runs through them too (see EVAL_EAGER).
         for module in [*model.transformer.h, model.softcap_chunk]:
             module.compile(dynamic=False)
 
