@@ -328,28 +328,26 @@ def test_peak_flops_rejects_unknown_backends_and_mps_off_a_mac():
         backends.peak_flops(info, "mps")
 
 
-def test_matrix_growth_stops_before_a_product_would_take_too_long(monkeypatch):
-    seconds_per_n = {256: 0.001, 512: 0.008, 1024: 0.064, 2048: 0.512}
+def timed_matmul_rate(monkeypatch, seconds_per_n):
+    """_matmul_rate over the sizes of seconds_per_n, with each n x n product taking that long."""
     monkeypatch.setattr(flops, "_seconds", lambda product: seconds_per_n[product.n])
 
     def make_product(n):
         product = lambda: None  # noqa: E731
         product.n = n
         return product
-    rate, n = flops._matmul_rate(make_product, (256, 512, 1024, 2048))
+    return flops._matmul_rate(make_product, tuple(seconds_per_n))
+
+
+def test_matrix_growth_stops_before_a_product_would_take_too_long(monkeypatch):
+    rate, n = timed_matmul_rate(monkeypatch, {256: 0.001, 512: 0.008, 1024: 0.064, 2048: 0.512})
     assert n == 1024  # 8 x 0.064 s > MAX_PRODUCT_S: 2048 would take half a second a product
     assert rate == pytest.approx(2 * 1024**3 / 0.064)
 
 
 def test_the_peak_is_the_best_rate_over_the_sizes_not_the_largest_sizes(monkeypatch):
-    seconds_per_n = {256: 0.001, 512: 0.004, 1024: 0.016, 2048: 0.150}  # 1024 is the fastest
-    monkeypatch.setattr(flops, "_seconds", lambda product: seconds_per_n[product.n])
-
-    def make_product(n):
-        product = lambda: None  # noqa: E731
-        product.n = n
-        return product
-    rate, n = flops._matmul_rate(make_product, (256, 512, 1024, 2048))
+    # 1024 is the fastest size; 2048 is still timed (8 x 0.016 s is within MAX_PRODUCT_S).
+    rate, n = timed_matmul_rate(monkeypatch, {256: 0.001, 512: 0.004, 1024: 0.016, 2048: 0.150})
     assert (rate, n) == (pytest.approx(2 * 1024**3 / 0.016), 1024)
 
 
