@@ -295,23 +295,20 @@ def chunked_softcap_loss(x, weight, targets, chunk, with_grad=False):
     # A GPU has no such cache to fit and would only pay kernel launches per chunk: one chunk there.
     chunk_rows, group_rows = (LOSS_CHUNK_ROWS, LOSS_GROUP_ROWS) if x.device.type == "cpu" else (n, n)
     nats = torch.empty(n, dtype=torch.float32, device=x.device)
-    if not with_grad:
-        for start in range(0, n, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            nats[rows] = chunk(x[rows] @ w.t(), targets[rows])
-        return nats, None, None
-    grad_x = torch.empty_like(x)
-    grad_w = torch.zeros_like(weight)
-    grad_logits = torch.empty(min(n, group_rows), w.size(0), dtype=x.dtype, device=x.device)
+    grad_x = torch.empty_like(x) if with_grad else None
+    grad_w = torch.zeros_like(weight) if with_grad else None
+    grad_logits = (torch.empty(min(n, group_rows), w.size(0), dtype=x.dtype, device=x.device)
+                   if with_grad else None)
     for group_start in range(0, n, group_rows):
         group = slice(group_start, min(group_start + group_rows, n))
-        group_grad = grad_logits[:group.stop - group.start]
         for start in range(group.start, group.stop, chunk_rows):
             rows = slice(start, min(start + chunk_rows, group.stop))
-            nats[rows] = chunk(x[rows] @ w.t(), targets[rows],
-                               group_grad[rows.start - group.start:rows.stop - group.start], 1.0 / n)
-        torch.mm(group_grad, w, out=grad_x[group])
-        grad_w += group_grad.t() @ x[group]
+            grad_out = grad_logits[start - group.start:rows.stop - group.start] if with_grad else None
+            nats[rows] = chunk(x[rows] @ w.t(), targets[rows], grad_out, 1.0 / n)
+        if with_grad:
+            group_grad = grad_logits[:group.stop - group.start]
+            torch.mm(group_grad, w, out=grad_x[group])
+            grad_w += group_grad.t() @ x[group]
     return nats, grad_x, grad_w
 
 

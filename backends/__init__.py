@@ -25,6 +25,6 @@ from backends.tiers import current_profile, eval_tokens, suggest_hyperparameters
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "current_profile", "detect_backend", "eval_tokens",
-    "get_hardware_info", "keep_freed_memory", "peak_flops", "peak_flops_and_source", "peak_memory_mb", "print_summary",
-    "suggest_hyperparameters", "sync",
+    "get_hardware_info", "keep_freed_memory", "peak_flops", "peak_flops_and_source",
+    "peak_memory_mb", "print_summary", "suggest_hyperparameters", "sync",
 ]
