@@ -598,6 +598,10 @@ def main():
         if step > UNTIMED_STEPS and training_time >= TIME_BUDGET:
             break
     print0()
+    # Collector back on: left frozen, the objects of compiled code outlive the interpreter and
+    # their bindings print hundreds of "nanobind: leaked ..." lines at exit.
+    gc.unfreeze()
+    gc.enable()
     watchdog.stop()
     distributed.finish_torch()
     if RANK != 0:

@@ -489,6 +489,10 @@ def main():
         if step > UNTIMED_STEPS and training_time >= TIME_BUDGET:
             break
     print0()
+    # Collector back on: left frozen, the objects of compiled code outlive the interpreter and
+    # their bindings print hundreds of "nanobind: leaked ..." lines at exit.
+    gc.unfreeze()
+    gc.enable()
     watchdog.stop()
     if RANK != 0:
         return  # the other ranks' work is done: rank 0 alone evaluates and reports

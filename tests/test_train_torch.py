@@ -267,6 +267,7 @@ def test_smoke_run_trains_evaluates_and_reports(tiny_dataset, tmp_path):
     check_finished_run(result, tmp_path, "cpu")
     assert "\rstep 00000" in result.stdout and "\rstep 00001" in result.stdout
     assert "\nstep" not in result.stdout  # one progress line, rewritten in place
+    assert "nanobind" not in result.stderr  # no leak report at exit (the collector is back on)
 
 
 def test_nan_loss_fails_fast_with_exit_1(tiny_dataset, tmp_path):
