@@ -89,8 +89,8 @@ WARMDOWN_RATIO = 0.5
 FINAL_LR_FRAC = 0.0
 MUON_MOMENTUM_START, MUON_MOMENTUM_END, MUON_MOMENTUM_RAMP_STEPS = 0.85, 0.95, 300
 # Loop
-UNTIMED_STEPS = 1      # step 0 (compilation, allocator warm-up) trains but is not timed; train.py
-                       # leaves 2 out because torch's CPU allocator still grows during step 1
+UNTIMED_STEPS = 2      # steps 0 and 1 (compilation, allocator warm-up) train but are not timed: on
+                       # torch's CPU tier step 1 still page-faults ~108k new pages (0.8-1.3 s)
 GC_EVERY_STEPS = 5000  # the garbage collector is off during training except every this many steps
 
 # Device, precision and compilation. Parameters stay fp32; the forward pass computes in
