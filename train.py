@@ -553,7 +553,7 @@ def main():
     watchdog = distributed.Watchdog(RANK, WORLD_SIZE)
     step = 0
     training_time = 0.0
-    compile_seconds = 0.0  # the untimed steps: compilation, warm-up
+    untimed_seconds = 0.0  # the untimed steps: compilation, warm-up (the runner bounds them)
     data_wait_time = 0.0   # of the timed steps, spent in next_batch()
     smooth_loss = 0.0
     startup_seconds = time.time() - process_start
@@ -589,7 +589,7 @@ def main():
             training_time += step_seconds
             data_wait_time += step_data_wait
         else:
-            compile_seconds += step_seconds
+            untimed_seconds += step_seconds
 
         if step == 0:
             # Everything alive now lives for the whole run: stop the collector scanning it.
@@ -620,10 +620,12 @@ def main():
     if RANK != 0:
         return  # the other ranks' work is done: rank 0 alone evaluates and reports
 
+    untimed_tokens = UNTIMED_STEPS * TOTAL_BATCH_SIZE
     timed_tokens = (step - UNTIMED_STEPS) * TOTAL_BATCH_SIZE
     mfu_percent = 100 * flops_per_token * timed_tokens / training_time / peak_flops
     print(f"training: {timed_tokens / training_time:,.0f} tok/s, mfu {mfu_percent:.2f}% over "
-          f"{training_time:.1f}s timed", flush=True)
+          f"{training_time:.1f}s timed; total_tokens_M counts the {UNTIMED_STEPS} untimed steps too "
+          f"({untimed_tokens:,} tokens in {untimed_seconds:.1f}s)", flush=True)
 
     # Final evaluation: no autograd, EVAL_BATCH_SIZE rows of MAX_SEQ_LEN at a time.
     model.eval()
@@ -656,11 +658,15 @@ def main():
         "chip": HARDWARE["chip"],
         **run_context(world_size=WORLD_SIZE),
         "startup_seconds": startup_seconds,
-        "compile_seconds": compile_seconds,
+        "untimed_seconds": untimed_seconds,
         "train_tokens_per_second": timed_tokens / training_time,
         "data_wait_percent": 100 * data_wait_time / training_time,
         "eval_seconds": eval_seconds,
         "eval_tokens_per_second": eval_tokens / eval_seconds,
+        "untimed_steps": UNTIMED_STEPS,
+        "untimed_tokens": untimed_tokens,
+        "timed_tokens": timed_tokens,
+        "total_batch_size": TOTAL_BATCH_SIZE,
     }
     print(format_summary(fields), flush=True)
     write_run_json(fields)

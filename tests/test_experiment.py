@@ -1,15 +1,16 @@
 """The experiment runner, end to end on a temporary git repository with a fake training script.
 
-The fake script prints the summary (and writes the JSON) that a control file asks for, one result
-per run, or fails, or hangs. Every test drives tools/experiment.py as a subprocess, as an agent
-would, and checks git, results.tsv and the verdict afterwards.
+The fake script acts out the next result that a control file lists (a val_bpb, a failure, a hang,
+a set-up error...), one per run. Every test drives tools/experiment.py as a subprocess, as an
+agent would, and checks git, results.tsv and the verdict afterwards. The verdict rule itself is
+tested (and simulated) in test_verdict.py; here the values are chosen far from its boundaries.
 """
 
+import importlib.util
 import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ KIT = Path(__file__).resolve().parent.parent
 RUNNER = KIT / "tools" / "experiment.py"
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 ROW = re.compile(r"^[0-9a-f]{7}\t\d+\.\d{6}\t\d+\.\d\t(keep|discard|crash)\t[^\t]+$")
+KIND = "[standard 300s/standard/pystdlib/cpu/cpu/x1]"
+BASELINE = [1.300, 1.310, 1.290, 1.300, 1.305, 1.295]  # mean 1.3, sigma 0.007
 
 FAKE_TRAIN = '''"""Fake training script: acts out the next result listed in $FAKE_CONTROL."""
 import json, os, subprocess, sys, time
@@ -43,17 +46,50 @@ if mode == "fail":
     sys.exit(1)
 if mode == "traceback":
     raise RuntimeError("out of memory")
+if mode == "setup":
+    print("error: no dataset prepared in /nowhere: run `uv run prepare.py --dataset pystdlib`", file=sys.stderr)
+    sys.exit(2)
+if mode == "spin":
+    end = time.monotonic() + result["seconds"]
+    while time.monotonic() < end:
+        pass
 print("step 1 | loss 9.0\\rstep 2 | loss 8.0")
+steps, untimed, batch = result.get("num_steps", 20), result.get("untimed_steps", 2), 512
 fields = {
     "val_bpb": result["val_bpb"], "training_seconds": 1.0, "total_seconds": 2.0,
-    "peak_vram_mb": result.get("peak_vram_mb", 2048.0), "mfu_percent": 1.0, "total_tokens_M": 0.1,
-    "num_steps": 2, "num_params_M": 0.1, "depth": 2, "backend": "cpu", "chip": "fake",
-    "dataset": "pystdlib", "eval_tokens": 8192, "time_budget": result.get("time_budget", 300.0),
-    "harness": "0" * 12, "standard": result.get("standard", True), "profile": "standard", "world_size": 1,
+    "peak_vram_mb": result.get("peak_vram_mb", 2048.0), "mfu_percent": 1.0,
+    "total_tokens_M": steps * batch / 1e6, "num_steps": steps, "num_params_M": 0.1, "depth": 2,
+    "backend": "cpu", "chip": "fake", "dataset": result.get("dataset", "pystdlib"), "eval_tokens": 8192,
+    "time_budget": float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300)), "harness": "0" * 12,
+    "standard": "AUTORESEARCH_TIME_BUDGET" not in os.environ, "profile": "standard",
+    "world_size": result.get("world_size", 1), "train_tokens_per_second": result.get("tok_s", 1000.0),
+    "untimed_steps": untimed, "untimed_tokens": untimed * batch, "timed_tokens": (steps - untimed) * batch,
+    "total_batch_size": batch,
 }
 print(format_summary(fields))
 if mode != "summary-only":
     write_run_json(fields)
+'''
+
+STAND_IN_PREPARE = '''"""Stand-in for the locked harness: the time budget, the kind of run, the dataset."""
+import os
+TIME_BUDGET = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))  # a bad value raises ValueError
+def is_standard_run():
+    return "AUTORESEARCH_TIME_BUDGET" not in os.environ
+def active_dataset():
+    return os.environ.get("AUTORESEARCH_DATASET", "pystdlib")
+'''
+
+STAND_IN_BACKENDS = '''"""Stand-in for the locked backends package: one CPU tier."""
+def get_hardware_info():
+    return {"kind": "cpu"}
+def suggest_hyperparameters(info, backend=None):
+    return {"tier": "cpu"}
+'''
+
+STAND_IN_TIERS = '''import os
+def current_profile():
+    return os.environ.get("AUTORESEARCH_PROFILE", "standard")
 '''
 
 
@@ -66,9 +102,10 @@ def repo(tmp_path):
     """A miniature kit on branch autoresearch/test: stand-in harness, fake train.py, header-only results."""
     root = tmp_path / "kit"
     (root / "backends").mkdir(parents=True)
-    shutil.copy(KIT / "backends" / "report.py", root / "backends" / "report.py")
-    (root / "backends" / "__init__.py").write_text('"""Stand-in for the locked backends package."""\n')
-    (root / "prepare.py").write_text('"""Stand-in for the locked harness."""\nTIME_BUDGET = 300\n')
+    (root / "backends" / "report.py").write_text((KIT / "backends" / "report.py").read_text())
+    (root / "backends" / "__init__.py").write_text(STAND_IN_BACKENDS)
+    (root / "backends" / "tiers.py").write_text(STAND_IN_TIERS)
+    (root / "prepare.py").write_text(STAND_IN_PREPARE)
     (root / "train.py").write_text(FAKE_TRAIN)
     (root / "results.tsv").write_text(HEADER + "\n")
     (root / ".gitignore").write_text("run.log\nruns/\n__pycache__/\n")
@@ -84,23 +121,37 @@ def env(tmp_path):
     environment = dict(os.environ)
     environment.update({
         "AUTORESEARCH_TRAIN_CMD": f"{shlex.quote(sys.executable)} train.py",
+        "AUTORESEARCH_BACKEND": "cpu",
         "FAKE_CONTROL": str(tmp_path / "control.json"),
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
     })
-    environment.pop("AUTORESEARCH_RUNS_DIR", None)
+    for key in ("AUTORESEARCH_RUNS_DIR", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_PROFILE", "AUTORESEARCH_DATASET"):
+        environment.pop(key, None)
     return environment
 
 
 def plan(env, *results, marker=None):
-    """What the fake script does on its next runs, one dict per run."""
-    Path(env["FAKE_CONTROL"]).write_text(json.dumps({"results": list(results), "marker": str(marker)}))
+    """What the fake script does on its next runs: a dict per run, or a bare number for a val_bpb."""
+    results = [r if isinstance(r, dict) else {"val_bpb": r} for r in results]
+    Path(env["FAKE_CONTROL"]).write_text(json.dumps({"results": results, "marker": str(marker)}))
 
 
-def runner(repo, env, command, *args):
-    script = ["--script", "train.py"] if command in ("run", "baseline") else []
-    return subprocess.run([sys.executable, str(RUNNER), command, *args, *script],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+def runner(repo, env, command, *args, quiet_machine=True):
+    """The runner as an agent calls it. quiet_machine: other tests share this machine, so the
+    disturbance check is off unless a test is about it."""
+    extra = ["--script", "train.py"] if command in ("run", "baseline") else []
+    if quiet_machine and command in ("run", "baseline"):
+        extra += ["--max-disturbance", "1"]
+    return subprocess.run([sys.executable, str(RUNNER), command, *args, *extra],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+
+
+def baseline(repo, env, values=BASELINE):
+    plan(env, *values)
+    done = runner(repo, env, "baseline")
+    assert done.returncode == 0, done.stderr
+    return git(repo, "rev-parse", "HEAD")
 
 
 def edit(repo, idea):
@@ -131,109 +182,238 @@ def wait_for_death(pid, seconds=5.0):
     return not is_alive(pid)
 
 
-def test_baseline_is_kept_then_better_result_kept_and_branch_advances(repo, env):
-    start = git(repo, "rev-parse", "HEAD")
-    plan(env, {"val_bpb": 1.3}, {"val_bpb": 1.25, "peak_vram_mb": 3123.0})
-    assert runner(repo, env, "baseline").returncode == 0
+def wait_for(path, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), "the fake training script never started"
+
+
+def start_hanging_run(repo, env, tmp_path, idea, *before):
+    """A `run` whose training hangs after the runs in `before`; returns (process, marker)."""
+    marker = tmp_path / "started"
+    plan(env, *before, {"mode": "hang"}, marker=marker)
+    edit(repo, idea)
+    process = subprocess.Popen([sys.executable, str(RUNNER), "run", idea, "--script", "train.py",
+                                "--max-disturbance", "1"],
+                               cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(marker)
+    return process, marker
+
+
+# ---------------------------------------------------------------------------------------------
+# baseline, keep, discard, reruns
+
+def test_baseline_runs_the_best_six_times_all_kept_and_tagged_with_their_kind(repo, env):
+    start = baseline(repo, env)
+    assert [r[0] for r in rows(repo)] == [start[:7]] * 6
+    assert [r[3] for r in rows(repo)] == ["keep"] * 6
+    assert [r[4] for r in rows(repo)] == [f"baseline {KIND}"] + [f"baseline [run {i}] {KIND}" for i in range(2, 7)]
+    status = runner(repo, env, "status").stdout
+    assert "best         1.300000 mean of 6 runs" in status
+    assert "sigma 0.007071 from 6 runs, 5 degrees of freedom" in status
+
+
+def test_clear_win_is_confirmed_kept_and_the_branch_advances(repo, env):
+    start = baseline(repo, env)
     edit(repo, "wider mlp")
+    plan(env, 1.20, 1.21, 1.205, 1.20, 1.21, 1.195)
     done = runner(repo, env, "run", "wider mlp")
     assert done.returncode == 0, done.stderr
     head = git(repo, "rev-parse", "HEAD")
     assert git(repo, "rev-parse", "HEAD~1") == start
     assert git(repo, "log", "-1", "--format=%s") == "wider mlp"
     assert git(repo, "show", "--name-only", "--format=", "HEAD") == "train.py"
-    assert rows(repo) == [[start[:7], "1.300000", "2.0", "keep", "baseline"],
-                          [head[:7], "1.250000", "3.0", "keep", "wider mlp"]]
-    assert done.stdout.splitlines()[-1] == f"KEEP     1.250000 (best was 1.300000, -0.050000) {head[:7]} wider mlp"
+    new = rows(repo)[6:]
+    assert [r[0] for r in new] == [head[:7]] * 6 and [r[3] for r in new] == ["keep"] * 6
+    assert new[1][4] == f"wider mlp [run 2] {KIND}"
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith(f"KEEP     1.205000 (mean of 2, 20 steps, 1,000 tok/s; best 1.300000 mean of 6, 20 steps, "
+                           f"1,000 tok/s; -0.095000; sigma")
+    assert last.endswith(f"; best now 1.203333 mean of 6) {head[:7]} wider mlp")
+    assert runner(repo, env, "best").stdout.strip() == (
+        f"{head[:7]}\t1.203333\t2.0\tkeep\twider mlp [mean of 6 runs] [{KIND[1:-1]}]")
 
 
-def test_worse_result_is_discarded_and_only_the_script_commit_reverted(repo, env):
-    plan(env, {"val_bpb": 1.3}, {"val_bpb": 1.35})
-    runner(repo, env, "baseline")
-    kept = git(repo, "rev-parse", "HEAD")
+def test_clear_loser_is_discarded_after_one_run_and_only_the_script_commit_reverted(repo, env):
+    kept = baseline(repo, env)
     script_before = (repo / "train.py").read_text()
     (repo / "notes.txt").write_text("untracked notes survive\n")
     edit(repo, "deeper model")
+    plan(env, 1.40)
     done = runner(repo, env, "run", "deeper model")
     assert done.returncode == 0, done.stderr
     assert git(repo, "rev-parse", "HEAD") == kept
     assert (repo / "train.py").read_text() == script_before
-    assert (repo / "notes.txt").exists() and "summary" not in (repo / "notes.txt").read_text()
-    assert "val_bpb:" in (repo / "run.log").read_text()
-    assert [r[2:4] for r in rows(repo)] == [["2.0", "keep"], ["2.0", "discard"]]
-    assert rows(repo)[1][1] == "1.350000"
-    assert done.stdout.splitlines()[-1].startswith("DISCARD  1.350000 (best is 1.300000, +0.050000)")
+    assert (repo / "notes.txt").exists()
+    assert rows(repo)[6][1:] == ["1.400000", "2.0", "discard", f"deeper model {KIND}"]
+    assert len(rows(repo)) == 7
+    assert done.stdout.splitlines()[-1].startswith("DISCARD  1.400000 (mean of 1")
     assert git(repo, "status", "--porcelain", "--", "train.py") == ""
 
 
-def test_equal_result_is_discarded(repo, env):
-    plan(env, {"val_bpb": 1.3}, {"val_bpb": 1.3})
-    runner(repo, env, "baseline")
-    kept = git(repo, "rev-parse", "HEAD")
-    edit(repo, "same thing")
-    done = runner(repo, env, "run", "same thing")
-    assert rows(repo)[1][3] == "discard"
-    assert git(repo, "rev-parse", "HEAD") == kept
-    assert "+0.000000" in done.stdout
-
-
-@pytest.mark.parametrize("mode, reason", [("fail", "FAIL: loss is nan at step 3"),
-                                          ("traceback", "RuntimeError: out of memory")])
-def test_crash_is_logged_as_zeros_and_reverted(repo, env, mode, reason):
-    plan(env, {"val_bpb": 1.3}, {"mode": mode})
-    runner(repo, env, "baseline")
-    kept = git(repo, "rev-parse", "HEAD")
-    edit(repo, "bad idea")
-    done = runner(repo, env, "run", "bad idea")
+def test_grey_zone_result_is_rerun_before_the_verdict_and_every_run_is_a_row(repo, env):
+    baseline(repo, env)
+    edit(repo, "small change")
+    plan(env, 1.297, 1.2965, 1.296, 1.297)
+    done = runner(repo, env, "run", "small change")
     assert done.returncode == 0, done.stderr
-    crashed = rows(repo)[1]
-    assert crashed[1:] == ["0.000000", "0.0", "crash", "bad idea"]
-    assert crashed[0] != kept[:7]
-    assert git(repo, "rev-parse", "HEAD") == kept
-    assert done.stdout.splitlines()[-1].startswith("CRASH    0.000000 (exit code 1: ")
-    assert reason in done.stdout
+    judged = rows(repo)[6:]
+    assert 2 <= len(judged) <= 4
+    assert len({r[0] for r in judged}) == 1 and {r[3] for r in judged} == {"discard"}
+    assert done.stdout.count("rerun ") == len(judged) - 1
+
+
+def test_crash_is_logged_as_zeros_with_its_kind_and_reverted(repo, env):
+    kept = baseline(repo, env)
+    for mode, reason in (("fail", "FAIL: loss is nan at step 3"), ("traceback", "RuntimeError: out of memory")):
+        edit(repo, f"bad idea {mode}")
+        plan(env, {"mode": mode})
+        done = runner(repo, env, "run", f"bad idea {mode}")
+        assert done.returncode == 0, done.stderr
+        assert rows(repo)[-1][1:4] == ["0.000000", "0.0", "crash"]
+        assert rows(repo)[-1][4] == f"bad idea {mode} [crash: exit code 1: {reason}] {KIND}"
+        assert git(repo, "rev-parse", "HEAD") == kept
+        assert done.stdout.splitlines()[-1].startswith("CRASH    0.000000 (exit code 1: ")
+        assert reason in done.stdout
+
+
+def test_non_numeric_val_bpb_is_a_crash_row_not_a_traceback(repo, env):
+    baseline(repo, env)
+    edit(repo, "odd summary")
+    plan(env, {"val_bpb": "abc", "mode": "summary-only"})
+    done = runner(repo, env, "run", "odd summary")
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert rows(repo)[-1][3] == "crash"
+    assert "val_bpb is 'abc'" in done.stdout
 
 
 def test_summary_without_json_is_read_from_run_log(repo, env):
-    plan(env, {"val_bpb": 1.2345678, "mode": "summary-only"})
-    runner(repo, env, "baseline")
+    plan(env, *[{"val_bpb": 1.2345678, "mode": "summary-only"}] * 6)
+    assert runner(repo, env, "baseline").returncode == 0
     assert rows(repo)[0][1:4] == ["1.234568", "2.0", "keep"]
 
 
+def test_unchanged_script_reruns_the_best_and_refines_its_mean(repo, env):
+    head = baseline(repo, env)
+    plan(env, 1.306)
+    done = runner(repo, env, "run", "rerun as is")
+    assert "has no changes" in done.stdout
+    assert git(repo, "rev-parse", "HEAD") == head
+    assert rows(repo)[-1] == [head[:7], "1.306000", "2.0", "keep", f"baseline [run 7] {KIND}"]
+    assert "1.300857 mean of 7 runs" in done.stdout
+
+
+def test_explicit_threshold_replaces_the_rule_and_judges_after_one_run(repo, env):
+    baseline(repo, env)
+    edit(repo, "tiny gain")
+    plan(env, 1.299)
+    done = runner(repo, env, "run", "tiny gain", "--threshold", "0.01")
+    assert rows(repo)[-1][3] == "discard" and len(rows(repo)) == 7
+    assert "threshold 0.010000 given" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# budget and kinds
+
+def test_untimed_steps_that_carry_most_tokens_are_over_budget_and_never_kept(repo, env):
+    kept = baseline(repo, env)
+    edit(repo, "UNTIMED_STEPS = 18")
+    plan(env, {"val_bpb": 1.0, "num_steps": 20, "untimed_steps": 18})
+    done = runner(repo, env, "run", "UNTIMED_STEPS = 18")
+    assert done.returncode == 0, done.stderr
+    assert git(repo, "rev-parse", "HEAD") == kept
+    row = rows(repo)[-1]
+    assert row[1:4] == ["1.000000", "2.0", "discard"]
+    assert "[over budget: untimed steps trained 9,216 of 10,240 tokens (90%" in row[4]
+    assert done.stdout.splitlines()[-1].startswith("DISCARD  1.000000 (over budget")
+
+
+def load_runner_module():
+    spec = importlib.util.spec_from_file_location("experiment_under_test", RUNNER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_run_that_spends_too_long_outside_its_timed_steps_is_over_budget(repo, env, monkeypatch, capsys):
+    kept = baseline(repo, env)
+    edit(repo, "slow start")
+    plan(env, {"val_bpb": 1.0, "mode": "spin", "seconds": 1.0})
+    experiment = load_runner_module()
+    # The allowance is 60 s + 20% of the budget; shrink it here instead of waiting for minutes.
+    monkeypatch.setattr(experiment.budget, "ALLOWANCE_SECONDS", 0.0)
+    monkeypatch.setattr(experiment.budget, "ALLOWANCE_FRACTION", 0.0)
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "0.5")
+    for key, value in env.items():
+        if key != "AUTORESEARCH_TIME_BUDGET":
+            monkeypatch.setenv(key, value)
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(sys, "argv", ["experiment.py", "run", "slow start", "--script", "train.py",
+                                      "--max-disturbance", "1"])
+    with pytest.raises(SystemExit) as refused:  # no baseline of the 0.5 s kind yet
+        experiment.main()
+    assert refused.value.code == 2
+    assert "has no results of kind non-standard 0.5s" in capsys.readouterr().err
+    git(repo, "checkout", "--", "train.py")
+    monkeypatch.setattr(sys, "argv", ["experiment.py", "baseline", "--script", "train.py", "--max-disturbance", "1",
+                                      "--repeat", "1"])
+    plan(env, {"val_bpb": 1.3, "mode": "spin", "seconds": 1.0})
+    with pytest.raises(SystemExit) as unusable:
+        experiment.main()
+    assert unusable.value.code == 1
+    assert "[over budget: 1 s wall for a 0.5 s budget, at most 0 s]" in rows(repo)[-1][4]
+    assert rows(repo)[-1][3] == "discard"
+    assert git(repo, "rev-parse", "HEAD") == kept
+
+
+def test_results_of_another_kind_are_never_compared(repo, env):
+    baseline(repo, env)
+    env["AUTORESEARCH_DATASET"] = "tinystories"
+    edit(repo, "idea")
+    plan(env, 1.0)
+    done = runner(repo, env, "run", "idea")
+    assert done.returncode == 2
+    assert "no results of kind standard 300s/standard/tinystories/cpu/cpu/x1" in done.stderr
+    assert git(repo, "status", "--porcelain", "--", "train.py") == "M train.py"
+    env.pop("AUTORESEARCH_DATASET")
+    plan(env, {"val_bpb": 1.0, "world_size": 2})
+    done = runner(repo, env, "run", "idea on two ranks")
+    assert done.returncode == 0, done.stderr
+    assert "ran as standard 300s/standard/pystdlib/cpu/cpu/x2" in rows(repo)[-1][4]
+    assert done.stdout.splitlines()[-1].startswith("DISCARD  1.000000 (unjudged: ran as")
+    assert all(r[3] != "keep" for r in rows(repo)[6:])
+
+
+# ---------------------------------------------------------------------------------------------
+# nothing breaks it
+
 def test_timeout_kills_the_whole_process_group_and_logs_crash(repo, env, tmp_path):
+    kept = baseline(repo, env)
     marker = tmp_path / "started"
-    plan(env, {"val_bpb": 1.3}, {"mode": "hang"}, marker=marker)
-    runner(repo, env, "baseline")
-    kept = git(repo, "rev-parse", "HEAD")
+    plan(env, {"mode": "hang"}, marker=marker)
     edit(repo, "slow idea")
     started = time.monotonic()
     done = runner(repo, env, "run", "slow idea", "--timeout", "2")
-    assert time.monotonic() - started < 10
-    assert rows(repo)[1][1:] == ["0.000000", "0.0", "crash", "slow idea"]
+    assert time.monotonic() - started < 15
+    assert rows(repo)[-1][1:] == ["0.000000", "0.0", "crash",
+                                  f"slow idea [crash: timed out after 2 s, process group killed] {KIND}"]
     assert "timed out after 2 s" in done.stdout
     assert git(repo, "rev-parse", "HEAD") == kept
     script_pid, helper_pid = map(int, marker.read_text().split())
     assert wait_for_death(script_pid) and wait_for_death(helper_pid)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupt_mid_run_kills_training_undoes_commit_and_records_nothing(repo, env, tmp_path, signum):
-    marker = tmp_path / "started"
-    plan(env, {"val_bpb": 1.3}, {"mode": "hang"}, marker=marker)
-    runner(repo, env, "baseline")
-    kept = git(repo, "rev-parse", "HEAD")
+    kept = baseline(repo, env)
     results_before = (repo / "results.tsv").read_text()
-    edit(repo, "interrupted idea")
+    process, marker = start_hanging_run(repo, env, tmp_path, "interrupted idea")
     edited = (repo / "train.py").read_text()
-    process = subprocess.Popen([sys.executable, str(RUNNER), "run", "interrupted idea", "--script", "train.py"],
-                               cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert marker.exists(), "the fake training script never started"
     assert git(repo, "rev-parse", "HEAD") != kept
     process.send_signal(signum)
-    _, stderr = process.communicate(timeout=15)
+    _, stderr = process.communicate(timeout=20)
     assert process.returncode == 130
     assert "interrupted: nothing recorded" in stderr
     assert git(repo, "rev-parse", "HEAD") == kept
@@ -244,24 +424,127 @@ def test_interrupt_mid_run_kills_training_undoes_commit_and_records_nothing(repo
     assert wait_for_death(script_pid) and wait_for_death(helper_pid)
 
 
+def test_interrupt_during_a_rerun_records_the_finished_run_as_unjudged(repo, env, tmp_path):
+    kept = baseline(repo, env)
+    process, _ = start_hanging_run(repo, env, tmp_path, "grey idea", 1.2985)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 130
+    assert "its finished runs are recorded as unjudged" in stderr
+    assert rows(repo)[-1][1:] == ["1.298500", "2.0", "discard", f"grey idea [unjudged: interrupted] {KIND}"]
+    assert git(repo, "rev-parse", "HEAD") == kept
+
+
+def test_a_killed_runner_is_cleaned_up_by_the_next_one_and_nothing_is_kept_by_accident(repo, env, tmp_path):
+    kept = baseline(repo, env)
+    process, marker = start_hanging_run(repo, env, tmp_path, "orphaned idea")
+    process.kill()  # no handler runs: the commit stays at HEAD, unjudged
+    process.communicate(timeout=10)
+    os.killpg(int(marker.read_text().split()[0]), signal.SIGKILL)
+    assert git(repo, "rev-parse", "HEAD") != kept
+    done = runner(repo, env, "status")
+    assert "running" not in done.stdout
+    plan(env, 1.40)
+    edit(repo, "next idea")
+    done = runner(repo, env, "run", "next idea")
+    assert done.returncode == 2
+    assert "the last runner stopped before judging" in done.stderr
+    assert git(repo, "rev-parse", "HEAD") == kept
+    script = (repo / "train.py").read_text()
+    assert "# idea: orphaned idea" in script and "# idea: next idea" in script  # nothing lost
+    assert len(rows(repo)) == 6
+    done = runner(repo, env, "run", "orphaned idea and next idea")
+    assert done.returncode == 0, done.stderr
+    assert rows(repo)[-1][3] == "discard" and git(repo, "rev-parse", "HEAD") == kept
+
+
+def test_a_second_runner_refuses_at_once_while_one_runs(repo, env, tmp_path):
+    baseline(repo, env)
+    process, _ = start_hanging_run(repo, env, tmp_path, "first")
+    started = time.monotonic()
+    second = subprocess.run([sys.executable, str(RUNNER), "run", "second", "--script", "train.py"],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=30)
+    assert time.monotonic() - started < 10
+    assert second.returncode == 2
+    assert "another experiment is running in this checkout (pid" in second.stderr
+    assert "running      pid" in runner(repo, env, "status").stdout
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=20)
+    assert len(rows(repo)) == 6
+
+
+def test_set_up_error_of_the_script_is_refused_and_the_edit_stays(repo, env):
+    kept = baseline(repo, env)
+    edit(repo, "idea before data")
+    plan(env, {"mode": "setup"})
+    done = runner(repo, env, "run", "idea before data")
+    assert done.returncode == 2
+    assert "the training script stopped before training: error: no dataset prepared" in done.stderr
+    assert git(repo, "rev-parse", "HEAD") == kept
+    assert "# idea: idea before data" in (repo / "train.py").read_text()
+    assert len(rows(repo)) == 6
+
+
+def test_bad_environment_is_refused_before_anything_is_committed(repo, env):
+    kept = baseline(repo, env)
+    env["AUTORESEARCH_TIME_BUDGET"] = "abc"
+    edit(repo, "idea")
+    done = runner(repo, env, "run", "idea")
+    assert done.returncode == 2
+    assert done.stderr.startswith("refusing to run: set-up error, nothing ran:")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert git(repo, "rev-parse", "HEAD") == kept
+
+
+@pytest.mark.parametrize("damage", ["deleted", "malformed", "truncated"])
+def test_a_damaged_results_file_is_refused_before_training_with_the_fix(repo, env, damage):
+    baseline(repo, env)
+    results = repo / "results.tsv"
+    if damage == "deleted":
+        results.unlink()
+    elif damage == "malformed":
+        results.write_text(results.read_text() + "not a row\n")
+    else:
+        results.write_text("\n".join(results.read_text().splitlines()[:3]) + "\n")
+    edit(repo, "idea")
+    (repo / "run.log").unlink()
+    done = runner(repo, env, "run", "idea")
+    assert done.returncode == 2
+    assert "cp .autoresearch/results.tsv results.tsv" in done.stderr
+    assert not (repo / "run.log").exists()
+    assert git(repo, "status", "--porcelain", "--", "train.py") == "M train.py"
+
+
+@pytest.mark.parametrize("option", [["--timeout", "-5"], ["--timeout", "inf"], ["--threshold", "nan"],
+                                    ["--max-disturbance", "2"]])
+def test_bad_option_values_are_refused(repo, env, option):
+    baseline(repo, env)
+    edit(repo, "idea")
+    done = subprocess.run([sys.executable, str(RUNNER), "run", "idea", "--script", "train.py", *option],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "error: argument" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("change", ["uncommitted prepare", "committed backends", "new backends file"])
 def test_modified_harness_is_refused_before_anything_runs(repo, env, change):
-    plan(env, {"val_bpb": 1.0})
+    baseline(repo, env)
     if change == "uncommitted prepare":
         (repo / "prepare.py").write_text("TIME_BUDGET = 1\n")
     elif change == "committed backends":
-        (repo / "backends" / "__init__.py").write_text("EVAL_TOKENS = 1\n")
+        (repo / "backends" / "__init__.py").write_text(STAND_IN_BACKENDS + "EVAL_TOKENS = 1\n")
         git(repo, "commit", "--quiet", "-am", "sneaky")
     else:
         (repo / "backends" / "easier_eval.py").write_text("\n")
     head = git(repo, "rev-parse", "HEAD")
     edit(repo, "idea")
+    (repo / "run.log").unlink()
     done = runner(repo, env, "run", "idea")
     assert done.returncode == 2
     assert done.stderr.startswith("refusing to run: the harness is locked")
     assert len(done.stderr.strip().splitlines()) == 1
     assert git(repo, "rev-parse", "HEAD") == head
-    assert rows(repo) == []
+    assert len(rows(repo)) == 6
     assert not (repo / "run.log").exists()
 
 
@@ -272,104 +555,62 @@ def test_runs_on_main_are_refused(repo, env):
     assert "git checkout -b autoresearch/<tag>" in done.stderr
 
 
+def test_a_run_before_any_baseline_is_refused_with_the_command(repo, env):
+    edit(repo, "idea")
+    done = runner(repo, env, "run", "idea")
+    assert done.returncode == 2
+    assert "uv run tools/experiment.py baseline" in done.stderr
+
+
 def test_rows_have_tabs_only_between_columns_and_fixed_decimals(repo, env):
-    plan(env, {"val_bpb": 1.0, "peak_vram_mb": 1536.0}, {"val_bpb": 0.9876543, "peak_vram_mb": 5000.0},
-         {"mode": "fail"})
-    runner(repo, env, "baseline")
+    baseline(repo, env)
     edit(repo, "one")
+    plan(env, {"val_bpb": 1.45, "peak_vram_mb": 5000.0})
     runner(repo, env, "run", "lr\t0.04\nand  warmup 0.1")
     edit(repo, "two")
+    plan(env, {"mode": "fail"})
     runner(repo, env, "run", "crashing\tidea")
     lines = (repo / "results.tsv").read_text().splitlines()
     assert lines[0] == HEADER
     assert all(ROW.match(line) for line in lines[1:]), lines
-    assert [line.split("\t")[1:] for line in lines[1:]] == [
-        ["1.000000", "1.5", "keep", "baseline"],
-        ["0.987654", "4.9", "keep", "lr 0.04 and warmup 0.1"],
-        ["0.000000", "0.0", "crash", "crashing idea"],
+    assert [line.split("\t")[1:] for line in lines[7:]] == [
+        ["1.450000", "4.9", "discard", f"lr 0.04 and warmup 0.1 {KIND}"],
+        ["0.000000", "0.0", "crash", f"crashing idea [crash: exit code 1: FAIL: loss is nan at step 3] {KIND}"],
     ]
 
 
-def test_baseline_repeats_record_noise_floor_used_as_default_threshold(repo, env):
-    plan(env, {"val_bpb": 1.30}, {"val_bpb": 1.31}, {"val_bpb": 1.29}, {"val_bpb": 1.295}, {"val_bpb": 1.285})
-    done = runner(repo, env, "baseline", "--repeat", "3")
-    assert done.returncode == 0, done.stderr
-    assert [r[3:] for r in rows(repo)] == [["keep", "baseline (run 1/3)"], ["discard", "baseline (run 2/3)"],
-                                          ["discard", "baseline (run 3/3)"]]
-    state = json.loads((repo / ".autoresearch" / "state.json").read_text())
-    assert state["noise_floor"]["n"] == 3
-    assert state["noise_floor"]["mean"] == pytest.approx(1.30)
-    assert state["noise_floor"]["std"] == pytest.approx(0.01)
-    assert git(repo, "status", "--porcelain") == "M results.tsv"  # the state file keeps itself out of git
-    edit(repo, "small gain")
-    small = runner(repo, env, "run", "small gain")
-    assert rows(repo)[3][3] == "discard"
-    assert "threshold 0.010000" in small.stdout
-    edit(repo, "real gain")
-    runner(repo, env, "run", "real gain")
-    assert rows(repo)[4][1:4] == ["1.285000", "2.0", "keep"]
+def test_disturbed_runs_are_rerun_then_not_judged_and_the_edit_stays(repo, env):
+    kept = baseline(repo, env)
+    edit(repo, "idea on a busy machine")
+    plan(env, *[{"val_bpb": 1.0, "mode": "spin", "seconds": 0.6}] * 3)
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        done = runner(repo, env, "run", "idea on a busy machine", quiet_machine=False)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert done.returncode == 2, done.stdout + done.stderr
+    judged = rows(repo)[6:]
+    assert len(judged) == 3 and {r[3] for r in judged} == {"discard"}
+    assert all("[disturbed: other processes used" in r[4] for r in judged)
+    assert "not judged" in done.stderr
+    assert git(repo, "rev-parse", "HEAD") == kept
+    assert "# idea: idea on a busy machine" in (repo / "train.py").read_text()
+    assert runner(repo, env, "status").stdout.count("mean of 6 runs") == 1  # not evidence
 
 
-def test_explicit_threshold_overrides_the_default(repo, env):
-    plan(env, {"val_bpb": 1.30}, {"val_bpb": 1.299}, {"val_bpb": 1.30})
-    runner(repo, env, "baseline")
-    edit(repo, "tiny gain")
-    done = runner(repo, env, "run", "tiny gain", "--threshold", "0.01")
-    assert rows(repo)[1][3] == "discard"
-    assert "threshold 0.010000" in done.stdout
-    edit(repo, "simplification")
-    runner(repo, env, "run", "simplification: drop the gate", "--threshold", "-0.001")
-    assert rows(repo)[2][3] == "keep"  # a negative threshold accepts an equal result
-
-
-def test_nonstandard_results_are_only_compared_with_the_same_budget(repo, env):
-    short = {"standard": False, "time_budget": 60.0}
-    plan(env, {"val_bpb": 1.30}, {"val_bpb": 1.50, **short}, {"val_bpb": 1.31}, {"val_bpb": 1.60, **short},
-         {"val_bpb": 1.45, **short})
-    runner(repo, env, "baseline")
-    for idea in ("short a", "std b", "short c", "short d"):
-        edit(repo, idea)
-        runner(repo, env, "run", idea)
-    assert [(r[1], r[3], r[4]) for r in rows(repo)] == [
-        ("1.300000", "keep", "baseline"),
-        ("1.500000", "keep", "short a [non-standard, 60s budget]"),
-        ("1.310000", "discard", "std b"),
-        ("1.600000", "discard", "short c [non-standard, 60s budget]"),
-        ("1.450000", "keep", "short d [non-standard, 60s budget]"),
-    ]
-
-
-def test_unchanged_script_still_runs_and_says_so(repo, env):
-    plan(env, {"val_bpb": 1.3}, {"val_bpb": 1.29})
-    runner(repo, env, "baseline")
-    head = git(repo, "rev-parse", "HEAD")
-    done = runner(repo, env, "run", "rerun as is")
-    assert "has no changes" in done.stdout
-    assert git(repo, "rev-parse", "HEAD") == head
-    assert rows(repo)[1][0] == head[:7]
-
-
-def test_status_and_best_report_the_loop(repo, env):
-    plan(env, {"val_bpb": 1.30}, {"val_bpb": 1.32}, {"val_bpb": 1.25}, {"val_bpb": 1.40}, {"mode": "fail"})
-    runner(repo, env, "baseline", "--repeat", "2")
-    edit(repo, "good")
-    runner(repo, env, "run", "good idea")
-    best_commit = git(repo, "rev-parse", "--short=7", "HEAD")
+def test_status_and_best_report_sigma_and_the_best_mean(repo, env):
+    head = baseline(repo, env)
     edit(repo, "bad")
-    runner(repo, env, "run", "bad idea")
-    edit(repo, "broken")
-    last = runner(repo, env, "run", "broken idea").stdout.splitlines()[-1]
+    plan(env, 1.5)
+    last = runner(repo, env, "run", "bad idea").stdout.splitlines()[-1]
     status = runner(repo, env, "status")
     assert status.returncode == 0, status.stderr
     lines = {line[:13].strip(): line[13:] for line in status.stdout.splitlines()}
-    assert lines["branch"].startswith("autoresearch/test (base ")
-    assert "harness unchanged" in lines["branch"]
-    assert lines["best"] == f"1.250000 {best_commit} good idea"
-    assert lines["experiments"] == "5 (2 keep, 2 discard, 1 crash)"
-    assert lines["noise floor"].startswith("std 0.014142, mean 1.310000, n=2")
+    assert lines["branch"].startswith("autoresearch/test (base ") and "harness unchanged" in lines["branch"]
+    assert lines["best"] == f"1.300000 mean of 6 runs, {head[:7]} baseline [{KIND[1:-1]}]"
+    assert lines["experiments"] == "7 runs (6 keep, 1 discard, 0 crash)"
     assert lines["last verdict"] == last
-    best = runner(repo, env, "best")
-    assert best.stdout.strip() == f"{best_commit}\t1.250000\t2.0\tkeep\tgood idea"
 
 
 def test_best_without_results_says_what_to_do(repo, env):

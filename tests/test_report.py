@@ -32,11 +32,11 @@ def test_a_standard_profile_run_is_standard_only_at_the_standard_budget(tiny_env
 def test_timing_fields_print_with_fixed_decimals_after_the_context_and_parse_back():
     fields = {key: 1 for key in SUMMARY_KEYS + CONTEXT_KEYS}
     fields.update(standard=False, profile="smoke", world_size=1, startup_seconds=3.14159,
-                  compile_seconds=20.0, train_tokens_per_second=2999.7, data_wait_percent=0.0123,
+                  untimed_seconds=20.0, train_tokens_per_second=2999.7, data_wait_percent=0.0123,
                   eval_seconds=4.5, eval_tokens_per_second=15872.4)
     lines = format_summary(fields).splitlines()
     timing_lines = {line.split(":")[0]: line.split(":")[1].strip() for line in lines[-len(TIMING_KEYS):]}
-    assert timing_lines == {"startup_seconds": "3.14", "compile_seconds": "20.00",
+    assert timing_lines == {"startup_seconds": "3.14", "untimed_seconds": "20.00",
                             "train_tokens_per_second": "3000", "data_wait_percent": "0.01",
                             "eval_seconds": "4.50", "eval_tokens_per_second": "15872"}
     parsed = parse_summary(format_summary(fields))

@@ -13,7 +13,8 @@ import torch
 
 import train
 from backends.optim import param_groups
-from backends.report import CONTEXT_KEYS, RUN_EXTRA_KEYS, SUMMARY_KEYS, TIMING_KEYS, parse_summary
+from backends.report import BUDGET_KEYS, CONTEXT_KEYS, RUN_EXTRA_KEYS, SUMMARY_KEYS, TIMING_KEYS, parse_summary
+from tools import budget
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(sequence_len=16, vocab_size=96, n_layer=4, n_head=2, n_kv_head=2, n_embd=64,
@@ -238,7 +239,7 @@ def summary_keys(stdout):
 
 def check_finished_run(result, runs_dir, backend):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    expected = list(SUMMARY_KEYS + CONTEXT_KEYS + RUN_EXTRA_KEYS + TIMING_KEYS)
+    expected = list(SUMMARY_KEYS + CONTEXT_KEYS + RUN_EXTRA_KEYS + TIMING_KEYS + BUDGET_KEYS)
     assert summary_keys(result.stdout) == expected
     fields = parse_summary(result.stdout)
     assert math.isfinite(fields["val_bpb"]) and 0 < fields["val_bpb"] < 20
@@ -251,13 +252,17 @@ def check_finished_run(result, runs_dir, backend):
     saved = json.loads((runs_dir / "last_run.json").read_text())
     assert list(saved) == expected
     # Where the time went: start-up, the untimed first step(s) and evaluation fit in the total.
-    assert saved["startup_seconds"] > 0 and saved["compile_seconds"] > 0 and saved["eval_seconds"] > 0
-    assert saved["startup_seconds"] + saved["compile_seconds"] + saved["training_seconds"] \
+    assert saved["startup_seconds"] > 0 and saved["untimed_seconds"] > 0 and saved["eval_seconds"] > 0
+    assert saved["startup_seconds"] + saved["untimed_seconds"] + saved["training_seconds"] \
         + saved["eval_seconds"] <= saved["total_seconds"]
     assert saved["train_tokens_per_second"] > 0 and saved["eval_tokens_per_second"] > 0
     assert 0 <= saved["data_wait_percent"] < 100
     assert saved["val_bpb"] == pytest.approx(fields["val_bpb"], abs=1e-6)
     assert len(list(runs_dir.glob("run_*.json"))) == 1
+    # The runner's budget check: the shipped script reports its untimed steps and stays inside.
+    assert saved["untimed_steps"] == 2 and saved["untimed_tokens"] == 2 * saved["total_batch_size"]
+    assert saved["timed_tokens"] + saved["untimed_tokens"] == saved["num_steps"] * saved["total_batch_size"]
+    assert budget.over_budget(saved, saved["total_seconds"], saved["time_budget"]) is None
 
 
 def test_smoke_run_trains_evaluates_and_reports(tiny_dataset, tmp_path):

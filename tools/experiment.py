@@ -1,69 +1,89 @@
 """The experiment runner: one command per experiment, so the research loop stays safe and honest.
 
-    uv run tools/experiment.py baseline [--repeat N]   # the unmodified script, N times -> noise floor
-    uv run tools/experiment.py run "what this tries"   # one experiment -> one results.tsv row, one verdict
-    uv run tools/experiment.py status                  # best result, counts, noise floor, last verdict
-    uv run tools/experiment.py best                    # the best kept row of results.tsv
+    uv run tools/experiment.py baseline [--repeat N]   # run the current best until it has 6 runs
+    uv run tools/experiment.py run "what this tries"   # one experiment -> rows in results.tsv, one verdict
+    uv run tools/experiment.py status                  # kind, best (mean, runs), sigma, counts, last verdict
+    uv run tools/experiment.py best                    # the best result of this branch as a results.tsv row
 
-`run` refuses (exit 2) when prepare.py or backends/ differ from the branch's base (its merge-base
-with main or master), commits the training-script change (train.py, or train_mlx.py when the
-backend is mlx) with the description as message, runs it with its output in run.log under a hard
-timeout that kills the whole process group, reads runs/last_run.json (or the summary in run.log),
-appends one row to results.tsv and keeps the commit or reverts it.
+`run` refuses (exit 2, nothing changed) when another runner holds the lock, when prepare.py or
+backends/ differ from the branch's base (its merge-base with main or master), when results.tsv
+is missing or malformed or lost rows, or when the current best has no runs of this kind yet. Else
+it commits the training-script change (train.py, or train_mlx.py when the backend is mlx) with
+the description as message and runs it, output in run.log, under a hard timeout that kills the
+whole process group. Each run becomes one results.tsv row; tools/verdict.py decides after each
+run whether to keep, discard or rerun (grey zone), and a kept change is rerun until its mean rests
+on verdict.BEST_RUNS runs. Then the branch advances (keep) or goes back to the best (discard, crash).
+
+What a run counts as:
+- a result: val_bpb, compared with the best's mean under the verdict rule;
+- a crash (non-zero exit, FAIL, no summary, a non-numeric val_bpb, the timeout): the idea failed;
+- over budget (tools/budget.py): its val_bpb is recorded but it is never kept;
+- disturbed (tools/monitor.py: other work used more than --max-disturbance of the CPU, or the GPU
+  had other processes): not evidence; rerun up to verdict.MAX_VOID_RUNS times, then the experiment
+  is not judged and the edit goes back to the working tree (exit 2);
+- a set-up error (the script exits 2 without a summary: no data, bad environment): refused, no row,
+  the edit goes back to the working tree.
 
 How the pieces stay consistent:
-- Reverts use `git reset --keep <last kept commit>`: it moves the branch back and rewrites only the
-  files the experiment commit changed (the training script). results.tsv is never part of an
-  experiment commit, so its new rows survive, as do run.log, runs/ and the state file (ignored).
-- The last kept commit is HEAD when a run starts: after every run the branch tip is the best code.
-- Keep rule: val_bpb < best kept - threshold, strictly (an equal result is discarded). The best
-  kept result counts only `keep` rows whose commit is on the current branch. The threshold is
-  --threshold, else the noise floor's standard deviation measured by `baseline --repeat N`, else 0.
-- A non-standard result (shortened AUTORESEARCH_TIME_BUDGET or the smoke profile) is never compared
-  with standard ones. Its description gets a "[non-standard, <budget>s budget]" tag, and it is
-  compared only with kept results that carry the same tag (the same time budget).
-- Ctrl-C (or SIGTERM) during training kills the training process group, undoes the experiment
-  commit with `git reset --soft` (the edit stays in the working tree, staged, ready to rerun) and
-  records nothing: an interrupted run says nothing about the idea. Commits, rows and reverts run
-  with Ctrl-C held back until they are done, and a row is appended with a single write.
-- Exit status: 0 when a verdict was recorded (crash included), 2 when the runner refused, 130 when
-  interrupted.
+- One runner at a time per checkout (a lock under .autoresearch/); a second one refuses at once.
+- Reverts use `git reset --keep <best>`: only the training script's commit is undone. results.tsv
+  is never committed; every row the runner writes is also appended to .autoresearch/results.tsv.
+- Ctrl-C, SIGTERM or SIGHUP (a closed terminal) kills the training process group, records the
+  candidate's finished runs as unjudged, undoes the experiment commit with `git reset --soft` (the
+  edit stays, staged) and exits 130. If the runner itself is killed, the next one finishes that
+  clean-up before it does anything else. Git and results.tsv changes run with signals held back.
+- Exit status: 0 when a verdict was recorded (crash included), 2 when refused or not judged, 130
+  when interrupted.
 
-Tests point AUTORESEARCH_TRAIN_CMD at a fake training script (the default is `uv run <script>`).
+Environment variables: AUTORESEARCH_TRAIN_CMD replaces `uv run <script>` (tests point it at a fake
+script); AUTORESEARCH_BACKEND, AUTORESEARCH_PROFILE, AUTORESEARCH_DATASET, AUTORESEARCH_TIME_BUDGET
+and AUTORESEARCH_CACHE_DIR pass through to the training script and decide the result's kind;
+AUTORESEARCH_RUNS_DIR is where the scripts write their JSON (default runs/).
 """
 
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
-import re
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+TOOLS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TOOLS.parent))
+sys.path.insert(0, str(TOOLS))
+import budget  # noqa: E402
+import ledger  # noqa: E402
+import monitor  # noqa: E402
+import verdict  # noqa: E402
 from backends.report import LOCKED_PATHS, parse_summary, read_run_json, runs_dir  # noqa: E402
 
-RESULTS_FILE = Path("results.tsv")
-RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 LOG_FILE = Path("run.log")
-STATE_DIR = Path(".autoresearch")  # runner memory (noise floor, last verdict); ignores itself in git
+STATE_DIR = Path(".autoresearch")  # the runner's memory; ignores itself in git
 STATE_FILE = STATE_DIR / "state.json"
+LOCK_FILE = STATE_DIR / "lock"
+DETAILS_FILE = "experiments.jsonl"  # in runs_dir(): steps, tok/s, load and wall time of every run
 BASE_BRANCHES = ("main", "master")
-STANDARD_TIME_BUDGET = 300  # used for the default timeout when prepare.py cannot be imported
 KILL_GRACE_SECONDS = 5  # between SIGTERM and SIGKILL for the training process group
+SETUP_ERROR_EXIT = 2    # what the training scripts exit with on a one-line set-up error
 EXIT_REFUSED = 2
 EXIT_INTERRUPTED = 130
-STANDARD = "standard"
-NONSTANDARD_TAG = re.compile(r" \[non-standard, ([0-9.]+)s budget\]$")
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+CONCRETE_BACKENDS = ("mlx", "mps", "cuda", "cpu")
+CRASH_NOTE_CHARS = 100  # of a crash's cause kept in its results.tsv row
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM reached the runner."""
+    """Ctrl-C, SIGTERM or SIGHUP reached the runner."""
+
+
+class Refused(Exception):
+    """Not the idea's fault: the run could not start or could not be judged; nothing is lost."""
 
 
 def _raise_interrupted(signum, frame):
@@ -72,14 +92,13 @@ def _raise_interrupted(signum, frame):
 
 @contextlib.contextmanager
 def signals_held():
-    """Hold back Ctrl-C and SIGTERM until the block is done, then act on them.
+    """Hold back the handled signals until the block is done, then act on them.
 
     Wraps every step that changes git or results.tsv, so an interruption can never land between a
     commit and its bookkeeping.
     """
     received = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in HANDLED_SIGNALS}
     try:
         yield
     finally:
@@ -118,8 +137,7 @@ def head():
 
 
 def current_branch():
-    result = subprocess.run(["git", "symbolic-ref", "--quiet", "--short", "HEAD"],
-                            capture_output=True, text=True)
+    result = subprocess.run(["git", "symbolic-ref", "--quiet", "--short", "HEAD"], capture_output=True, text=True)
     return result.stdout.strip() or None
 
 
@@ -151,13 +169,7 @@ def require_clean_harness():
     changed = harness_changes(base)
     if changed:
         refuse(f"the harness is locked but {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} "
-               f"from {base[:7]} ({base_name}); "
-               f"undo that with: git checkout {base[:7]} -- {' '.join(LOCKED_PATHS)}")
-
-
-def reachable_commits():
-    """Short hashes of every commit on the current branch."""
-    return {sha[:7] for sha in git("rev-list", "HEAD").split()}
+               f"from {base[:7]} ({base_name}); undo that with: git checkout {base[:7]} -- {' '.join(LOCKED_PATHS)}")
 
 
 def commit_script(script, message):
@@ -170,96 +182,124 @@ def commit_script(script, message):
 
 
 # ---------------------------------------------------------------------------------------------
-# results.tsv and the state file
+# the runner's own files: lock, state, per-run details
 
-def clean_description(text):
-    """One line, no tabs: the description is the last column of a tab-separated file."""
-    return " ".join(text.split())
-
-
-def format_row(commit, val_bpb, memory_gb, status, description):
-    return f"{commit[:7]}\t{val_bpb:.6f}\t{memory_gb:.1f}\t{status}\t{clean_description(description)}"
-
-
-def append_row(row):
-    """Append one row in a single write, so an interruption can never leave half a row."""
-    if not RESULTS_FILE.exists() or RESULTS_FILE.stat().st_size == 0:
-        RESULTS_FILE.write_text(RESULTS_HEADER + "\n")
-    with open(RESULTS_FILE, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        missing_newline = f.read(1) != b"\n"
-    data = ("\n" if missing_newline else "") + row + "\n"
-    fd = os.open(RESULTS_FILE, os.O_WRONLY | os.O_APPEND)
+@contextlib.contextmanager
+def exclusive_lock():
+    """Hold .autoresearch/lock for the whole command; a second runner refuses at once."""
+    STATE_DIR.mkdir(exist_ok=True)
+    (STATE_DIR / ".gitignore").write_text("*\n")
+    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.write(fd, data.encode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Path(LOCK_FILE).read_text().strip() or "another process"
+            refuse(f"another experiment is running in this checkout ({holder}); wait for it to finish "
+                   f"(uv run tools/experiment.py status shows it)")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}: {shlex.join(sys.argv[1:])}, since {time.strftime('%H:%M:%S')}".encode())
+        yield
     finally:
         os.close(fd)
 
 
-def result_kind(description):
-    """'standard', or 'non-standard <budget>s': only results of the same kind are compared."""
-    tagged = NONSTANDARD_TAG.search(description)
-    return f"non-standard {float(tagged.group(1)):g}s" if tagged else STANDARD
-
-
-def parse_results(text, source=RESULTS_FILE):
-    """Rows of a results.tsv text as dicts (commit, val_bpb, memory_gb, status, description, kind)."""
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.startswith("commit\t"):
-            continue
-        parts = line.split("\t")
-        try:
-            commit, val_bpb, memory_gb, status = parts[0], float(parts[1]), float(parts[2]), parts[3]
-        except (IndexError, ValueError):
-            raise SystemExit(f"{source} line {number} is not commit, val_bpb, memory_gb, status, "
-                             "description separated by tabs: fix or delete that line")
-        description = " ".join(parts[4:])
-        rows.append({"commit": commit, "val_bpb": val_bpb, "memory_gb": memory_gb, "status": status,
-                     "description": description, "kind": result_kind(description)})
-    return rows
-
-
-def read_results():
-    return parse_results(RESULTS_FILE.read_text()) if RESULTS_FILE.exists() else []
-
-
-def best_kept(rows, kind, on_branch):
-    kept = [r for r in rows if r["status"] == "keep" and r["kind"] == kind and r["commit"] in on_branch]
-    return min(kept, key=lambda r: r["val_bpb"]) if kept else None
+def lock_holder():
+    """What holds the lock now, or None."""
+    if not LOCK_FILE.exists():
+        return None
+    fd = os.open(LOCK_FILE, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return LOCK_FILE.read_text().strip() or "another process"
+    finally:
+        os.close(fd)
 
 
 def load_state():
     try:
-        return json.loads(STATE_FILE.read_text())
+        state = json.loads(STATE_FILE.read_text())
+        return state if isinstance(state, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
 def save_state(state):
     STATE_DIR.mkdir(exist_ok=True)
-    (STATE_DIR / ".gitignore").write_text("*\n")
     tmp = STATE_FILE.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     os.replace(tmp, STATE_FILE)
 
 
-def default_threshold(state, kind):
-    """The noise floor's standard deviation when it was measured on results of the same kind."""
-    noise = state.get("noise_floor")
-    return noise["std"] if noise and noise["kind"] == kind else 0.0
+def record_details(entries):
+    if not entries:
+        return
+    path = runs_dir() / DETAILS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(entry) + "\n" for entry in entries))
+
+
+def details_of(commit, kind):
+    """The recorded details (num_steps, tok/s, ...) of every evidence run of a commit and kind."""
+    path = runs_dir() / DETAILS_FILE
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("commit") == commit[:7] and entry.get("kind") == kind and entry.get("evidence"):
+            found.append(entry)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
-# running the training script
+# the kind of result this invocation produces
+
+def planned_backend():
+    """The backend the training script will use: AUTORESEARCH_BACKEND when it names one, else detected."""
+    requested = os.environ.get("AUTORESEARCH_BACKEND", "").strip().lower()
+    if requested in CONCRETE_BACKENDS:
+        return requested
+    from backends import detect_backend
+    return detect_backend()
+
+
+def expected_kind():
+    """The Kind a run started now will have, from the harness and the machine (not the script)."""
+    try:
+        import prepare
+        from backends import get_hardware_info, suggest_hyperparameters
+        from backends.tiers import current_profile
+        backend = planned_backend()
+        tier = suggest_hyperparameters(get_hardware_info(), backend)["tier"]
+        return ledger.Kind(float(prepare.TIME_BUDGET), current_profile(), prepare.active_dataset(), backend,
+                           tier, 1, bool(prepare.is_standard_run()))
+    except SystemExit:
+        raise
+    except Exception as error:  # a set-up problem (no data, bad environment), reported in one line
+        refuse(f"set-up error, nothing ran: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+
+
+def result_kind(fields, expected):
+    """The kind a finished run reports: the script's own fields where it gives them."""
+    return ledger.Kind(float(fields.get("time_budget", expected.time_budget)), str(fields.get("profile", expected.profile)),
+                       str(fields.get("dataset", expected.dataset)), str(fields.get("backend", expected.backend)),
+                       expected.tier, int(fields.get("world_size", expected.world_size)),
+                       bool(fields.get("standard", expected.standard)))
+
 
 def training_script():
-    """train.py, or train_mlx.py when the detected backend is mlx."""
-    from backends import detect_backend
+    """train.py, or train_mlx.py when the backend is mlx."""
     try:
-        backend = detect_backend()
-    except RuntimeError as e:
-        raise SystemExit(str(e))
+        backend = planned_backend()
+    except RuntimeError as error:
+        refuse(str(error))
     return "train_mlx.py" if backend == "mlx" else "train.py"
 
 
@@ -268,15 +308,20 @@ def require_script(script):
         refuse(f"{script} not found in {Path.cwd()}; is this the autoresearch checkout?")
 
 
-def default_timeout():
+def default_timeout(kind):
     """Twice the time budget plus two minutes for start-up, compilation and evaluation."""
-    try:
-        import prepare
-        budget = float(prepare.TIME_BUDGET)
-    except ImportError:
-        budget = STANDARD_TIME_BUDGET
-    return budget * 2 + 120
+    return kind.time_budget * 2 + 120
 
+
+def ready_ledger():
+    try:
+        return ledger.check_ready()
+    except ledger.LedgerError as error:
+        refuse(str(error))
+
+
+# ---------------------------------------------------------------------------------------------
+# one training run
 
 def train_command(script):
     override = os.environ.get("AUTORESEARCH_TRAIN_CMD")
@@ -296,14 +341,15 @@ def kill_group(process):
             pass
 
 
-def run_training(command, timeout):
-    """Run the command with all output in run.log, in its own process group. Returns
-    (exit code, timed out). The group is always killed at the end, stragglers included."""
+def run_training(command, timeout, load_monitor):
+    """Run the command with all output in run.log, in its own process group. Returns (exit code,
+    timed out). The group is always killed at the end, stragglers included."""
     process = None
     try:
         with open(LOG_FILE, "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        load_monitor.watch(process.pid)
         return process.wait(timeout=timeout), False
     except subprocess.TimeoutExpired:
         return None, True
@@ -313,225 +359,467 @@ def run_training(command, timeout):
                 kill_group(process)
 
 
-def read_outcome(exit_code, timed_out, timeout):
-    """(fields, None) for a usable result, or (None, why it crashed)."""
-    log_lines = [line.strip() for line in LOG_FILE.read_text(errors="replace").replace("\r", "\n").splitlines()]
-    log_lines = [line for line in log_lines if line]
-    last_line = log_lines[-1] if log_lines else "run.log is empty"
-    fail = next((line for line in log_lines if line.startswith("FAIL")), None)
-    if timed_out:
-        return None, f"timed out after {timeout:g} s, process group killed"
-    if exit_code != 0:
-        return None, f"exit code {exit_code}: {fail or last_line}"
-    if fail:
-        return None, fail
-    fields = read_run_json(runs_dir() / "last_run.json") or parse_summary("\n".join(log_lines))
-    if fields is None:
-        return None, f"no summary in run.log (last line: {last_line})"
-    if not math.isfinite(float(fields["val_bpb"])):
-        return None, f"val_bpb is {fields['val_bpb']}"
-    return fields, None
+class Run:
+    """One finished training run: its Outcome for the verdict and what its row says."""
+
+    def __init__(self, outcome, fields=None, note=None, load=None, wall=0.0):
+        self.outcome, self.fields, self.note, self.load, self.wall = outcome, fields, note, load, wall
+
+    @property
+    def memory_gb(self):
+        return float(self.fields.get("peak_vram_mb", 0.0)) / 1024 if self.fields and self.outcome.crash is None else 0.0
+
+    @property
+    def val_bpb(self):
+        return self.outcome.value if self.outcome.value is not None else (
+            float(self.fields["val_bpb"]) if self.fields and self.outcome.crash is None else 0.0)
+
+    def details(self, commit, kind, run_number):
+        fields = self.fields or {}
+        return {"commit": commit[:7], "kind": str(kind), "run": run_number, "val_bpb": self.val_bpb,
+                "evidence": self.outcome.value is not None, "note": self.note,
+                "num_steps": fields.get("num_steps"), "tokens_per_second": fields.get("train_tokens_per_second"),
+                "wall_seconds": round(self.wall, 1),
+                "other_cpu_share": round(self.load.other_cpu_share, 4) if self.load else None,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def run_once(script, timeout):
-    """One training run: (fields, None) or (None, crash reason)."""
+def log_lines():
+    text = LOG_FILE.read_text(errors="replace").replace("\r", "\n") if LOG_FILE.exists() else ""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def execute(script, timeout, kind, max_disturbance):
+    """Run the training script once and classify what happened. Raises Refused on a set-up error."""
     (runs_dir() / "last_run.json").unlink(missing_ok=True)
-    exit_code, timed_out = run_training(train_command(script), timeout)
-    return read_outcome(exit_code, timed_out, timeout)
+    load_monitor = monitor.LoadMonitor(watch_gpu=None if kind.backend == "cuda" else False).start()
+    started = time.monotonic()
+    exit_code, timed_out = run_training(train_command(script), timeout, load_monitor)
+    wall = time.monotonic() - started
+    load = load_monitor.finish()
+    lines = log_lines()
+    last_line = lines[-1] if lines else "run.log is empty"
+    fail = next((line for line in lines if line.startswith("FAIL")), None)
+    if timed_out:
+        return Run(verdict.Outcome(crash=f"timed out after {timeout:g} s, process group killed"), load=load, wall=wall)
+    fields = read_run_json(runs_dir() / "last_run.json") or parse_summary("\n".join(lines))
+    if exit_code == SETUP_ERROR_EXIT and fields is None and not fail:
+        raise Refused(f"the training script stopped before training: {last_line}")
+    if exit_code != 0:
+        return Run(verdict.Outcome(crash=f"exit code {exit_code}: {fail or last_line}"), load=load, wall=wall)
+    if fail:
+        return Run(verdict.Outcome(crash=fail), load=load, wall=wall)
+    if fields is None:
+        return Run(verdict.Outcome(crash=f"no summary in run.log (last line: {last_line})"), load=load, wall=wall)
+    try:
+        value = float(fields["val_bpb"])
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        return Run(verdict.Outcome(crash=f"val_bpb is {fields['val_bpb']!r}"), load=load, wall=wall)
+    ran_as = result_kind(fields, kind)
+    if ran_as != kind:
+        note = f"unjudged: ran as {ran_as}, expected {kind}"
+        return Run(verdict.Outcome(rejected=note), fields, note, load, wall)
+    over = budget.over_budget(fields, wall, kind.time_budget)
+    if over:
+        return Run(verdict.Outcome(rejected=over), fields, over, load, wall)
+    disturbed = load.disturbance(max_disturbance)
+    if disturbed:
+        return Run(verdict.Outcome(void=disturbed), fields, disturbed, load, wall)
+    return Run(verdict.Outcome(value=value), fields, None, load, wall)
 
 
-def tagged_description(description, fields):
-    """The description, tagged when the result is non-standard so it is only compared with its kind."""
-    if fields is None or fields.get("standard", True):
-        return description
-    return f"{description} [non-standard, {float(fields['time_budget']):g}s budget]"
+def run_line(script, timeout, what):
+    print(f"{what}: {shlex.join(train_command(script))} (timeout {timeout:g} s, output in {LOG_FILE})", flush=True)
+
+
+def run_summary(run):
+    """' (num_steps steps, tok/s)' of a run, for the progress lines."""
+    fields = run.fields or {}
+    if "num_steps" not in fields:
+        return ""
+    speed = fields.get("train_tokens_per_second")
+    return f", {fields['num_steps']} steps" + (f", {float(speed):,.0f} tok/s" if speed else "")
 
 
 # ---------------------------------------------------------------------------------------------
 # commands
 
-def judge(commit, description, fields, crash, threshold):
-    """(status, results.tsv row, verdict line) for one finished run."""
+def crash_note(reason):
+    """The [crash: ...] tag of a crash row, so the morning report can group crashes by cause."""
+    reason = reason.replace("[", "(").replace("]", ")")
+    return f"crash: {reason[:CRASH_NOTE_CHARS - 3] + '...' if len(reason) > CRASH_NOTE_CHARS else reason}"
+
+
+def pending_rows(pending, status):
+    """results.tsv rows for a candidate's runs once its status is known."""
+    rows = []
+    for run in pending:
+        row_status = "crash" if run["crash"] else (status if run["evidence"] else "discard")
+        rows.append(ledger.format_row(run["commit"], run["val_bpb"], run["memory_gb"], row_status, run["description"]))
+    return rows
+
+
+def flush_unjudged(state, why):
+    """Write the finished runs of a cut-short experiment as unjudged discards; True if any."""
+    progress = state.get("in_progress") or {}
+    pending = progress.get("pending", [])
+    for run in pending:
+        if not run["crash"]:
+            run["description"] = run["description"].replace(f" {run['kind_tag']}", f" [unjudged: {why}] {run['kind_tag']}")
+    ledger.append(pending_rows(pending, "discard"))
+    return bool(pending)
+
+
+def recover_interrupted():
+    """Finish the clean-up of a runner that was killed mid-experiment (its state says so)."""
+    state = load_state()
+    progress = state.get("in_progress")
+    if not progress:
+        return
+    with signals_held():
+        flush_unjudged(state, "the runner was stopped")
+        undone = progress.get("committed") and head() == progress["commit"]
+        if undone:
+            git("reset", "--quiet", "--soft", progress["kept"])
+        state.pop("in_progress")
+        save_state(state)
+    if undone:
+        refuse(f"the last runner stopped before judging {progress['commit'][:7]} ({progress['description']}); "
+               f"its commit was undone and its edit is staged in {progress['script']} together with any "
+               f"newer change: check the file, then run again")
+
+
+def best_context(kind, commit, values):
+    """'best 1.234567 mean of 6 runs, 210 steps, 12,000 tok/s' for the verdict line."""
+    text = f"best {verdict.mean(values):.6f} mean of {len(values)}"
+    details = details_of(commit, str(kind))
+    steps = [d["num_steps"] for d in details if isinstance(d.get("num_steps"), (int, float))]
+    speeds = [d["tokens_per_second"] for d in details if isinstance(d.get("tokens_per_second"), (int, float))]
+    if steps:
+        text += f", {verdict.mean(steps):.0f} steps"
+    if speeds:
+        text += f", {verdict.mean(speeds):,.0f} tok/s"
+    return text
+
+
+def candidate_context(runs):
+    steps = [r.fields["num_steps"] for r in runs if r.outcome.value is not None and "num_steps" in r.fields]
+    speeds = [float(r.fields["train_tokens_per_second"]) for r in runs
+              if r.outcome.value is not None and "train_tokens_per_second" in r.fields]
+    text = ""
+    if steps:
+        text += f", {verdict.mean(steps):.0f} steps"
+    if speeds:
+        text += f", {verdict.mean(speeds):,.0f} tok/s"
+    return text
+
+
+def verdict_line(result, commit, description, kind, best_commit, best_values, runs, extra=None):
     label = f"{commit[:7]} {description}"
-    if crash:
-        return "crash", format_row(commit, 0.0, 0.0, "crash", description), f"CRASH    0.000000 ({crash}) {label}"
-    val_bpb, kind = float(fields["val_bpb"]), result_kind(description)
-    if threshold is None:
-        threshold = default_threshold(load_state(), kind)
-    best = best_kept(read_results(), kind, reachable_commits())
-    if best is None:
-        status, context = "keep", f"first {kind} result"
-    else:
-        status = "keep" if val_bpb < best["val_bpb"] - threshold else "discard"
-        context = (f"best {'was' if status == 'keep' else 'is'} {best['val_bpb']:.6f}, "
-                   f"{val_bpb - best['val_bpb']:+.6f}")
-        if threshold:
-            context += f", threshold {threshold:.6f}"
-    row = format_row(commit, val_bpb, fields["peak_vram_mb"] / 1024, status, description)
-    return status, row, f"{status.upper():<8} {val_bpb:.6f} ({context}) {label}"
+    if result.status == "crash":
+        return f"CRASH    0.000000 ({result.reason}) {label}"
+    if not result.values:
+        return f"DISCARD  {runs[-1].val_bpb:.6f} ({result.reason}) {label}"
+    decision = result.decision
+    mean = verdict.mean(result.values)
+    parts = [f"mean of {len(result.values)}{candidate_context(runs)}", best_context(kind, best_commit, best_values),
+             f"{-verdict.mean(best_values) + mean:+.6f}"]
+    if decision is not None and decision.noise is not None:
+        parts.append(decision.noise.describe())
+    parts.append(result.reason)
+    if extra:
+        parts.append(extra)
+    return f"{result.status.upper():<8} {mean:.6f} ({'; '.join(parts)}) {label}"
+
+
+def confirm_runs(script, timeout, kind, commit, description, max_disturbance, values, what, target=verdict.BEST_RUNS):
+    """Rerun the committed HEAD until it has `target` evidence runs; each row is written at once
+    (status keep: HEAD is the best). Returns the best's values, old and new."""
+
+    def run_once(attempt):
+        number = ledger.next_run_number(ledger.read(), commit, str(kind))
+        run_line(script, timeout, f"{what} (run {number} of {commit[:7]}, until {target} count)")
+        run = execute(script, timeout, kind, max_disturbance)
+        status = "crash" if run.outcome.crash else ("keep" if run.outcome.value is not None else "discard")
+        note = run.note if status != "crash" else crash_note(run.outcome.crash)
+        with signals_held():
+            ledger.append([ledger.format_row(commit, run.val_bpb, run.memory_gb, status,
+                                             ledger.describe(description, kind, number, note))])
+            record_details([dict(run.details(commit, kind, number), status=status)])
+        shown = f"{run.val_bpb:.6f}{run_summary(run)}" if run.outcome.value is not None else (
+            run.note or run.outcome.crash)
+        print(f"{'CONFIRM':<8} {shown} {commit[:7]} [run {number}]", flush=True)
+        return run.outcome
+
+    return verdict.confirm_best(run_once, values, target)
+
+
+def first_description(rows, commit, kind, default):
+    for row in rows:
+        if row.commit == commit[:7] and row.kind == str(kind):
+            text = ledger.KIND_TAG.sub("", row.description)
+            return ledger.RUN_TAG.sub("", text).split(" [")[0] or default
+    return default
 
 
 def cmd_run(args):
-    description = clean_description(args.description)
+    description = ledger.clean_description(args.description)
     if not description:
         refuse("give the experiment a description: what does this change try?")
-    require_clean_harness()
-    script = args.script or training_script()
-    require_script(script)
-    timeout = args.timeout or default_timeout()
-    kept, committed = head(), False
-    try:
-        with signals_held():
-            committed = commit_script(script, description)
-        commit = head()
-        if not committed:
-            print(f"note: {script} has no changes since {kept[:7]}; running it as it is")
-        print(f"running {shlex.join(train_command(script))} (timeout {timeout:g} s, output in {LOG_FILE})",
-              flush=True)
-        fields, crash = run_once(script, timeout)
-        description = tagged_description(description, fields)
-        status, row, verdict = judge(commit, description, fields, crash, args.threshold)
-    except Interrupted:
-        undo_commit(committed, kept)
-        print(f"interrupted: nothing recorded; the experiment commit was undone and the change to "
-              f"{script} is still in the working tree (staged)", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED)
-    except BaseException:
-        undo_commit(committed, kept)
-        raise
+    with exclusive_lock():
+        recover_interrupted()
+        require_clean_harness()
+        script = args.script or training_script()
+        require_script(script)
+        rows = ready_ledger()
+        kind = expected_kind()
+        timeout = args.timeout or default_timeout(kind)
+        kept = head()
+        best = ledger.values_of(rows, kept, str(kind))
+        if not best:
+            refuse(f"the best commit {kept[:7]} has no results of kind {kind} yet: measure it first with "
+                   f"uv run tools/experiment.py baseline (it runs the current code {verdict.BEST_RUNS} times)")
+        if not git("status", "--porcelain", "--", script):
+            print(f"note: {script} has no changes since {kept[:7]}; rerunning the best to refine its mean")
+            baseline_runs(args, script, kind, timeout, kept, rows, repeat=1)
+            return
+        judge_experiment(args, script, kind, timeout, kept, best, rows, description)
 
+
+def judge_experiment(args, script, kind, timeout, kept, best, rows, description):
+    """Commit the edit, run it until the rule decides, write its rows, keep or revert."""
     with signals_held():
-        append_row(row)
-        print(verdict, flush=True)
+        commit_script(script, description)
+        commit = head()
         state = load_state()
-        state["last_verdict"] = verdict
+        state["in_progress"] = {"commit": commit, "kept": kept, "committed": True, "script": script,
+                                "description": description, "pending": []}
         save_state(state)
-        if status != "keep" and committed:
+    repeats = ledger.repeat_groups(rows, str(kind), exclude={kept[:7], commit[:7]})
+    runs = []
+
+    def run_once(attempt):
+        number = attempt
+        run_line(script, timeout, "running" if attempt == 1 else f"rerun {attempt}")
+        run = execute(script, timeout, kind, args.max_disturbance)
+        runs.append(run)
+        note = run.note if run.outcome.crash is None else crash_note(run.outcome.crash)
+        with signals_held():
+            state = load_state()
+            state["in_progress"]["pending"].append({
+                "commit": commit, "val_bpb": run.val_bpb, "memory_gb": run.memory_gb, "crash": run.outcome.crash is not None,
+                "evidence": run.outcome.value is not None, "kind_tag": kind.tag(),
+                "description": ledger.describe(description, kind, number, note),
+                "details": run.details(commit, kind, number)})
+            save_state(state)
+        if run.outcome.value is not None:
+            print(f"{'RESULT':<8} {run.val_bpb:.6f}{run_summary(run)} {commit[:7]} [run {number}]", flush=True)
+        elif run.outcome.void or run.outcome.rejected:
+            print(f"{'NOTE':<8} {run.val_bpb:.6f} {run.note} {commit[:7]} [run {number}]", flush=True)
+        return run.outcome
+
+    try:
+        result = verdict.judge_candidate(run_once, best, repeats, args.threshold)
+    except (Interrupted, Refused) as stop:
+        with signals_held():
+            state = load_state()
+            recorded = flush_unjudged(state, "interrupted" if isinstance(stop, Interrupted) else "refused")
+            git("reset", "--quiet", "--soft", kept)
+            state.pop("in_progress", None)
+            save_state(state)
+        where = f"the change to {script} is back in the working tree (staged)"
+        if isinstance(stop, Refused):
+            print(f"refusing to judge: {stop}; {where}", file=sys.stderr)
+            raise SystemExit(EXIT_REFUSED)
+        what = "its finished runs are recorded as unjudged" if recorded else "nothing recorded"
+        print(f"interrupted: {what}; the experiment commit was undone and {where}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED)
+
+    status = result.status if result.status != "void" else "discard"
+    with signals_held():
+        state = load_state()
+        pending = state["in_progress"]["pending"]
+        ledger.append(pending_rows(pending, status))
+        record_details([dict(run["details"], status=status) for run in pending])
+        state.pop("in_progress")
+        save_state(state)
+    if result.status == "void":
+        with signals_held():
+            git("reset", "--quiet", "--soft", kept)
+        line = f"{'VOID':<8} not judged: {result.reason} {commit[:7]} {description}"
+        print(line, file=sys.stderr)
+        print(f"the change to {script} is back in the working tree (staged): rerun it when the machine is "
+              f"quiet, or pass --max-disturbance (see program.md)", file=sys.stderr)
+        remember(line)
+        raise SystemExit(EXIT_REFUSED)
+    if result.status == "keep":
+        values = confirm_runs(script, timeout, kind, commit, description, args.max_disturbance,
+                              list(result.values), "confirming the new best")
+        line = verdict_line(result, commit, description, kind, kept, best, runs,
+                            f"best now {verdict.mean(values):.6f} mean of {len(values)}")
+    else:
+        line = verdict_line(result, commit, description, kind, kept, best, runs)
+        with signals_held():
             if git("status", "--porcelain", "--", script):
+                remember(line)
+                print(line, flush=True)
                 raise SystemExit(f"{script} was edited while it ran, so {commit[:7]} is not reverted yet; "
                                  f"save your edit elsewhere, then run: git reset --keep {kept[:7]}")
             git("reset", "--quiet", "--keep", kept)
+    remember(line)
+    print(line, flush=True)
 
 
-def undo_commit(committed, kept):
-    """Take the experiment commit back, leaving its change staged in the working tree."""
+def remember(line):
     with signals_held():
-        if committed:
-            git("reset", "--quiet", "--soft", kept)
+        state = load_state()
+        state["last_verdict"] = line
+        save_state(state)
+
+
+def baseline_runs(args, script, kind, timeout, commit, rows, repeat=None):
+    """Rerun the committed HEAD (the best) `repeat` more times, or until it has BEST_RUNS runs."""
+    values = ledger.values_of(rows, commit, str(kind))
+    target = len(values) + repeat if repeat else verdict.BEST_RUNS
+    if len(values) >= target:
+        print(f"note: {commit[:7]} already has {len(values)} runs of kind {kind}; "
+              f"add more with --repeat N")
+    description = first_description(rows, commit, kind, "baseline")
+    try:
+        values = confirm_runs(script, timeout, kind, commit, description, args.max_disturbance, values,
+                              "baseline", target)
+    except Interrupted:
+        print("interrupted: the finished baseline runs are in results.tsv", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED)
+    except Refused as error:
+        refuse(str(error))
+    rows = ledger.read()
+    noise = verdict.pooled_noise([*ledger.repeat_groups(rows, str(kind), exclude={commit[:7]}), values])
+    if not values:
+        line = f"{'BASELINE':<8} no usable run of {commit[:7]}: read run.log"
+    else:
+        line = f"{'BASELINE':<8} {verdict.mean(values):.6f} mean of {len(values)} runs of {commit[:7]}; {noise.describe()}"
+    remember(line)
+    print(line, flush=True)
+    if not values:
+        raise SystemExit(1)
 
 
 def cmd_baseline(args):
-    require_clean_harness()
-    script = args.script or training_script()
-    require_script(script)
-    if git("status", "--porcelain", "--", script):
-        refuse(f"{script} has uncommitted changes and the baseline runs the committed script; "
-               f"commit them or drop them (git checkout -- {script})")
-    timeout = args.timeout or default_timeout()
-    commit = head()
-    values, kind, verdict = [], STANDARD, None
-    for run in range(1, args.repeat + 1):
-        description = "baseline" if args.repeat == 1 else f"baseline (run {run}/{args.repeat})"
-        print(f"running {shlex.join(train_command(script))} (timeout {timeout:g} s, output in {LOG_FILE})",
-              flush=True)
-        try:
-            fields, crash = run_once(script, timeout)
-        except Interrupted:
-            print(f"interrupted: baseline run {run} not recorded, {len(values)} earlier runs are in "
-                  f"{RESULTS_FILE}; no noise floor saved", file=sys.stderr)
-            raise SystemExit(EXIT_INTERRUPTED)
-        with signals_held():
-            description = tagged_description(description, fields)
-            if crash:
-                append_row(format_row(commit, 0.0, 0.0, "crash", description))
-                verdict = f"CRASH    0.000000 ({crash}) {commit[:7]} {description}"
-            else:
-                kind = result_kind(description)
-                status = "discard" if values else "keep"
-                values.append(float(fields["val_bpb"]))
-                append_row(format_row(commit, values[-1], fields["peak_vram_mb"] / 1024, status, description))
-                verdict = f"{'BASELINE':<8} {values[-1]:.6f} ({status}) {commit[:7]} {description}"
-            print(verdict, flush=True)
-    with signals_held():
-        state = load_state()
-        if len(values) >= 2:
-            noise = {"mean": statistics.mean(values), "std": statistics.stdev(values), "n": len(values),
-                     "kind": kind, "commit": commit[:7]}
-            state["noise_floor"] = noise
-            verdict = (f"{'NOISE':<8} mean {noise['mean']:.6f} std {noise['std']:.6f} over {noise['n']} runs: "
-                       f"`run` keeps a result only if it beats the best by more than {noise['std']:.6f}")
-            print(verdict)
-        elif args.repeat > 1:
-            print(f"no noise floor: it needs at least 2 successful runs, got {len(values)}")
-        state["last_verdict"] = verdict
-        save_state(state)
-    if not values:
-        raise SystemExit("every baseline run crashed: read run.log")
-
-
-def best_rows():
-    """The best kept row of each kind of result on this branch."""
-    rows, on_branch = read_results(), reachable_commits()
-    kinds = sorted(dict.fromkeys(r["kind"] for r in rows), key=lambda kind: kind != STANDARD)
-    return [best for best in (best_kept(rows, kind, on_branch) for kind in kinds) if best]
+    with exclusive_lock():
+        recover_interrupted()
+        require_clean_harness()
+        script = args.script or training_script()
+        require_script(script)
+        if git("status", "--porcelain", "--", script):
+            refuse(f"{script} has uncommitted changes and the baseline runs the committed script; "
+                   f"commit them or drop them (git checkout -- {script})")
+        rows = ready_ledger()
+        kind = expected_kind()
+        baseline_runs(args, script, kind, args.timeout or default_timeout(kind), head(), rows, args.repeat)
 
 
 def cmd_status(args):
-    rows, state = read_results(), load_state()
+    rows = ready_ledger()
+    state = load_state()
     branch = current_branch() or "(detached HEAD)"
     base_name, base = branch_base()
     changed = harness_changes(base)
     harness = f"CHANGED: {', '.join(changed)}" if changed else "unchanged"
     print(f"branch       {branch} (base {base[:7]} on {base_name}; harness {harness})")
-    bests = best_rows()
-    for best in bests:
-        print(f"best         {best['val_bpb']:.6f} {best['commit']} {best['description']}")
-    if not bests:
-        print("best         none yet (start with: uv run tools/experiment.py baseline)")
-    counts = {status: sum(r["status"] == status for r in rows) for status in ("keep", "discard", "crash")}
-    print(f"experiments  {len(rows)} ({', '.join(f'{n} {status}' for status, n in counts.items())})")
-    noise = state.get("noise_floor")
-    if noise:
-        print(f"noise floor  std {noise['std']:.6f}, mean {noise['mean']:.6f}, n={noise['n']} "
-              f"({noise['kind']} results, commit {noise['commit']}): the default threshold")
-    else:
-        print("noise floor  not measured (uv run tools/experiment.py baseline --repeat 3)")
+    best = head()[:7]
+    kinds = list(dict.fromkeys(r.kind for r in rows if r.commit == best))
+    for kind in kinds or ["-"]:
+        values = ledger.values_of(rows, best, kind)
+        if values:
+            print(f"best         {verdict.mean(values):.6f} mean of {len(values)} runs, {best} "
+                  f"{first_description(rows, best, kind, '')} [{kind}]")
+            noise = verdict.pooled_noise([*ledger.repeat_groups(rows, kind, exclude={best}), values])
+            print(f"noise        {noise.describe()}" + (f", {noise.dof} degrees of freedom" if noise.sigma else ""))
+    if not kinds:
+        print(f"best         {best} has no results yet (start with: uv run tools/experiment.py baseline)")
+    counts = {status: sum(r.status == status for r in rows) for status in ledger.STATUSES}
+    print(f"experiments  {len(rows)} runs ({', '.join(f'{n} {status}' for status, n in counts.items())})")
+    holder = lock_holder()
+    if holder:
+        print(f"running      {holder}")
     print(f"last verdict {state.get('last_verdict', 'none yet')}")
 
 
 def cmd_best(args):
-    best = best_rows()
-    if not best:
-        raise SystemExit("no kept result on this branch yet: start with uv run tools/experiment.py baseline")
-    print(format_row(best[0]["commit"], best[0]["val_bpb"], best[0]["memory_gb"], best[0]["status"],
-                     best[0]["description"]))
+    rows = ready_ledger()
+    best = head()[:7]
+    kinds = list(dict.fromkeys(r.kind for r in rows if r.commit == best and r.is_evidence))
+    if not kinds:
+        raise SystemExit("no result for the branch's best commit yet: start with uv run tools/experiment.py baseline")
+    for kind in kinds:
+        values = ledger.values_of(rows, best, kind)
+        memory = max(r.memory_gb for r in rows if r.commit == best and r.kind == kind and r.is_evidence)
+        print(ledger.format_row(best, verdict.mean(values), memory, "keep",
+                                f"{first_description(rows, best, kind, '')} [mean of {len(values)} runs] [{kind}]"))
+
+
+def positive_seconds(text):
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def finite_number(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def share(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1")
+    return value
+
+
+def at_least_one(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a count of at least 1")
+    return value
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Run, record and keep or revert training experiments.")
+    parser = argparse.ArgumentParser(description="Run, record and keep or revert training experiments.",
+                                     epilog="Environment: AUTORESEARCH_TRAIN_CMD, AUTORESEARCH_BACKEND, "
+                                            "AUTORESEARCH_PROFILE, AUTORESEARCH_DATASET, AUTORESEARCH_TIME_BUDGET, "
+                                            "AUTORESEARCH_CACHE_DIR, AUTORESEARCH_RUNS_DIR (see the module docstring).")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="commit the training-script change, run it, keep or revert")
+    run = commands.add_parser("run", help="commit the training-script change, run it until judged, keep or revert")
     run.add_argument("description", help="what this experiment tries (the commit message and results.tsv text)")
-    run.add_argument("--threshold", type=float, default=None,
-                     help="required improvement over the best kept val_bpb (default: noise floor std, else 0)")
-    baseline = commands.add_parser("baseline", help="run the unmodified script N times; record the noise floor")
-    baseline.add_argument("--repeat", type=int, default=1, help="how many runs (default 1; 3+ measures the noise)")
+    run.add_argument("--threshold", type=finite_number, default=None,
+                     help="keep when the mean beats the best's mean by more than this, after one run "
+                          "(replaces the verdict rule; default: the rule in tools/verdict.py)")
+    baseline = commands.add_parser("baseline", help=f"rerun the current best until it has {verdict.BEST_RUNS} runs")
+    baseline.add_argument("--repeat", type=at_least_one, default=None,
+                          help=f"run it this many more times instead (default: up to {verdict.BEST_RUNS} runs)")
     for sub in (run, baseline):
-        sub.add_argument("--timeout", type=float, default=None,
-                         help="seconds before the run is killed (default: time budget x 2 + 120)")
+        sub.add_argument("--timeout", type=positive_seconds, default=None,
+                         help="seconds before a run is killed (default: time budget x 2 + 120)")
         sub.add_argument("--script", default=None,
                          help="training script to commit and run (default: chosen by the detected backend)")
-    commands.add_parser("status", help="best result, experiment counts, noise floor, last verdict")
-    commands.add_parser("best", help="print the best kept row of results.tsv")
+        sub.add_argument("--max-disturbance", type=share, default=monitor.DISTURBED_SHARE,
+                         help=f"share of the CPU other processes may use during a run before it is not "
+                              f"evidence (default {monitor.DISTURBED_SHARE:g}; 1 turns the check off)")
+    commands.add_parser("status", help="kind, best (mean of its runs), sigma, counts, last verdict")
+    commands.add_parser("best", help="print the best result as a results.tsv row (its mean)")
     args = parser.parse_args()
-    if args.command == "baseline" and args.repeat < 1:
-        parser.error("--repeat must be at least 1")
 
     root = repo_root()
     os.chdir(root)
-    sys.path.insert(0, str(root))  # prepare.py (for the time budget) from the checkout being run
-    signal.signal(signal.SIGINT, _raise_interrupted)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    sys.path.insert(0, str(root))  # prepare.py and backends/ of the checkout being run
+    for sig in HANDLED_SIGNALS:
+        signal.signal(sig, _raise_interrupted)
     try:
         {"run": cmd_run, "baseline": cmd_baseline, "status": cmd_status, "best": cmd_best}[args.command](args)
     except Interrupted:

@@ -23,7 +23,15 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiment import NONSTANDARD_TAG, STANDARD, parse_results  # noqa: E402
+import ledger  # noqa: E402
+
+
+def parse_results(text, source="results.tsv"):
+    """results.tsv rows as dicts (commit, val_bpb, memory_gb, status, description, kind)."""
+    try:
+        return [vars(row).copy() for row in ledger.parse(text, source)]
+    except ledger.LedgerError as error:
+        raise SystemExit(str(error))
 
 DEFAULT_OUTPUT = "progress.png"
 # tab10 without its red, which is kept for crashes.
@@ -115,7 +123,7 @@ def draw_series(ax, index, name, rows, colour, crash_colour, clip, annotate):
                linewidths=1.5, zorder=4, transform=ax.get_xaxis_transform())
     if annotate and len(kept) <= MAX_ANNOTATIONS:
         for x, row in kept:
-            text = NONSTANDARD_TAG.sub("", row["description"])
+            text = ledger.LEGACY_TAG.sub("", ledger.KIND_TAG.sub("", row["description"]))
             text = text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS - 1] + "…"
             ax.annotate(text, (x, row["val_bpb"]), xytext=(6, 5), textcoords="offset points", fontsize=7,
                         rotation=25, color="#333333", zorder=5)
@@ -144,7 +152,7 @@ def plot(series, output):
         first = next((r["val_bpb"] for r in rows if r["status"] == "keep"), None)
         gain = f": best {ys[-1]:.6f}, {ys[-1] - first:+.6f} from the first kept result {first:.6f}" if ys else ""
         kinds = {r["kind"] for r in rows if r["status"] != "crash"}
-        kind = f" ({kinds.pop()} results)" if len(kinds) == 1 and STANDARD not in kinds else ""
+        kind = f" ({kinds.pop()} results)" if len(kinds) == 1 and not kinds & {"legacy"} else ""
         ax.set_title(f"autoresearch progress: {name}{kind}\n{len(rows)} experiments{gain}", fontsize=11)
     else:
         ax.set_title(f"autoresearch progress: {len(series)} runs side by side")

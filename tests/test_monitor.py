@@ -1,0 +1,41 @@
+"""tools/monitor.py: the runner's own measurement of other work on the machine during a run."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from monitor import Load, LoadMonitor  # noqa: E402
+
+
+def spin(seconds):
+    return [sys.executable, "-c", f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"]
+
+
+def test_the_run_s_own_cpu_is_not_counted_as_disturbance_but_a_stranger_s_is():
+    alone = LoadMonitor(watch_gpu=False).start()
+    own = subprocess.Popen(spin(0.8))
+    alone.watch(own.pid)
+    own.wait()
+    quiet = alone.finish()
+    stranger = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.3)  # the stranger must be running before the measured window opens
+    try:
+        busy = LoadMonitor(watch_gpu=False).start()
+        own = subprocess.Popen(spin(0.8))
+        busy.watch(own.pid)
+        own.wait()
+        loaded = busy.finish()
+    finally:
+        stranger.kill()
+        stranger.wait()
+    # A spinning stranger takes one logical CPU of the machine's: half of two cores.
+    assert loaded.other_cpu_share > quiet.other_cpu_share + 0.2
+    assert loaded.disturbance(0.1).startswith("disturbed: other processes used")
+
+
+def test_disturbance_names_the_share_or_the_gpu_strangers():
+    assert Load(0.05, 3.0, 60.0).disturbance(0.1) is None
+    assert Load(0.25, 30.0, 60.0).disturbance(0.1) == "disturbed: other processes used 25% of the CPU (limit 10%)"
+    assert Load(0.0, 0.0, 60.0, (4242,)).disturbance(0.1) == "disturbed: 1 other process(es) on the GPU (pid 4242)"
