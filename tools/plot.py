@@ -31,7 +31,7 @@ from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiment import NONSTANDARD_TAG, STANDARD, parse_results  # noqa: E402
+from experiment import STANDARD, parse_results  # noqa: E402
 
 DEFAULT_OUTPUT = "progress.png"
 # tab10 without its red, which is kept for crashes.
@@ -53,7 +53,6 @@ MARKER_PIXELS = 16  # a kept marker's width at DPI (s=55 points squared: about 7
 LABEL_OFFSETS = [5 + sign * step for step in range(0, 400, 11) for sign in (1, -1)][1:]
 DPI = 150
 TAG = re.compile(r"\s*\[([^\[\]]*)\]\s*$")  # one trailing "[...]" tag of a description
-RERUN = re.compile(r"\brerun\b", re.IGNORECASE)
 
 
 def split_tags(description):
@@ -66,29 +65,32 @@ def split_tags(description):
 
 
 def row_role(row):
-    """'baseline', 'rerun' or 'experiment'. Baselines and reruns measure noise: never drawn as wins."""
+    """'baseline', 'rerun' or 'experiment'. Baseline runs and the runner's reruns of one commit
+    ("[rerun 2/3]") measure noise: they are never drawn as wins. An idea tried again as a new
+    experiment is an experiment."""
     text, tags = split_tags(row["description"])
     if text.lower().startswith("baseline") or any(tag.lower().startswith("baseline") for tag in tags):
         return "baseline"
-    if RERUN.search(text) or any(tag.lower().startswith("rerun") for tag in tags):
+    if any(tag.lower().startswith("rerun") for tag in tags):
         return "rerun"
     return "experiment"
 
 
-def load_series(files, branches):
-    """(name, rows) for each results file and each branch's committed results.tsv."""
+def load_series(files, branches, parse=parse_results):
+    """(name, rows) for each results file and each branch's committed results.tsv, read by
+    parse(text, source)."""
     series = []
     for name in files:
         path = Path(name)
         if not path.is_file():
             raise SystemExit(f"{path} not found: pass a results.tsv written by tools/experiment.py")
-        series.append((path.stem if len(files) + len(branches) > 1 else str(path), parse_results(path.read_text(), path)))
+        series.append((path.stem if len(files) + len(branches) > 1 else str(path), parse(path.read_text(), path)))
     for branch in branches:
         shown = subprocess.run(["git", "show", f"{branch}:results.tsv"], capture_output=True, text=True)
         if shown.returncode != 0:
             raise SystemExit(f"no results.tsv committed on {branch}: commit it there (git commit results.tsv) "
                              "or pass the file itself")
-        series.append((branch, parse_results(shown.stdout, f"{branch}:results.tsv")))
+        series.append((branch, parse(shown.stdout, f"{branch}:results.tsv")))
     return series
 
 
