@@ -282,7 +282,8 @@ def plot(series, output):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Plot val_bpb of every experiment in results.tsv files.")
+    parser = argparse.ArgumentParser(description="Plot val_bpb of every experiment in results.tsv files.",
+                                     epilog="environment: reads no environment variables")
     parser.add_argument("files", nargs="*", help="results.tsv files (default: results.tsv)")
     parser.add_argument("--branch", action="append", default=[],
                         help="also plot the results.tsv committed on this git branch (repeatable)")
