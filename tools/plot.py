@@ -51,6 +51,7 @@ MARKER_PIXELS = 16  # a kept marker's width at DPI (s=55 points squared: about 7
 # Vertical offsets (points) a label tries in turn: just above its point, just below, then further
 # out on both sides, so a label lands as close to its point as the labels already placed allow.
 LABEL_OFFSETS = [5 + sign * step for step in range(0, 400, 11) for sign in (1, -1)][1:]
+VALUE_OFFSETS = [5, 14]  # an off-scale value sits above its triangle, or one row higher
 DPI = 150
 TAG = re.compile(r"\s*\[([^\[\]]*)\]\s*$")  # one trailing "[...]" tag of a description
 
@@ -188,10 +189,12 @@ def draw_series(ax, index, name, rows, colour, crash_colour, clip):
         group = noise_runs[role]
         ax.scatter([x for x, _ in group], [r["val_bpb"] for _, r in group], s=34, marker=marker,
                    facecolors="white", edgecolors=colour, linewidths=1.2, zorder=4, gid=role)
+    baselines = [(x, r) for x, r, role in ok if role == "baseline"]
     xs, ys = running_best(rows)
     best = f"best {ys[-1]:.4f}, " if ys else ""
     ax.step(xs, ys, where="post", color=colour, linewidth=1.8, alpha=0.9, zorder=3,
-            label=f"{name}\n{best}{len(wins)} kept, {len(tried)} discarded, {len(crashed)} crashed")
+            label=f"{name}\n{best}{len(wins)} kept, {len(tried)} discarded, {len(crashed)} crashed"
+                  + (f", {len(baselines)} baseline runs" if baselines else ""))
     ax.scatter([x for x, _ in wins], [r["val_bpb"] for _, r in wins], s=55, color=colour, edgecolors="black",
                linewidths=0.6, zorder=4, gid="kept")
     ax.scatter(crashed, [crash_row(index + 0.5)] * len(crashed), marker="x", s=30, color=crash_colour,
@@ -199,7 +202,6 @@ def draw_series(ax, index, name, rows, colour, crash_colour, clip):
 
     values = [(x, clip, f"{r['val_bpb']:.3f}") for x, r in off_scale]
     descriptions = []
-    baselines = [(x, r) for x, r, role in ok if role == "baseline"]
     if noise_runs["baseline"]:
         x, row = noise_runs["baseline"][0]
         descriptions.append((x, row["val_bpb"], "baseline" if len(baselines) == 1 else f"baseline ({len(baselines)} runs)"))
@@ -266,7 +268,7 @@ def draw(series):
     renderer = fig.canvas.get_renderer()
     taken = [ax.title.get_window_extent(renderer)] + marker_boxes(ax, markers)
     for label, colour in values:
-        place_labels(ax, [label], [5], fig.bbox, taken, fontsize=6, color=colour, alpha=0.7)
+        place_labels(ax, [label], VALUE_OFFSETS, fig.bbox, taken, fontsize=6, color=colour, alpha=0.7)
     inside = ax.get_window_extent(renderer)
     above_crashes = Bbox([[inside.x0, ax.transAxes.transform((0, band))[1]], [inside.x1, inside.y1]])
     place_labels(ax, descriptions, LABEL_OFFSETS, above_crashes, taken,
