@@ -202,4 +202,5 @@ def test_crash_causes_are_grouped_by_kind_of_failure():
     assert module.cause_group("FAIL: loss is nan at step 41") == "diverged (NaN or exploding loss)"
     assert module.cause_group("torch.OutOfMemoryError: CPU out of memory") == "out of memory"
     assert module.cause_group("exit code 1: ValueError: bad shape") == "ValueError"
+    assert module.cause_group("depth 16 (OOM)") == "out of memory"
     assert module.cause_group(None) == "cause not recorded"

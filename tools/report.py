@@ -99,7 +99,7 @@ def run_end(path):
 def load_runs(directory):
     """The run JSON files of a runs folder, oldest first, each with its end time as 'ended'."""
     runs = []
-    for path in sorted(Path(directory).glob("run_*.json")):
+    for path in Path(directory).glob("run_*.json"):
         try:
             fields = json.loads(path.read_text())
             float(fields["val_bpb"])
@@ -128,8 +128,7 @@ def git_lines(*args):
 
 def commit_facts(commits):
     """{short commit: (commit time, diff stat)} for the commits this repository has."""
-    known = git_lines("rev-parse", "--verify", "--quiet", "HEAD")
-    if known is None:
+    if git_lines("rev-parse", "--verify", "--quiet", "HEAD") is None:
         return {}
     facts = {}
     for commit in dict.fromkeys(commits):
@@ -161,11 +160,11 @@ def cause_group(cause):
     if cause is None:
         return "cause not recorded"
     lowered = cause.lower()
-    if "out of memory" in lowered or "oom" in lowered.split():
+    if "out of memory" in lowered or re.search(r"\boom\b", lowered):
         return "out of memory"
     if "timed out" in lowered or "timeout" in lowered:
         return "timed out"
-    if "nan" in lowered.split() or lowered.startswith("fail") or "diverg" in lowered:
+    if re.search(r"\bnan\b", lowered) or lowered.startswith("fail") or "diverg" in lowered:
         return "diverged (NaN or exploding loss)"
     error = re.search(r"\b(\w*(Error|Exception))\b", cause)
     return error.group(1) if error else cause
