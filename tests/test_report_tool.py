@@ -126,6 +126,17 @@ def test_report_finds_near_misses_and_disturbed_runs_but_not_plain_losses(night)
     assert "| wider mlp | 1.560000 | +0.070000 | disturbed: 100 steps against 200 for the baseline |" in worth
     assert "lr x10" not in worth
     assert worth.index("softcap 20") < worth.index("wider mlp")  # near misses first
+    assert "warmdown 0.7" not in worth  # kept by 5x the noise: no doubt
+
+
+def test_report_asks_to_confirm_a_win_inside_twice_the_noise(night):
+    text = (night / "results.tsv").read_text().replace("1.480000\t2.0\tkeep", "1.487000\t2.0\tkeep")
+    (night / "results.tsv").write_text(text)
+    json_path = next(path for path in (night / "runs").glob("*.json") if '"val_bpb": 1.48,' in path.read_text())
+    json_path.write_text(json_path.read_text().replace('"val_bpb": 1.48,', '"val_bpb": 1.487,'))
+    assert report(night).returncode == 0
+    worth = (night / "report.md").read_text().split("### Worth a rerun")[1].split("###")[0]
+    assert "| warmdown 0.7 | 1.487000 | -0.003000 | kept on one run by 1.5x the noise: confirm it |" in worth
 
 
 def test_report_groups_crashes_by_cause_from_tags_and_the_last_run_log(night):

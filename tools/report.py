@@ -205,14 +205,18 @@ def analyse(name, rows, facts, log_text):
     noise = pooled_noise(rows)
     margin = NEAR_MISS_NOISE * noise[0] if noise else None
 
-    kept, near, disturbed, listed, running, best_commit = [], [], [], set(), None, None
+    kept, confirm, near, disturbed, listed, running, best_commit = [], [], [], [], set(), None, None
     for row in finished:
         steps = row["run"]["num_steps"] if row["run"] else None
         if row["status"] == "keep" and row["commit"] not in listed:
             listed.add(row["commit"])
             mean = statistics.mean(runs_of[row["commit"]])
             if row["role"] != "baseline":
-                kept.append((row, mean, len(runs_of[row["commit"]]), None if running is None else mean - running, steps))
+                delta = None if running is None else mean - running
+                kept.append((row, mean, len(runs_of[row["commit"]]), delta, steps))
+                # One lucky run can clear the threshold: a win inside twice the noise wants a second look.
+                if noise and noise[0] and delta is not None and -delta < margin and len(runs_of[row["commit"]]) == 1:
+                    confirm.append((row, delta, f"kept on one run by {-delta / noise[0]:.1f}x the noise: confirm it"))
             if running is None or mean < running:
                 running, best_commit = mean, row["commit"]
             continue
@@ -243,7 +247,8 @@ def analyse(name, rows, facts, log_text):
         "baseline": (statistics.mean(base_values) if base_values else None, spread(base_values), len(base_values)),
         "best": (running, spread(best_values), len(best_values), best_commit),
         "is_baseline": best_commit is not None and best_commit in {r["commit"] for r in baselines},
-        "kept": kept, "worth": (sorted(near, key=lambda item: item[1]) + sorted(disturbed, key=lambda item: item[1]))[:MAX_RERUNS],
+        "kept": kept, "worth": (confirm + sorted(near, key=lambda item: item[1])
+                  + sorted(disturbed, key=lambda item: item[1]))[:MAX_RERUNS],
         "crashes": crashes, "timing": time_spent(rows, facts), "counts": Counter(r["status"] for r in rows),
     }
 
@@ -359,12 +364,12 @@ def section_lines(section, heading):
 
     lines += ["### Worth a rerun", ""]
     if section["worth"]:
-        lines += ["| # | commit | change | val_bpb | vs best then | why |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["| # | commit | change | val_bpb | vs best mean then | why |", "| --- | --- | --- | --- | --- | --- |"]
         for row, delta, why in section["worth"]:
             lines.append(f"| {row['index']} | {row['commit']} | {row['text']} | {row['val_bpb']:.6f} | "
                          f"{delta:+.6f} | {why} |")
     else:
-        lines.append("No near misses and no disturbed runs.")
+        lines.append("No narrow wins, near misses or disturbed runs.")
     lines.append("")
 
     lines += ["### Crashes", ""]
