@@ -25,7 +25,7 @@ NIGHT = [
     ("baseline (run 2/3)", "discard", 1.502, 200, None, 200),
     ("baseline (run 3/3)", "discard", 1.498, 200, None, 300),
     ("matrix lr 0.04 -> 0.05", "keep", 1.490, 200, 310, 410),
-    ("softcap 20", "discard", 1.493, 200, 420, 520),          # +0.003 = 1.5x the noise: a near miss
+    ("softcap 20", "discard", 1.4916, 200, 420, 520),         # +0.0016 = 0.8x the noise: a near miss
     ("depth 8 [crash: out of memory]", "crash", 0.0, None, 530, None),  # 70 s until the next start
     ("wider mlp", "discard", 1.560, 100, 600, 700),           # half the baseline's steps: disturbed
     ("warmdown 0.7", "keep", 1.480, 200, 710, 810),
@@ -103,7 +103,7 @@ def test_report_of_a_night_names_the_machine_baseline_best_and_gain(night):
     assert "- **Machine:** Test EPYC (AVX-512 bf16) (cpu)" in text
     assert ("- **Kind:** standard: profile standard, dataset pystdlib, time budget 300 s, 1 rank, "
             "harness abc123def456") in text
-    assert "- **Experiments:** 10: 3 kept, 5 discarded, 2 crashed" in text
+    assert "- **Experiments:** 10: 3 baseline runs, 2 kept, 3 discarded, 2 crashed" in text
     assert "- **Baseline:** 1.500000 ± 0.002000 (3 runs)" in text
     assert "- **Best:** 1.480000 (1 run) at " in text and ", warmdown 0.7" in text
     assert "- **Gain:** -0.020000 (-1.33%)" in text
@@ -122,11 +122,12 @@ def test_report_lists_kept_changes_with_delta_and_diff_stat(night):
 def test_report_finds_near_misses_and_disturbed_runs_but_not_plain_losses(night):
     assert report(night).returncode == 0
     worth = (night / "report.md").read_text().split("### Worth a rerun")[1].split("###")[0]
-    assert "| softcap 20 | 1.493000 | +0.003000 | near miss: +0.003000, 1.5x the noise |" in worth
+    assert "| softcap 20 | 1.491600 | +0.001600 | within the noise of the best: 0.8x the noise above it |" in worth
     assert "| wider mlp | 1.560000 | +0.070000 | disturbed: 100 steps against 200 for the baseline |" in worth
     assert "lr x10" not in worth
     assert worth.index("softcap 20") < worth.index("wider mlp")  # near misses first
     assert "warmdown 0.7" not in worth  # kept by 5x the noise: no doubt
+    assert "**Note:** most changes landed within the noise" not in (night / "report.md").read_text()
 
 
 def test_report_asks_to_confirm_a_win_inside_twice_the_noise(night):
@@ -170,11 +171,22 @@ def test_report_puts_several_branches_side_by_side(night):
     assert done.returncode == 0, done.stderr
     text = (night / "both.md").read_text()
     table = [line for line in text.splitlines() if line.startswith("| autoresearch/")]
-    assert table[0].startswith("| autoresearch/test | Test EPYC (AVX-512 bf16) (cpu) | standard | 10 | 3 | 2 | "
+    assert table[0].startswith("| autoresearch/test | Test EPYC (AVX-512 bf16) (cpu) | standard | 10 | 2 | 2 | "
                                "1.500000 | 1.480000 | -0.020000 (-1.33%) |")
     # The other machine's 1.47 run has no run JSON here: its machine is not guessed.
     assert "| 1.500000 | 1.470000 | -0.030000 (-2.00%) |" in table[1]
     assert "## autoresearch/test\n" in text and "## autoresearch/test-mac\n" in text
+
+
+def test_report_warns_when_most_changes_land_within_the_noise(tmp_path):
+    rows = [f"a000001\t{1.50 + d:.6f}\t2.0\t{'keep' if i == 0 else 'discard'}\tbaseline (run {i + 1}/3)"
+            for i, d in enumerate((0.0, 0.05, -0.05))]
+    rows += [f"b00000{i}\t{1.51 + i / 1000:.6f}\t2.0\tdiscard\ttry {i}" for i in range(4)]
+    (tmp_path / "results.tsv").write_text(HEADER + "\n".join(rows) + "\n")
+    assert report(tmp_path).returncode == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "- **Note:** most changes landed within the noise of the best" in text
+    assert text.count("within the noise of the best: ") == 4
 
 
 def test_report_skips_unreadable_lines_and_says_so(night):

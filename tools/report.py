@@ -41,7 +41,8 @@ STANDARD = "standard"
 NONSTANDARD = re.compile(r"^non-standard, ([0-9.]+)s budget$")
 RUNNER_TAGS = ("non-standard", "rerun", "baseline", "over budget", "disturbed")  # tags that are no crash cause
 STAMP = re.compile(r"^run_(\d{8}_\d{6})")
-NEAR_MISS_NOISE = 2.0    # a discard within this many noise standard deviations of the best: rerun it
+CONFIRM_NOISE = 2.0      # a win by less than this many noise standard deviations, on one run: confirm it
+NEAR_MISS_NOISE = 1.0    # a discard within this many noise standard deviations of the best: rerun it
 NEAR_MISS_FRACTION = 0.001  # ... or, with no noise measured, within this fraction of the best
 DISTURBED_STEPS = 0.8    # a run with fewer steps than this share of the baseline's median was slowed down
 MAX_RERUNS = 8           # rows listed under "worth a rerun"
@@ -203,7 +204,6 @@ def analyse(name, rows, facts, log_text):
     base_steps = [r["run"]["num_steps"] for r in baselines if r["run"]]
     median_steps = statistics.median(base_steps) if base_steps else None
     noise = pooled_noise(rows)
-    margin = NEAR_MISS_NOISE * noise[0] if noise else None
 
     kept, confirm, near, disturbed, listed, running, best_commit = [], [], [], [], set(), None, None
     for row in finished:
@@ -215,7 +215,7 @@ def analyse(name, rows, facts, log_text):
                 delta = None if running is None else mean - running
                 kept.append((row, mean, len(runs_of[row["commit"]]), delta, steps))
                 # One lucky run can clear the threshold: a win inside twice the noise wants a second look.
-                if noise and noise[0] and delta is not None and -delta < margin and len(runs_of[row["commit"]]) == 1:
+                if noise and noise[0] and delta is not None and -delta < CONFIRM_NOISE * noise[0] and len(runs_of[row["commit"]]) == 1:
                     confirm.append((row, delta, f"kept on one run by {-delta / noise[0]:.1f}x the noise: confirm it"))
             if running is None or mean < running:
                 running, best_commit = mean, row["commit"]
@@ -228,9 +228,10 @@ def analyse(name, rows, facts, log_text):
             disturbed.append((row, delta, f"the runner tagged it [{flags[0]}]"))
         elif steps is not None and median_steps and steps < DISTURBED_STEPS * median_steps:
             disturbed.append((row, delta, f"disturbed: {steps} steps against {median_steps:g} for the baseline"))
-        elif delta < (margin if margin is not None else NEAR_MISS_FRACTION * running):
-            scale = f", {delta / noise[0]:.1f}x the noise" if noise and noise[0] else ""
-            near.append((row, delta, f"near miss: {delta:+.6f}{scale}"))
+        elif delta < (NEAR_MISS_NOISE * noise[0] if noise else NEAR_MISS_FRACTION * running):
+            side = "below" if delta < 0 else "above"
+            scale = f"{abs(delta) / noise[0]:.1f}x the noise {side} it" if noise and noise[0] else f"{delta:+.6f}"
+            near.append((row, delta, f"within the noise of the best: {scale}"))
 
     crashes = {}
     for row in rows:
@@ -249,7 +250,8 @@ def analyse(name, rows, facts, log_text):
         "is_baseline": best_commit is not None and best_commit in {r["commit"] for r in baselines},
         "kept": kept, "worth": (confirm + sorted(near, key=lambda item: item[1])
                   + sorted(disturbed, key=lambda item: item[1]))[:MAX_RERUNS],
-        "crashes": crashes, "timing": time_spent(rows, facts), "counts": Counter(r["status"] for r in rows),
+        "mostly_noise": len(near) >= max(3, sum(r["role"] == "experiment" for r in finished) / 2),
+        "crashes": crashes, "timing": time_spent(rows, facts), "counts": Counter("baseline" if r["role"] == "baseline" else r["status"] for r in rows),
     }
 
 
@@ -329,8 +331,8 @@ def section_lines(section, heading):
     lines = [f"## {heading}", ""]
     machine = section["machine"] or "unknown (no run JSON in the runs folder matches these rows)"
     lines += [f"- **Machine:** {machine}", f"- **Kind:** {describe_kind(section)}",
-              f"- **Experiments:** {len(rows)}: {counts['keep']} kept, {counts['discard']} discarded, "
-              f"{counts['crash']} crashed"]
+              f"- **Experiments:** {len(rows)}: {counts['baseline']} baseline runs, {counts['keep']} kept, "
+              f"{counts['discard']} discarded, {counts['crash']} crashed"]
     base_mean, base_std, base_n = section["baseline"]
     best_mean, best_std, best_n, best_commit = section["best"]
     lines.append(f"- **Baseline:** {mean_text(base_mean, base_std, base_n)}")
@@ -345,6 +347,9 @@ def section_lines(section, heading):
     lines.append(f"- **Noise:** std {noise[0]:.6f} of single runs, pooled over {noise[1]} runs of {noise[2]} "
                  f"commit{'s' if noise[2] != 1 else ''}" if noise else
                  "- **Noise:** not measured (run a baseline with --repeat 3)")
+    if section["mostly_noise"]:
+        lines.append("- **Note:** most changes landed within the noise of the best, so this night's verdicts "
+                     "say little: measure the noise again on a quieter machine or with a longer budget")
     if rows and rows[0]["unreadable_lines"]:
         lines.append(f"- **Unreadable lines skipped:** {rows[0]['unreadable_lines']}")
     lines.append("")
@@ -410,7 +415,7 @@ def side_by_side(sections):
         per_hour = f"{s['timing']['per_hour']:.1f}" if s["timing"] and s["timing"]["per_hour"] else "n/a"
         base, best = s["baseline"][0], s["best"][0]
         lines.append(f"| {s['name']} | {s['machine'] or 'unknown'} | {s['kind']} | {len(s['rows'])} | "
-                     f"{s['counts']['keep']} | {s['counts']['crash']} | "
+                     f"{len(s['kept'])} | {s['counts']['crash']} | "
                      f"{f'{base:.6f}' if base is not None else 'none'} | "
                      f"{f'{best:.6f}' if best is not None else 'none'} | {gain_text(s)} | {per_hour} |")
     return lines + [""]
