@@ -145,7 +145,8 @@ def test_report_groups_crashes_by_cause_from_tags_and_the_last_run_log(night):
     crashes = (night / "report.md").read_text().split("### Crashes")[1].split("###")[0]
     assert "- **out of memory** (1): " in crashes and " depth 8" in crashes
     assert "- **TypeError** (1): " in crashes
-    assert "rope base as a string (TypeError: unsupported operand type(s) for ** or pow(): 'str' and 'Tensor')" in crashes
+    assert ("rope base as a string (TypeError: unsupported operand type(s) for ** or pow(): 'str' and "
+            "'Tensor')") in crashes
 
 
 def test_report_counts_experiments_per_hour_and_where_the_time_went(night):

@@ -204,7 +204,8 @@ def draw_series(ax, index, name, rows, colour, crash_colour, clip):
     descriptions = []
     if noise_runs["baseline"]:
         x, row = noise_runs["baseline"][0]
-        descriptions.append((x, row["val_bpb"], "baseline" if len(baselines) == 1 else f"baseline ({len(baselines)} runs)"))
+        label = "baseline" if len(baselines) == 1 else f"baseline ({len(baselines)} runs)"
+        descriptions.append((x, row["val_bpb"], label))
     for x, row in wins:
         text = split_tags(row["description"])[0]
         descriptions.append((x, row["val_bpb"], text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS - 1] + "…"))

@@ -215,7 +215,8 @@ def analyse(name, rows, facts, log_text):
                 delta = None if running is None else mean - running
                 kept.append((row, mean, len(runs_of[row["commit"]]), delta, steps))
                 # One lucky run can clear the threshold: a win inside twice the noise wants a second look.
-                if noise and noise[0] and delta is not None and -delta < CONFIRM_NOISE * noise[0] and len(runs_of[row["commit"]]) == 1:
+                narrow = noise and noise[0] and delta is not None and -delta < CONFIRM_NOISE * noise[0]
+                if narrow and len(runs_of[row["commit"]]) == 1:
                     confirm.append((row, delta, f"kept on one run by {-delta / noise[0]:.1f}x the noise: confirm it"))
             if running is None or mean < running:
                 running, best_commit = mean, row["commit"]
@@ -251,7 +252,8 @@ def analyse(name, rows, facts, log_text):
         "kept": kept, "worth": (confirm + sorted(near, key=lambda item: item[1])
                   + sorted(disturbed, key=lambda item: item[1]))[:MAX_RERUNS],
         "mostly_noise": len(near) >= max(3, sum(r["role"] == "experiment" for r in finished) / 2),
-        "crashes": crashes, "timing": time_spent(rows, facts), "counts": Counter("baseline" if r["role"] == "baseline" else r["status"] for r in rows),
+        "crashes": crashes, "timing": time_spent(rows, facts),
+        "counts": Counter("baseline" if r["role"] == "baseline" else r["status"] for r in rows),
     }
 
 
@@ -318,11 +320,11 @@ def describe_kind(section):
     runs = section["runs"]
     if not runs:
         return section["kind"]
-    first = runs[-1]
-    ranks = first.get("world_size", 1)
-    return (f"{section['kind']}: profile {first.get('profile', '?')}, dataset {first.get('dataset', '?')}, "
-            f"time budget {float(first.get('time_budget', 0)):g} s, {ranks} rank{'s' if ranks != 1 else ''}, "
-            f"harness {first.get('harness', '?')}")
+    latest = runs[-1]
+    ranks = latest.get("world_size", 1)
+    return (f"{section['kind']}: profile {latest.get('profile', '?')}, dataset {latest.get('dataset', '?')}, "
+            f"time budget {float(latest.get('time_budget', 0)):g} s, {ranks} rank{'s' if ranks != 1 else ''}, "
+            f"harness {latest.get('harness', '?')}")
 
 
 def section_lines(section, heading):
@@ -356,7 +358,8 @@ def section_lines(section, heading):
 
     lines += ["### Kept changes", ""]
     if section["kept"]:
-        lines += ["| # | commit | change | val_bpb | delta | steps | diff |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["| # | commit | change | val_bpb | delta | steps | diff |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for row, mean, n, delta, steps in section["kept"]:
             diff = facts[row["commit"]][1] if row["commit"] in facts else "commit not in this repository"
             value = f"{mean:.6f}" + (f" ({n} runs)" if n > 1 else "")
@@ -369,7 +372,8 @@ def section_lines(section, heading):
 
     lines += ["### Worth a rerun", ""]
     if section["worth"]:
-        lines += ["| # | commit | change | val_bpb | vs best mean then | why |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["| # | commit | change | val_bpb | vs best mean then | why |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for row, delta, why in section["worth"]:
             lines.append(f"| {row['index']} | {row['commit']} | {row['text']} | {row['val_bpb']:.6f} | "
                          f"{delta:+.6f} | {why} |")
