@@ -1018,7 +1018,13 @@ def prepare(name, *, source=None, num_shards=None, vocab_size=VOCAB_SIZE, shard_
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Build a dataset and its tokenizer for train.py / train_mlx.py.")
+        description="Build a dataset and its tokenizer for train.py / train_mlx.py, and make it the "
+                    "active dataset.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"""environment:
+  AUTORESEARCH_CACHE_DIR     where the dataset folders go (default {DEFAULT_CACHE_ROOT})
+  {DOWNLOAD_URL_ENV}  replaces the download host of climbmix and tinystories (a mirror)
+  AUTORESEARCH_DATASET       not read here: it makes training use another prepared dataset than
+                             the one prepared last""")
     parser.add_argument("--dataset", choices=DATASETS, default="climbmix",
                         help="climbmix (download, default), tinystories (download), "
                              "pystdlib (offline: this Python's standard library), local (--source)")

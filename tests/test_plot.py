@@ -80,3 +80,72 @@ def test_diverged_result_is_drawn_off_scale_and_crash_band_sits_below_the_data()
     assert clip == pytest.approx(1.62 + 0.5 * (1.62 - 1.58))  # 3.4 would flatten everything else
     assert top == pytest.approx(clip + 0.08 * (clip - 1.58))
     assert bottom < 1.58 - 0.08 * (clip - 1.58)
+
+
+def dense_history(experiments=120, every_kept=4):
+    """A long night: a 3-run baseline, then a kept win every few experiments with a long
+    description, discards just above the running best and a crash every 10th."""
+    rows = [f"b000001\t{1.600 + d:.6f}\t3.1\t{'keep' if run == 1 else 'discard'}\tbaseline (run {run}/3)"
+            for run, d in ((1, 0.0), (2, 0.0012), (3, -0.0009))]
+    best = 1.600
+    for i in range(experiments):
+        if i % 10 == 9:
+            rows.append(f"c{i:06d}\t0.000000\t0.0\tcrash\tdepth {i} (out of memory)")
+        elif i % every_kept == 0:
+            best -= 0.0004 + 0.0003 * (i % 3)
+            rows.append(f"c{i:06d}\t{best:.6f}\t3.2\tkeep\tmatrix lr {0.04 + i / 1000:.3f} with warmdown "
+                        f"ratio {0.5 + i / 500:.3f} [non-standard, 15s budget]")
+        else:
+            rows.append(f"c{i:06d}\t{best + 0.0005 * (i % 7):.6f}\t3.2\tdiscard\ttry {i}")
+    return HEADER + "\n".join(rows) + "\n"
+
+
+def label_boxes(fig):
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()
+    texts = fig.axes[0].texts
+    for text in texts:
+        text.update_positions(renderer)
+    return [(text.get_text(), Text.get_window_extent(text, renderer)) for text in texts]
+
+
+def test_labels_of_a_dense_history_never_overlap():
+    module = load_plot_module()
+    rows = module.parse_results(dense_history())
+    wins = [r for r in rows if r["status"] == "keep" and not r["description"].startswith("baseline")]
+    fig = module.draw([("results.tsv", rows)])
+    boxes = label_boxes(fig)
+    module.plt.close(fig)
+    texts = [text for text, _ in boxes]
+    assert len(wins) == 30
+    assert texts.count("baseline (3 runs)") == 1  # one label for the three runs, not three
+    assert sum(text.startswith("matrix lr") for text in texts) == len(wins)  # every win labelled
+    for i, (text_a, a) in enumerate(boxes):
+        for text_b, b in boxes[i + 1:]:
+            apart = a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0
+            assert apart, f"{text_a!r} at {a.bounds} overlaps {text_b!r} at {b.bounds}"
+
+
+def test_baseline_and_rerun_rows_are_not_drawn_as_kept_wins():
+    module = load_plot_module()
+    rows = module.parse_results(HEADER + (
+        "b000001\t1.620000\t3.1\tkeep\tbaseline (run 1/2)\n"
+        "b000001\t1.625000\t3.1\tdiscard\tbaseline (run 2/2)\n"
+        "a000002\t1.600000\t3.1\tkeep\tlower lr\n"
+        "a000002\t1.604000\t3.1\tkeep\tlower lr [rerun 2/3]\n"
+        "a000003\t1.610000\t3.1\tdiscard\twider mlp\n"))
+    fig = module.draw([("results.tsv", rows)])
+    drawn = {c.get_gid(): [tuple(p) for p in c.get_offsets()] for c in fig.axes[0].collections if c.get_gid()}
+    module.plt.close(fig)
+    assert drawn["kept"] == [(3.0, 1.6)]
+    assert drawn["baseline"] == [(1.0, 1.62), (2.0, 1.625)]
+    assert drawn["rerun"] == [(4.0, 1.604)]
+    assert drawn["discarded"] == [(5.0, 1.61)]
+
+
+def test_split_tags_separates_the_runner_tags_from_the_description():
+    module = load_plot_module()
+    assert module.split_tags("lower lr [rerun 2/3] [non-standard, 15s budget]") == (
+        "lower lr", ["rerun 2/3", "non-standard, 15s budget"])
+    assert module.split_tags("a [b] in the middle") == ("a [b] in the middle", [])

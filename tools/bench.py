@@ -40,6 +40,12 @@ import prepare  # noqa: E402
 from backends import hardware  # noqa: E402
 from backends.report import harness_hash, read_run_json  # noqa: E402
 
+ENVIRONMENT = """environment:
+  AUTORESEARCH_CACHE_DIR  the data and the cached matmul peak (default ~/.cache/autoresearch)
+  AUTORESEARCH_DATASET    which prepared dataset to train on (default: the one prepared last)
+  AUTORESEARCH_BACKEND, AUTORESEARCH_PROFILE, AUTORESEARCH_TIME_BUDGET
+                          not read: bench sets them for each run from --backend, --profile and
+                          --seconds (and AUTORESEARCH_RUNS_DIR to a temporary folder)"""
 BACKEND_ORDER = ("cpu", "cuda", "mps", "mlx")
 DEFAULT_SECONDS = 60
 DEFAULT_REPEATS = 3
@@ -196,7 +202,8 @@ def format_table(results):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=ENVIRONMENT,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=("all",) + BACKEND_ORDER, default="all",
                         help="one backend, or all that this machine has (default)")
     parser.add_argument("--profile", choices=("standard", "smoke"), default="standard",

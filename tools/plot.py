@@ -6,11 +6,17 @@
 
 Every experiment in order on x, val_bpb on y (lower is better). Each results file or branch is one
 series with its own colour: kept experiments are large dots, discarded ones small and faded, the
-running best is a step line, crashes are red crosses along the bottom edge. Results far worse than
-anything kept sit as triangles on the top edge, so one diverged run does not flatten the rest.
+running best is a step line, crashes are red crosses along the bottom edge. Baseline runs are
+hollow diamonds and reruns hollow squares whatever their status: they measure the noise, they are
+not wins. Results far worse than anything kept sit as triangles on the top edge, so one diverged
+run does not flatten the rest. Labels are placed one by one where they overlap no other label
+(measured with the renderer); one that finds no free place is left out.
+
+Reads no environment variables.
 """
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +26,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,22 +53,53 @@ OFF_SCALE_MIN_FRACTION = 0.01
 CRASH_ROW = 0.035  # height of one series' row of crash markers, as a fraction of the axes
 MAX_ANNOTATIONS = 40  # label kept experiments with their description (single series only)
 LABEL_CHARS = 38
+LABEL_FONT_SIZE = 7
+LABEL_GAP = 2  # display pixels kept free between two labels
+MARKER_PIXELS = 16  # a kept marker's width at DPI (s=55 points squared: about 7.4 points)
+# Vertical offsets (points) a label tries in turn: just above its point, just below, then further
+# out on both sides, so a label lands as close to its point as the labels already placed allow.
+LABEL_OFFSETS = [5 + sign * step for step in range(0, 400, 11) for sign in (1, -1)][1:]
+VALUE_OFFSETS = [5, 14]  # an off-scale value sits above its triangle, or one row higher
+DPI = 150
+TAG = re.compile(r"\s*\[([^\[\]]*)\]\s*$")  # one trailing "[...]" tag of a description
 
 
-def load_series(files, branches):
-    """(name, rows) for each results file and each branch's committed results.tsv."""
+def split_tags(description):
+    """(text, tags): a description without its trailing "[...]" tags, and the tags in order."""
+    tags = []
+    while (found := TAG.search(description)):
+        tags.insert(0, found.group(1).strip())
+        description = description[:found.start()]
+    return description.strip(), tags
+
+
+def row_role(row):
+    """'baseline', 'rerun' or 'experiment'. Baseline runs and the runner's reruns of one commit
+    ("[run 2]", "[run 3]" ... after the first) measure noise: they are never drawn as wins. An
+    idea tried again as a new experiment is an experiment."""
+    text, tags = split_tags(row["description"])
+    if text.lower().startswith("baseline") or any(tag.lower().startswith("baseline") for tag in tags):
+        return "baseline"
+    if any(tag.lower().startswith(("rerun", "run ")) for tag in tags):
+        return "rerun"
+    return "experiment"
+
+
+def load_series(files, branches, parse=parse_results):
+    """(name, rows) for each results file and each branch's committed results.tsv, read by
+    parse(text, source)."""
     series = []
     for name in files:
         path = Path(name)
         if not path.is_file():
             raise SystemExit(f"{path} not found: pass a results.tsv written by tools/experiment.py")
-        series.append((path.stem if len(files) + len(branches) > 1 else str(path), parse_results(path.read_text(), path)))
+        series.append((path.stem if len(files) + len(branches) > 1 else str(path), parse(path.read_text(), path)))
     for branch in branches:
         shown = subprocess.run(["git", "show", f"{branch}:results.tsv"], capture_output=True, text=True)
         if shown.returncode != 0:
             raise SystemExit(f"no results.tsv committed on {branch}: commit it there (git commit results.tsv) "
                              "or pass the file itself")
-        series.append((branch, parse_results(shown.stdout, f"{branch}:results.tsv")))
+        series.append((branch, parse(shown.stdout, f"{branch}:results.tsv")))
     return series
 
 
@@ -98,45 +137,106 @@ def running_best(rows):
     return xs, ys
 
 
-def draw_series(ax, index, name, rows, colour, crash_colour, clip, annotate):
-    ok = [(x, r) for x, r in enumerate(rows, start=1) if r["status"] != "crash"]
-    kept = [(x, r) for x, r in ok if r["status"] == "keep"]
-    tried = [(x, r) for x, r in ok if r["status"] != "keep"]
+def overlaps(a, b):
+    """Whether two display-space boxes overlap, with LABEL_GAP pixels of room between them."""
+    return (a.x0 < b.x1 + LABEL_GAP and b.x0 < a.x1 + LABEL_GAP
+            and a.y0 < b.y1 + LABEL_GAP and b.y0 < a.y1 + LABEL_GAP)
+
+
+def text_box(label, renderer):
+    """The display-space box of a label's text alone (an annotation's own extent adds its leader)."""
+    label.update_positions(renderer)  # an annotation resolves its offset only when drawn or asked to
+    return Text.get_window_extent(label, renderer)
+
+
+def marker_boxes(ax, points):
+    """Display-space boxes around the labelled markers, so that no label covers one."""
+    half = MARKER_PIXELS / 2
+    centres = [ax.transData.transform(point) for point in points]
+    return [Bbox([[cx - half, cy - half], [cx + half, cy + half]]) for cx, cy in centres]
+
+
+def place_labels(ax, labels, offsets, region, taken, **style):
+    """Annotate each (x, y, text) at the first vertical offset (points) where its text lies inside
+    `region` (a display-space box) and overlaps none of the boxes in `taken`, which grows. A label
+    placed away from its point gets a thin leader line; one with no free place is left out."""
+    renderer = ax.figure.canvas.get_renderer()
+    for x, y, text in labels:
+        right_half = ax.transData.transform((x, y))[0] > region.x0 + 0.6 * region.width
+        for dy in offsets:
+            leader = dict(arrowstyle="-", color="#aaaaaa", linewidth=0.5) if abs(dy) > 12 else None
+            label = ax.annotate(text, (x, y), xytext=(-4 if right_half else 4, dy), textcoords="offset points",
+                                ha="right" if right_half else "left", va="bottom" if dy > 0 else "top",
+                                annotation_clip=False, arrowprops=leader, **style)
+            box = text_box(label, renderer)
+            inside = region.x0 <= box.x0 and box.x1 <= region.x1 and region.y0 <= box.y0 and box.y1 <= region.y1
+            if inside and not any(overlaps(box, other) for other in taken):
+                taken.append(box)
+                break
+            label.remove()
+
+
+def draw_series(ax, index, name, rows, colour, crash_colour, clip):
+    """Draw one series' markers and running best. Returns (off-scale values, descriptions), each a
+    list of (x, y, text) labels, and the (x, y) of the markers that labels must not cover."""
+    roles = [row_role(r) for r in rows]
+    ok = [(x, r, role) for x, (r, role) in enumerate(zip(rows, roles), start=1) if r["status"] != "crash"]
+    wins = [(x, r) for x, r, role in ok if r["status"] == "keep" and role == "experiment"]
+    tried = [(x, r) for x, r, role in ok if r["status"] != "keep" and role == "experiment"]
+    noise_runs = {role: [(x, r) for x, r, row_kind in ok if row_kind == role and r["val_bpb"] <= clip]
+                  for role in ("baseline", "rerun")}
     on_scale = [(x, r) for x, r in tried if r["val_bpb"] <= clip]
-    off_scale = [(x, r) for x, r in tried if r["val_bpb"] > clip]
+    off_scale = [(x, r) for x, r, _ in ok if r["val_bpb"] > clip and (x, r) not in wins]
     crashed = [x for x, r in enumerate(rows, start=1) if r["status"] == "crash"]
 
     ax.scatter([x for x, _ in on_scale], [r["val_bpb"] for _, r in on_scale], s=18, color=colour, alpha=0.3,
-               linewidths=0, zorder=2)
+               linewidths=0, zorder=2, gid="discarded")
     ax.scatter([x for x, _ in off_scale], [clip] * len(off_scale), s=30, marker="^", color=colour, alpha=0.3,
-               linewidths=0, zorder=2, clip_on=False)
-    for x, row in off_scale:
-        ax.annotate(f"{row['val_bpb']:.3f}", (x, clip), xytext=(0, 5), textcoords="offset points", fontsize=6,
-                    ha="center", color=colour, alpha=0.7)
+               linewidths=0, zorder=2, clip_on=False, gid="off scale")
+    for role, marker in (("baseline", "D"), ("rerun", "s")):
+        group = noise_runs[role]
+        ax.scatter([x for x, _ in group], [r["val_bpb"] for _, r in group], s=34, marker=marker,
+                   facecolors="white", edgecolors=colour, linewidths=1.2, zorder=4, gid=role)
+    baselines = [(x, r) for x, r, role in ok if role == "baseline"]
     xs, ys = running_best(rows)
     best = f"best {ys[-1]:.4f}, " if ys else ""
     ax.step(xs, ys, where="post", color=colour, linewidth=1.8, alpha=0.9, zorder=3,
-            label=f"{name}\n{best}{len(kept)} kept, {len(tried)} discarded, {len(crashed)} crashed")
-    ax.scatter([x for x, _ in kept], [r["val_bpb"] for _, r in kept], s=55, color=colour, edgecolors="black",
-               linewidths=0.6, zorder=4)
+            label=f"{name}\n{best}{len(wins)} kept, {len(tried)} discarded, {len(crashed)} crashed"
+                  + (f", {len(baselines)} baseline runs" if baselines else ""))
+    ax.scatter([x for x, _ in wins], [r["val_bpb"] for _, r in wins], s=55, color=colour, edgecolors="black",
+               linewidths=0.6, zorder=4, gid="kept")
     ax.scatter(crashed, [crash_row(index + 0.5)] * len(crashed), marker="x", s=30, color=crash_colour,
-               linewidths=1.5, zorder=4, transform=ax.get_xaxis_transform())
-    if annotate and len(kept) <= MAX_ANNOTATIONS:
-        for x, row in kept:
-            text = ledger.LEGACY_TAG.sub("", ledger.KIND_TAG.sub("", row["description"]))
-            text = text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS - 1] + "…"
-            ax.annotate(text, (x, row["val_bpb"]), xytext=(6, 5), textcoords="offset points", fontsize=7,
-                        rotation=25, color="#333333", zorder=5)
+               linewidths=1.5, zorder=4, transform=ax.get_xaxis_transform(), gid="crash")
+
+    values = [(x, clip, f"{r['val_bpb']:.3f}") for x, r in off_scale]
+    descriptions = []
+    if noise_runs["baseline"]:
+        x, row = noise_runs["baseline"][0]
+        label = "baseline" if len(baselines) == 1 else f"baseline ({len(baselines)} runs)"
+        descriptions.append((x, row["val_bpb"], label))
+    for x, row in wins:
+        text = split_tags(row["description"])[0]
+        descriptions.append((x, row["val_bpb"], text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS - 1] + "…"))
+    markers = [(x, r["val_bpb"]) for x, r in wins + noise_runs["baseline"] + noise_runs["rerun"]]
+    return values, descriptions, markers
 
 
-def plot(series, output):
-    fig, ax = plt.subplots(figsize=(12, 6.5))
+def draw(series):
+    """The figure for these series, labels placed; the caller saves and closes it."""
+    fig, ax = plt.subplots(figsize=(12, 6.5), dpi=DPI)
     bottom, top, clip = value_range(series)
     single = len(series) == 1
+    values, descriptions, markers = [], [], []
     for index, (name, rows) in enumerate(series):
         colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
         # One series: red crosses. Several: each series' crosses in its colour, on its own row.
-        draw_series(ax, index, name, rows, colour, CRASH_COLOUR if single else colour, clip, annotate=single)
+        series_values, series_descriptions, series_markers = draw_series(
+            ax, index, name, rows, colour, CRASH_COLOUR if single else colour, clip)
+        values += [(label, colour) for label in series_values]
+        markers += series_markers
+        # Descriptions only on a single series (several would bury the points), at most MAX_ANNOTATIONS.
+        if single and len(series_descriptions) <= MAX_ANNOTATIONS + 1:
+            descriptions = series_descriptions
     ax.set_ylim(bottom, top)
     band = crash_row(len(series))
     ax.plot([0, 1], [band, band], transform=ax.transAxes, color="#bbbbbb", linewidth=0.8, linestyle=":")
@@ -152,7 +252,7 @@ def plot(series, output):
         first = next((r["val_bpb"] for r in rows if r["status"] == "keep"), None)
         gain = f": best {ys[-1]:.6f}, {ys[-1] - first:+.6f} from the first kept result {first:.6f}" if ys else ""
         kinds = {r["kind"] for r in rows if r["status"] != "crash"}
-        kind = f" ({kinds.pop()} results)" if len(kinds) == 1 and not kinds & {"legacy"} else ""
+        kind = f" ({kinds.pop()})" if len(kinds) == 1 and not kinds & {"legacy"} else ""
         ax.set_title(f"autoresearch progress: {name}{kind}\n{len(rows)} experiments{gain}", fontsize=11)
     else:
         ax.set_title(f"autoresearch progress: {len(series)} runs side by side")
@@ -161,6 +261,10 @@ def plot(series, output):
         Line2D([], [], marker="o", linestyle="", markersize=7, color=grey, markeredgecolor="black", label="kept"),
         Line2D([], [], marker="o", linestyle="", markersize=5, color=grey, alpha=0.3, label="discarded"),
         Line2D([], [], marker="^", linestyle="", markersize=6, color=grey, alpha=0.3, label="discarded, off scale"),
+        Line2D([], [], marker="D", linestyle="", markersize=5, markerfacecolor="white", markeredgecolor=grey,
+               label="baseline run"),
+        Line2D([], [], marker="s", linestyle="", markersize=5, markerfacecolor="white", markeredgecolor=grey,
+               label="rerun"),
         Line2D([], [], marker="x", linestyle="", markersize=6, color=CRASH_COLOUR if single else grey,
                markeredgewidth=1.5, label="crash (no val_bpb)"),
         Line2D([], [], color=grey, linewidth=1.8, label="running best"),
@@ -169,12 +273,28 @@ def plot(series, output):
     ax.legend(handles=handles + legend_keys, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8,
               frameon=False, labelspacing=0.9)
     fig.tight_layout()
-    fig.savefig(output, dpi=150)
+    # Labels go last, once the layout is final: their places are measured in display space.
+    renderer = fig.canvas.get_renderer()
+    taken = [ax.title.get_window_extent(renderer)] + marker_boxes(ax, markers)
+    for label, colour in values:
+        place_labels(ax, [label], VALUE_OFFSETS, fig.bbox, taken, fontsize=6, color=colour, alpha=0.7)
+    inside = ax.get_window_extent(renderer)
+    above_crashes = Bbox([[inside.x0, ax.transAxes.transform((0, band))[1]], [inside.x1, inside.y1]])
+    place_labels(ax, descriptions, LABEL_OFFSETS, above_crashes, taken,
+                 fontsize=LABEL_FONT_SIZE, color="#333333", zorder=5)
+    return fig
+
+
+def plot(series, output):
+    """Draw the series and write the image to `output`."""
+    fig = draw(series)
+    fig.savefig(output, dpi=DPI)
     plt.close(fig)
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Plot val_bpb of every experiment in results.tsv files.")
+    parser = argparse.ArgumentParser(description="Plot val_bpb of every experiment in results.tsv files.",
+                                     epilog="environment: reads no environment variables")
     parser.add_argument("files", nargs="*", help="results.tsv files (default: results.tsv)")
     parser.add_argument("--branch", action="append", default=[],
                         help="also plot the results.tsv committed on this git branch (repeatable)")

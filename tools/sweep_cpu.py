@@ -24,6 +24,14 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_PATH = REPO_ROOT / "tools" / "sweep_cpu_results.tsv"
+ENVIRONMENT = """environment:
+  AUTORESEARCH_CACHE_DIR    the data and the cached matmul peak (default ~/.cache/autoresearch)
+  AUTORESEARCH_DATASET      which prepared dataset to train on (default: the one prepared last)
+  AUTORESEARCH_TIME_BUDGET  passed to every run; leave it unset for the standard 300 s (each row
+                            records whether its run was standard)
+  AUTORESEARCH_PROFILE      passed to every run; leave it unset (smoke replaces the swept sizes)
+  AUTORESEARCH_BACKEND      not read: every run is set to cpu (and AUTORESEARCH_RUNS_DIR to a
+                            temporary folder)"""
 BASE = {"depth": 4, "aspect_ratio": 64, "head_dim": 64, "window_pattern": "L", "seq_len": 2048,
         "device_batch_size": 8, "total_batch_size": 2**14}
 GRID = [
@@ -95,7 +103,8 @@ def parse_config(text):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=ENVIRONMENT,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", help="key=value,... (repeatable); default: the grid")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per run before it is killed")
     args = parser.parse_args()
