@@ -345,6 +345,7 @@ def test_a_run_that_spends_too_long_outside_its_timed_steps_is_over_budget(repo,
     # The allowance is 60 s + 20% of the budget; shrink it here instead of waiting for minutes.
     monkeypatch.setattr(experiment.budget, "ALLOWANCE_SECONDS", 0.0)
     monkeypatch.setattr(experiment.budget, "ALLOWANCE_FRACTION", 0.0)
+    monkeypatch.setattr(experiment.monitor, "DISTURBED_SHARE", 1.0)  # other tests may share the machine
     monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "0.5")
     for key, value in env.items():
         if key != "AUTORESEARCH_TIME_BUDGET":
@@ -366,6 +367,18 @@ def test_a_run_that_spends_too_long_outside_its_timed_steps_is_over_budget(repo,
     assert "[over budget: 1 s wall for a 0.5 s budget, at most 0 s]" in rows(repo)[-1][4]
     assert rows(repo)[-1][3] == "discard"
     assert git(repo, "rev-parse", "HEAD") == kept
+    # The same overrun while other work loads the machine (accepted with --max-disturbance 1) is
+    # blamed on the load: not evidence, not over budget.
+    monkeypatch.setattr(experiment.monitor, "DISTURBED_SHARE", 0.2)
+    plan(env, *[{"val_bpb": 1.3, "mode": "spin", "seconds": 1.0}] * 3)
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        with pytest.raises(SystemExit):
+            experiment.main()
+    finally:
+        burner.kill()
+        burner.wait()
+    assert "[disturbed: 1 s wall for a 0.5 s budget, at most 0 s while other processes used" in rows(repo)[-1][4]
 
 
 def test_results_of_another_kind_are_never_compared(repo, env):

@@ -228,3 +228,16 @@ def test_crash_causes_are_grouped_by_kind_of_failure():
     assert module.cause_group("exit code 1: ValueError: bad shape") == "ValueError"
     assert module.cause_group("depth 16 (OOM)") == "out of memory"
     assert module.cause_group(None) == "cause not recorded"
+
+
+def test_rows_written_by_the_runner_give_kind_reruns_and_crash_causes():
+    module = load_report_module()
+    kind = "[standard 300s/standard/pystdlib/cpu/cpu/x1]"
+    rows = module.parse_rows(HEADER + (
+        f"a000001\t1.500000\t2.0\tkeep\tbaseline {kind}\n"
+        f"a000001\t1.502000\t2.0\tkeep\tbaseline [run 2] {kind}\n"
+        f"a000002\t1.490000\t2.0\tdiscard\tlr 0.05 [run 2] [disturbed: other processes used 41% of the CPU] {kind}\n"
+        f"a000003\t0.000000\t0.0\tcrash\tdepth 9 [crash: exit code 1: FAIL: loss is nan at step 3] {kind}\n"))
+    assert {row["kind"] for row in rows} == {kind[1:-1]}
+    assert [row["role"] for row in rows] == ["baseline", "baseline", "rerun", "experiment"]
+    assert module.cause_group(module.crash_cause(rows[3], "")) == "diverged (NaN or exploding loss)"

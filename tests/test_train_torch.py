@@ -259,10 +259,11 @@ def check_finished_run(result, runs_dir, backend):
     assert 0 <= saved["data_wait_percent"] < 100
     assert saved["val_bpb"] == pytest.approx(fields["val_bpb"], abs=1e-6)
     assert len(list(runs_dir.glob("run_*.json"))) == 1
-    # The runner's budget check: the shipped script reports its untimed steps and stays inside.
+    # The runner's token check: the shipped script reports its untimed steps and stays inside.
+    # (Its wall time against the allowance depends on the machine: measured, see docs/design.md.)
     assert saved["untimed_steps"] == 2 and saved["untimed_tokens"] == 2 * saved["total_batch_size"]
     assert saved["timed_tokens"] + saved["untimed_tokens"] == saved["num_steps"] * saved["total_batch_size"]
-    assert budget.over_budget(saved, saved["total_seconds"], saved["time_budget"]) is None
+    assert budget.token_problem(saved) is None
 
 
 def test_smoke_run_trains_evaluates_and_reports(tiny_dataset, tmp_path):

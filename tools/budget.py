@@ -35,10 +35,20 @@ def allowance_seconds(time_budget):
 
 def over_budget(fields, wall_seconds, time_budget):
     """Why this result is over budget, or None when it is inside. time_budget is the harness's."""
+    return wall_time_problem(wall_seconds, time_budget) or token_problem(fields)
+
+
+def wall_time_problem(wall_seconds, time_budget):
+    """Why this wall time is past the allowance, or None."""
     limit = float(time_budget) + allowance_seconds(time_budget)
     if wall_seconds > limit:
         return (f"over budget: {wall_seconds:.0f} s wall for a {float(time_budget):g} s budget, "
                 f"at most {limit:.0f} s")
+    return None
+
+
+def token_problem(fields):
+    """Why this run's token accounting is missing, inconsistent or past the untimed share, or None."""
     missing = [key for key in ACCOUNTING_KEYS if not isinstance(fields.get(key), (int, float))]
     if missing:
         return f"over budget: the script reports no {', '.join(missing)}, so its tokens cannot be checked"

@@ -421,12 +421,19 @@ def execute(script, timeout, kind, max_disturbance):
     if ran_as != kind:
         note = f"unjudged: ran as {ran_as}, expected {kind}"
         return Run(verdict.Outcome(rejected=note), fields, note, load, wall)
-    over = budget.over_budget(fields, wall, kind.time_budget)
-    if over:
-        return Run(verdict.Outcome(rejected=over), fields, over, load, wall)
     disturbed = load.disturbance(max_disturbance)
     if disturbed:
         return Run(verdict.Outcome(void=disturbed), fields, disturbed, load, wall)
+    slow = budget.wall_time_problem(wall, kind.time_budget)
+    if slow and load.other_cpu_share > monitor.DISTURBED_SHARE:
+        # Accepted load (--max-disturbance) still slows start-up and evaluation: the overrun says
+        # nothing about the idea, so the run is not evidence rather than over budget.
+        note = (f"disturbed: {slow.removeprefix('over budget: ')} while other processes used "
+                f"{100 * load.other_cpu_share:.0f}% of the CPU")
+        return Run(verdict.Outcome(void=note), fields, note, load, wall)
+    over = slow or budget.token_problem(fields)
+    if over:
+        return Run(verdict.Outcome(rejected=over), fields, over, load, wall)
     return Run(verdict.Outcome(value=value), fields, None, load, wall)
 
 
