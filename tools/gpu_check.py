@@ -25,18 +25,21 @@ Steps, torch part: machine, dataset (rebuilds the token cache the copy invalidat
 flex_kernels (compiled FlexAttention against SDPA with the dense mask and against causal flash:
 errors and forward + backward time of one layer at the H100 tier's shapes), bench_flex and
 bench_mask (tools/bench.py --backend cuda --seconds N --repeats 1: train.py as it is, then with
-FLEX_WINDOWS = False, the dense mask of before; the "after" runs first in case time runs out). mlx part: mlx_install, mlx_smoke (train_mlx.py, smoke profile, 10 s),
-mlx_run (train_mlx.py, N s), parity (same weights: train.py's model on CUDA, FlexAttention and
-dense mask, against train_mlx.py's on the GPU: logits, loss, gradients), mlx_windows
-(mx.fast.scaled_dot_product_attention forward + backward with mask "causal", a boolean window
-mask and no mask).
+FLEX_WINDOWS = False, the dense mask of before; the "after" runs first in case time runs out).
+mlx part: mlx_dataset (the token cache again: each call lays .gpu_check anew), mlx_install,
+mlx_smoke (train_mlx.py, smoke profile, 10 s), mlx_run (train_mlx.py, N s), parity (same
+weights: train.py's model on CUDA, FlexAttention and dense mask, against train_mlx.py's on the
+GPU: logits, loss, gradients), mlx_windows (mx.fast.scaled_dot_product_attention forward +
+backward with mask "causal", a boolean window mask and no mask).
 """
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import tempfile
@@ -44,7 +47,9 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
 STAGE_DIR = REPO_ROOT / ".gpu_check"           # carried to the device (git-ignored)
+DOWNLOAD_DIR = REPO_ROOT / ".gpu_check_download"  # the whole wheels, here only (git-ignored)
 STASH_DIR = Path("/tmp/gpu_check_stash")       # on the device: outlives a call while it stays warm
 MLX_VERSION = "0.32.4"                         # = uv.lock's mlx
 WHEEL_PLATFORM = ("3.12", "manylinux_2_35_x86_64")  # the device's python3 (KINDS.md)
@@ -145,8 +150,14 @@ def step_flex_kernels(dry_run):
                 out = path()
                 if backward:
                     torch.autograd.grad(out, (q, k, v), grad_out)
-            figures[f"{name}_ms_fwd{'_bwd' if backward else ''}"] = timed_ms(step, device, 3 if dry_run else 10)
+            label = f"{name}_ms_fwd_bwd" if backward else f"{name}_ms_fwd"
+            figures[label] = timed_ms(step, device, 3 if dry_run else 10)
     return figures
+
+
+def last_line(result):
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    return lines[-1] if lines else "no output"
 
 
 def bench(backend_args, output, script=None):
@@ -157,7 +168,7 @@ def bench(backend_args, output, script=None):
     result = subprocess.run(command, cwd=REPO_ROOT, text=True, capture_output=True)
     print(result.stdout + result.stderr)
     if result.returncode != 0:
-        raise RuntimeError(f"bench.py exit {result.returncode}: {(result.stdout + result.stderr).strip().splitlines()[-1]}")
+        raise RuntimeError(f"bench.py exit {result.returncode}: {last_line(result)}")
     report = json.loads(output.read_text())
     (backend, figures), = report["backends"].items()
     keep = ("train_tokens_per_second", "mfu_percent", "data_wait_percent", "compile_seconds",
@@ -201,7 +212,8 @@ def step_mlx_install(dry_run):
         if missing:
             raise RuntimeError(f"wheel parts {missing} are missing: the machine went back after the "
                                f"torch call; see tools/gpu_check.py's docstring for the calls")
-        joined = Path(tempfile.mkdtemp()) / sums["wheel"]
+        (STAGE_DIR / "joined").mkdir(exist_ok=True)
+        joined = STAGE_DIR / "joined" / sums["wheel"]
         with open(joined, "wb") as out:
             for name in sums["parts"]:
                 out.write(parts[name].read_bytes())
@@ -215,7 +227,7 @@ def step_mlx_install(dry_run):
                        check=True, timeout=300)
     result = subprocess.run([sys.executable, "-c", "import mlx.core as mx, importlib.metadata as m; "
                              "print(m.version('mlx'), mx.default_device(), mx.cuda.is_available())"],
-                            capture_output=True, text=True, env=step_env(), timeout=120)
+                            capture_output=True, text=True, env=step_env(for_mlx=True), timeout=120)
     if result.returncode != 0:
         raise RuntimeError(f"mlx does not import: {result.stderr.strip().splitlines()[-1]}")
     figures["mlx"] = result.stdout.strip()
@@ -230,8 +242,7 @@ def run_train_mlx(profile, seconds):
                                 env=env, text=True, capture_output=True)
         print(result.stdout.replace("\r", "\n")[-3000:] + result.stderr[-3000:])
         if result.returncode != 0:
-            raise RuntimeError(f"train_mlx.py exit {result.returncode}: "
-                               f"{(result.stdout + result.stderr).strip().splitlines()[-1]}")
+            raise RuntimeError(f"train_mlx.py exit {result.returncode}: {last_line(result)}")
         fields = json.loads((Path(runs_dir) / "last_run.json").read_text())
     keep = ("val_bpb", "train_tokens_per_second", "mfu_percent", "num_steps", "training_seconds",
             "compile_seconds", "data_wait_percent", "peak_vram_mb", "chip", "depth")
@@ -325,9 +336,9 @@ PARTS = {
     "torch": [("machine", step_machine, 60), ("dataset", step_dataset, 180),
               ("flex_kernels", step_flex_kernels, 300), ("bench_flex", step_bench_flex, None),
               ("bench_mask", step_bench_mask, None)],
-    "mlx": [("mlx_install", step_mlx_install, 300), ("mlx_smoke", step_mlx_smoke, 180),
-            ("mlx_run", step_mlx_run, None), ("parity", step_parity, 240),
-            ("mlx_windows", step_mlx_windows, 240)],
+    "mlx": [("mlx_dataset", step_dataset, 180), ("mlx_install", step_mlx_install, 300),
+            ("mlx_smoke", step_mlx_smoke, 180), ("mlx_run", step_mlx_run, None),
+            ("parity", step_parity, 240), ("mlx_windows", step_mlx_windows, 240)],
 }
 TAKES_SECONDS = {"bench_mask", "bench_flex", "mlx_run"}
 
@@ -335,13 +346,21 @@ TAKES_SECONDS = {"bench_mask", "bench_flex", "mlx_run"}
 # ---------------------------------------------------------------------------------------------
 # Running the steps
 
-def step_env():
-    """The environment of every step: the staged dataset and the installed wheels, if present."""
+def step_env(for_mlx=False):
+    """The environment of a step: the staged dataset and the installed wheels, if present, and
+    for MLX the loader's path to CUDA's libraries."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if (STAGE_DIR / "cache").is_dir():
         env["AUTORESEARCH_CACHE_DIR"] = str(STAGE_DIR / "cache")
     paths = [str(REPO_ROOT)] + ([str(STAGE_DIR / "site")] if (STAGE_DIR / "site").is_dir() else [])
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    # libmlx.so looks for CUDA's libraries beside itself (its RPATH); installed apart from them,
+    # it finds torch's copies in this interpreter's site-packages through the loader's path.
+    if for_mlx:
+        libraries = sorted(str(lib) for root in site.getsitepackages()
+                           for lib in Path(root).glob("nvidia/*/lib"))
+        inherited = [os.environ["LD_LIBRARY_PATH"]] if os.environ.get("LD_LIBRARY_PATH") else []
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries + inherited)
     return env
 
 
@@ -360,7 +379,8 @@ def run_step(name, args, log):
         log.write(f"\n===== {name} (timeout {timeout} s) =====\n")
         log.flush()
         try:
-            process = subprocess.run(command, cwd=REPO_ROOT, env=step_env(), stdout=log,
+            env = step_env(for_mlx=args.part_of[name] == "mlx")
+            process = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log,
                                      stderr=subprocess.STDOUT, timeout=timeout)
             record = (json.loads(result_file.read_text()) if result_file.exists()
                       else {"ok": False, "error": f"exit {process.returncode} without a result"})
@@ -401,11 +421,13 @@ def stage():
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("tokens"))
     (cache / "active_dataset").write_text(source.name + "\n")
-    download = STAGE_DIR / "download"
+    download = DOWNLOAD_DIR
     download.mkdir(parents=True, exist_ok=True)
     python_version, platform = WHEEL_PLATFORM
+    # uv's environments come without pip: then uvx runs pip from PyPI.
+    pip = [sys.executable, "-m", "pip"] if importlib.util.find_spec("pip") else ["uvx", "pip"]
     for name in (f"mlx=={MLX_VERSION}", f"mlx-cuda-13=={MLX_VERSION}"):
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+        subprocess.run([*pip, "download", "-q", "--no-deps",
                         "--only-binary=:all:", "--python-version", python_version,
                         "--implementation", "cp", "--platform", platform, "-d", str(download), name],
                        check=True)
@@ -418,14 +440,14 @@ def stage():
     (wheels / "parts.json").write_text(json.dumps(
         {"wheel": big.name, "sha256": hashlib.sha256(data).hexdigest(), "parts": names}))
     write_wheel_parts(names[:-1])
-    size = sum(f.stat().st_size for f in STAGE_DIR.rglob("*") if f.is_file() and "download" not in f.parts)
+    size = sum(f.stat().st_size for f in STAGE_DIR.rglob("*") if f.is_file())
     print(f"staged {source.name} and {', '.join(names[:-1])} for the torch call "
           f"({size / 2**20:.0f} MiB of the {CARRY_LIMIT / 2**20:.0f} MiB a call carries)")
 
 
 def write_wheel_parts(wanted):
     """Leave in .gpu_check/wheels exactly the parts of mlx-cuda-13 named in `wanted`."""
-    big = next((STAGE_DIR / "download").glob("mlx_cuda_13-*.whl"))
+    big = next(DOWNLOAD_DIR.glob("mlx_cuda_13-*.whl"))
     names = json.loads((STAGE_DIR / "wheels" / "parts.json").read_text())["parts"]
     data = big.read_bytes()
     for i, name in enumerate(names):
