@@ -317,6 +317,26 @@ def test_the_model_gives_the_same_logits_with_flex_windows(monkeypatch):
     assert torch.allclose(flex, dense, atol=1e-4)
 
 
+def test_compiled_blocks_take_the_block_mask_in_one_graph_each(monkeypatch):
+    # As main() compiles them on CUDA: FlexAttention inside a compiled block, no graph break.
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(**dict(SMALL, sequence_len=256, n_layer=2, n_head=4,
+                                             n_kv_head=4, n_embd=128, window_pattern="SL")))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.1)
+        idx = torch.randint(0, 96, (2, 256))
+        dense = model(idx)
+        monkeypatch.setattr(train, "FLEX_WINDOWS", True)
+        for block in model.transformer.h:
+            block.compile(dynamic=False)
+        torch._dynamo.utils.counters.clear()
+        flex = model(idx)
+    assert torch.allclose(flex, dense, atol=1e-4)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # the S and the L block
+
+
 def test_flops_per_token_counts_matmul_weights_and_attention_windows():
     config = train.GPTConfig(**SMALL)
     model = train.GPT(config)
