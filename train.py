@@ -124,7 +124,7 @@ NORM_EPS = 1e-6
 ATTENTION_BLOCKS = 4    # query blocks of matmul_attention (CPU): each skips the keys after it
 # Short-window (S) layers on CUDA: FlexAttention, whose compiled kernel skips the blocks of scores
 # outside the causal window. False: SDPA with a dense [T, T] mask, which computes every score and
-# rules out the flash kernel. Uncompiled (smoke runs) FlexAttention is no faster than the mask.
+# rules out the flash kernel. Smoke runs compile nothing, so they keep the mask.
 FLEX_WINDOWS = BACKEND == "cuda" and COMPILE
 VE_GATE_CHANNELS = 32   # value-embedding gates read this many leading channels of the block input
 
@@ -247,7 +247,8 @@ def matmul_attention(q, k, v, mask):
     return torch.cat(outputs, dim=2)
 
 
-# Compiled once here, it runs as one fused kernel also from the eager parts of the model.
+# Compiled here, FlexAttention runs as its fused kernel wherever it is called (a compiled block
+# traces into it); called as it is, it would fall back to an unfused reference implementation.
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 
