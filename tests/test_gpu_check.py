@@ -88,6 +88,17 @@ def test_a_failing_or_late_step_is_recorded_and_the_report_shows_every_figure(tm
     assert "- gpu: H200" in markdown and "- mfu_percent: 41.23" in markdown
 
 
+def test_a_step_past_its_timeout_is_ended_and_recorded(tmp_path, monkeypatch):
+    # The dry-run mlx_windows step takes seconds: a 1 s timeout ends it (and what it started).
+    monkeypatch.setattr(gpu_check, "PARTS", {"mlx": [("mlx_windows", gpu_check.step_mlx_windows, 1)]})
+    args = SimpleNamespace(part_of={"mlx_windows": "mlx"}, dry_run=True, seconds=60,
+                           ends_at=gpu_check.time.perf_counter() + 120)
+    with open(tmp_path / "log", "w") as log:
+        record = gpu_check.run_step("mlx_windows", args, log)
+    assert record["ok"] is False and record["error"] == "timed out after 1 s"
+    assert record["seconds"] < 60
+
+
 def test_a_step_runs_in_a_subprocess_of_its_own_and_returns_its_figures(tmp_path):
     args = SimpleNamespace(part_of={"mlx_windows": "mlx"}, dry_run=True, seconds=60,
                            ends_at=gpu_check.time.perf_counter() + 120)

@@ -39,6 +39,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -368,9 +369,10 @@ def run_step(name, args, log):
     """Run one step in a subprocess within its timeout; returns its record for the report."""
     function, timeout = next((f, t) for step, f, t in PARTS[args.part_of[name]] if step == name)
     timeout = timeout or (120 if args.dry_run else 2 * args.seconds + 240)
-    timeout = min(timeout, int(args.ends_at - time.perf_counter()))
-    if timeout < 20:
+    remaining = int(args.ends_at - time.perf_counter())
+    if remaining < 20:
         return {"ok": False, "error": "skipped: the call's --deadline left no time", "seconds": 0}
+    timeout = min(timeout, remaining)
     with tempfile.TemporaryDirectory() as folder:
         result_file = Path(folder) / "result.json"
         command = [sys.executable, __file__, "--step", name, "--result", str(result_file),
@@ -378,13 +380,17 @@ def run_step(name, args, log):
         started = time.perf_counter()
         log.write(f"\n===== {name} (timeout {timeout} s) =====\n")
         log.flush()
+        # A session of its own, so that a time-out ends the step's training runs with it.
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env=step_env(for_mlx=args.part_of[name] == "mlx"),
+                                   start_new_session=True)
         try:
-            env = step_env(for_mlx=args.part_of[name] == "mlx")
-            process = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, timeout=timeout)
+            process.wait(timeout=timeout)
             record = (json.loads(result_file.read_text()) if result_file.exists()
                       else {"ok": False, "error": f"exit {process.returncode} without a result"})
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
             record = {"ok": False, "error": f"timed out after {timeout} s"}
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
