@@ -222,9 +222,9 @@ def step_mlx_install(dry_run):
             raise RuntimeError(f"{sums['wheel']} joined from its parts has the wrong checksum")
         wheels.append(joined)
     if wheels and not dry_run:
-        site = STAGE_DIR / "site"
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                        "--no-compile", "--upgrade", "--target", str(site), *map(str, wheels)],
+                        "--no-compile", "--upgrade", "--target", str(STAGE_DIR / "site"),
+                        *map(str, wheels)],
                        check=True, timeout=300)
     result = subprocess.run([sys.executable, "-c", "import mlx.core as mx, importlib.metadata as m; "
                              "print(m.version('mlx'), mx.default_device(), mx.cuda.is_available())"],
