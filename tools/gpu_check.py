@@ -4,7 +4,7 @@ mask on CUDA (kernels, then train.py's MFU both ways), then MLX on the GPU throu
     uv run tools/gpu_check.py --stage             # here (PyPI reachable): fill .gpu_check/
     python3 tools/gpu_check.py --part torch --out $OUT   # device call 1, carry [".gpu_check"]
     uv run tools/gpu_check.py --stage-second      # here: swap in the second wheel part
-    python3 tools/gpu_check.py --part mlx --out $OUT     # device call 2, within 30 s, same carry
+    python3 tools/gpu_check.py --part mlx --deadline 300 --out $OUT   # device call 2, within 30 s
     uv run tools/gpu_check.py --dry-run           # on a CPU: every step at toy sizes, both parts
 
 A device machine reaches no network and holds torch but neither this kit's dataset nor mlx, so
