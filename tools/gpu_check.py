@@ -362,6 +362,9 @@ def step_env(for_mlx=False):
                            for lib in Path(root).glob("nvidia/*/lib"))
         inherited = [os.environ["LD_LIBRARY_PATH"]] if os.environ.get("LD_LIBRARY_PATH") else []
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries + inherited)
+        # Its kernels compile at run time (NVRTC) against the CUDA headers: the machine's toolkit.
+        if "CUDA_HOME" not in env and Path("/usr/local/cuda/include").is_dir():
+            env["CUDA_HOME"] = "/usr/local/cuda"
     return env
 
 
