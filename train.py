@@ -248,7 +248,7 @@ def matmul_attention(q, k, v, mask):
 
 
 # Compiled here, FlexAttention runs as its fused kernel wherever it is called (a compiled block
-# traces into it); called as it is, it would fall back to an unfused reference implementation.
+# traces into it); called as it is, it would run an unfused implementation instead.
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 

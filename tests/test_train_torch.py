@@ -172,11 +172,11 @@ def test_matmul_attention_equals_scaled_dot_product_attention(n_kv_head, window,
 
 
 # FlexAttention, which the short-window layers run on CUDA, checked on a CPU: torch compiles its
-# forward for a CPU, and its eager form (the reference implementation that torch checks the GPU
-# kernels against) runs the backward once torch's "no backward on CPU" guard is lifted. The Triton
-# kernels themselves run only on a GPU (tools/gpu_check.py).
+# forward for a CPU, and its eager form (an unfused implementation of the same attention, mask_mod
+# applied to every score) runs the backward once torch's "no backward on CPU" guard is lifted.
+# The Triton kernels themselves run only on a GPU (tools/gpu_check.py).
 
-FLEX_T = 384  # three blocks of 128 rows: a window of 100 skips block (2, 0) and cuts the others
+FLEX_T = 384  # 3 x 3 blocks of 128: a window of 100 also empties block (2, 0), below the diagonal
 CPU = torch.device("cpu")
 
 
