@@ -13,6 +13,7 @@ data, tokenizer, evaluate_bpb, TIME_BUDGET) and backends/ are locked.
     uv run torchrun --nproc_per_node 2 train.py       # data parallel: 2 processes (GPUs or cores)
 """
 
+import functools
 import gc
 import math
 import os
@@ -49,6 +50,7 @@ import torch  # noqa: E402  (imported only once the run is known to stay in PyTo
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention  # noqa: E402
 
 from backends.muon_torch import MuonAdamW  # noqa: E402
 from backends.optim import param_groups  # noqa: E402
@@ -120,6 +122,10 @@ LOSS_CHUNK_ROWS = 128   # rows of logits alive at once in the loss: a chunk fits
 LOSS_GROUP_ROWS = 2048  # rows per backward matmul of the loss (their logit gradients: 32 MB in bf16)
 NORM_EPS = 1e-6
 ATTENTION_BLOCKS = 4    # query blocks of matmul_attention (CPU): each skips the keys after it
+# Short-window (S) layers on CUDA: FlexAttention, whose compiled kernel skips the blocks of scores
+# outside the causal window. False: SDPA with a dense [T, T] mask, which computes every score and
+# rules out the flash kernel. Smoke runs compile nothing, so they keep the mask.
+FLEX_WINDOWS = BACKEND == "cuda" and COMPILE
 VE_GATE_CHANNELS = 32   # value-embedding gates read this many leading channels of the block input
 
 
@@ -179,6 +185,29 @@ def window_mask(T, window, device):
     return (distance >= 0) & (distance < window)
 
 
+@functools.cache
+def sliding_window_block_mask(T, window, device):
+    """FlexAttention's BlockMask for causal attention over the last `window` of T tokens, built
+    once per shape and device. At T = 2048 and window 1024 its kernel computes 108 of the 256
+    blocks of 128 x 128 scores, causal attention 136 and SDPA with a dense mask all 256."""
+
+    def in_window(batch, head, query, key):
+        return (query >= key) & (query - key < window)
+
+    return create_block_mask(in_window, None, None, T, T, device=device)
+
+
+def attention_mask(T, window, device):
+    """The mask attention() takes for a layer of this window at row length T: None where plain
+    causal attention fits in the window, a FlexAttention block mask with FLEX_WINDOWS, else
+    window_mask's dense one."""
+    if window >= T:
+        return None
+    if FLEX_WINDOWS:
+        return sliding_window_block_mask(T, window, device)
+    return window_mask(T, window, device)
+
+
 def rotary_tables(seq_len, head_dim):
     """cos and sin [1, seq_len, 1, head_dim // 2], fp32, for rotating channel pairs (i, i + d/2)."""
     inv_freq = ROPE_BASE ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
@@ -218,6 +247,26 @@ def matmul_attention(q, k, v, mask):
     return torch.cat(outputs, dim=2)
 
 
+# Compiled here, FlexAttention runs as its fused kernel wherever it is called (a compiled block
+# traces into it); called as it is, it would run an unfused implementation instead.
+compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+
+
+def attention(q, k, v, mask):
+    """Causal attention over q [B, H, T, D] and k, v [B, H_kv, T, D] (H_kv divides H) under an
+    attention_mask(): FlexAttention for a block mask, else matmul_attention on a CPU and SDPA
+    elsewhere, whose flash kernel serves mask None."""
+    gqa = k.size(1) != q.size(1)
+    if isinstance(mask, BlockMask):
+        # CUDA's autocast leaves the rms-normed q and k in fp32, and FlexAttention takes one dtype.
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        return compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    if q.device.type == "cpu":
+        return matmul_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=gqa)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -242,11 +291,7 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if q.device.type == "cpu":
-            y = matmul_attention(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=self.n_kv_head != self.n_head)
+        y = attention(q, k, v, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -399,7 +444,7 @@ class GPT(nn.Module):
         # and shares their compiled graph (an aliased input is a graph of its own: +20 s cold).
         x0 = x.clone()
         cos, sin = self.cos[:, :T].to(x.dtype), self.sin[:, :T].to(x.dtype)
-        masks = {w: window_mask(T, w, idx.device) for w in set(self.window_sizes)}
+        masks = {w: attention_mask(T, w, idx.device) for w in set(self.window_sizes)}
         for i, block in enumerate(self.transformer.h):
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
             x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, cos, sin,
@@ -486,6 +531,37 @@ def agree_across_ranks(train_loss, step_seconds):
 # ---------------------------------------------------------------------------------------------
 # Training run
 
+class DataWait:
+    """How long a step waits for its batches: mark() right before and right after each
+    next_batch(), seconds() once the step has finished. A CPU computes as the host runs, so the
+    wait is the host's time in next_batch(). A GPU runs the queued kernels meanwhile, so that host
+    time is no wait (read as one, round 1 showed 87% on an H100); its wait is the device's time
+    between an event queued after the micro-step's kernels and one queued after the batch's copy,
+    which is idle time only when the batch came late."""
+
+    def __init__(self, device):
+        self.event = {"cuda": torch.cuda.Event, "mps": torch.mps.Event}.get(device.type)
+        self.marks = []
+
+    def mark(self):
+        if self.event is None:
+            self.marks.append(time.perf_counter())
+        else:
+            self.marks.append(self.event(enable_timing=True))
+            self.marks[-1].record()
+
+    def seconds(self):
+        """The marked spans since the last call, summed; on a GPU every mark must have been
+        reached (true after the step's .item())."""
+        spans = zip(self.marks[0::2], self.marks[1::2])
+        if self.event is None:
+            total = sum(end - start for start, end in spans)
+        else:
+            total = sum(start.elapsed_time(end) for start, end in spans) / 1000  # ms
+        self.marks = []
+        return total
+
+
 def main():
     process_start = psutil.Process().create_time()
     backends.keep_freed_memory()  # reuse freed activations instead of page-faulting them back in
@@ -554,22 +630,22 @@ def main():
     step = 0
     training_time = 0.0
     untimed_seconds = 0.0  # the untimed steps: compilation, warm-up (the runner bounds them)
-    data_wait_time = 0.0   # of the timed steps, spent in next_batch()
+    data_wait_time = 0.0   # of the timed steps, spent waiting for next_batch() (see DataWait)
+    data_wait = DataWait(DEVICE)
     smooth_loss = 0.0
     startup_seconds = time.time() - process_start
     while True:
         backends.sync(BACKEND)
         step_start = time.perf_counter()
-        step_data_wait = 0.0
         loss_sum = torch.zeros((), device=DEVICE)
         for _ in range(grad_accum_steps):
             with autocast:
                 loss = model(x, y)
             (loss / grad_accum_steps).backward()
             loss_sum += loss.detach()
-            data_start = time.perf_counter()
+            data_wait.mark()
             x, y = next_batch()
-            step_data_wait += time.perf_counter() - data_start
+            data_wait.mark()
         distributed.average_torch_gradients(model.parameters())  # the mean over the ranks
         progress = min(training_time / TIME_BUDGET, 1.0)
         lrm = lr_multiplier(progress)
@@ -582,6 +658,7 @@ def main():
         model.zero_grad(set_to_none=True)
         train_loss = loss_sum.item() / grad_accum_steps  # .item() waits for the step to finish
         step_seconds = time.perf_counter() - step_start
+        step_data_wait = data_wait.seconds()
         train_loss, step_seconds = agree_across_ranks(train_loss, step_seconds)
         watchdog.beat()
         fail_if_diverged(train_loss, step)

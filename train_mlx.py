@@ -94,8 +94,9 @@ UNTIMED_STEPS = 2      # steps 0 and 1 (compilation, allocator warm-up) train bu
 GC_EVERY_STEPS = 5000  # the garbage collector is off during training except every this many steps
 
 # Device, precision and compilation. Parameters stay fp32; the forward pass computes in
-# COMPUTE_DTYPE: bf16 on the GPU, fp32 on the CPU, where MLX's bf16 matmuls are no faster.
-USE_BF16 = mx.metal.is_available()
+# COMPUTE_DTYPE: bf16 on a GPU (Metal, or CUDA with mlx[cuda]), fp32 on the CPU, where MLX's bf16
+# matmuls are no faster.
+USE_BF16 = mx.metal.is_available() or mx.cuda.is_available()
 COMPUTE_DTYPE = mx.bfloat16 if USE_BF16 else mx.float32
 COMPILE = True  # mx.compile traces in well under a second, so even smoke runs use it
 
@@ -432,7 +433,8 @@ def main():
     step = 0
     training_time = 0.0
     untimed_seconds = 0.0  # the untimed steps: compilation, warm-up (the runner bounds them)
-    data_wait_time = 0.0   # of the timed steps, spent in next_batch()
+    data_wait_time = 0.0   # of the timed steps, spent in next_batch(): mx.eval() has already
+                           # waited for the device, so this host time is the device's wait too
     smooth_loss = 0.0
     startup_seconds = time.time() - process_start
     while True:

@@ -72,6 +72,16 @@ def test_an_unavailable_backend_is_one_clear_error(monkeypatch):
     assert bench.chosen_backends("cpu") == ["cpu"]
 
 
+def test_a_variant_script_is_what_runs(tiny_env, tmp_path):
+    # The variant diverges at once (train.py itself would not): its failure shows it was run.
+    source = (REPO_ROOT / "train.py").read_text()
+    assert "\nMATRIX_LR = 0.04 " in source
+    variant = tmp_path / "variant.py"
+    variant.write_text(source.replace("\nMATRIX_LR = 0.04 ", "\nMATRIX_LR = float('nan') "))
+    with pytest.raises(bench.BenchError, match=r"cpu: variant.py failed \(exit 1\)"):
+        bench.run_training("cpu", 30, "smoke", variant)
+
+
 def test_smoke_benchmark_runs_every_backend_end_to_end_and_writes_every_field(tiny_dataset, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
     env.update(tiny_dataset.env, PYTHONPATH=str(REPO_ROOT))

@@ -172,6 +172,172 @@ def test_matmul_attention_equals_scaled_dot_product_attention(n_kv_head, window,
         assert torch.allclose(grad, expected_grad, atol=1e-5)
 
 
+# FlexAttention, which the short-window layers run on CUDA, checked on a CPU: torch compiles its
+# forward for a CPU, and its eager form (an unfused implementation of the same attention, mask_mod
+# applied to every score) runs the backward once torch's "no backward on CPU" guard is lifted.
+# The Triton kernels themselves run only on a GPU (tools/gpu_check.py).
+
+FLEX_T = 384  # 3 x 3 blocks of 128: a window of 100 also empties block (2, 0), below the diagonal
+CPU = torch.device("cpu")
+
+
+def attention_inputs(n_kv_head, T=FLEX_T, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, T, 16, generator=generator)
+    k, v = (torch.randn(2, n_kv_head, T, 16, generator=generator) for _ in range(2))
+    return q, k, v
+
+
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    from torch.nn.attention import flex_attention as flex_module
+    monkeypatch.setattr(flex_module, "_validate_device", lambda query, key, value: None)
+    return flex_module.flex_attention
+
+
+def test_the_block_mask_is_the_window_mask_in_blocks_and_is_built_once_per_shape():
+    block_mask = train.sliding_window_block_mask(FLEX_T, 100, CPU)
+    assert train.sliding_window_block_mask(FLEX_T, 100, CPU) is block_mask
+    dense = train.window_mask(FLEX_T, 100, CPU)
+    pos = torch.arange(FLEX_T)
+    assert torch.equal(block_mask.mask_mod(0, 0, pos[:, None], pos[None, :]), dense)
+    blocks_used = dense.view(3, 128, 3, 128).any(dim=3).any(dim=1)
+    assert torch.equal(block_mask.to_dense()[0, 0].bool(), blocks_used)
+    assert blocks_used.sum() == 5 and not blocks_used[2, 0]  # of 9 blocks, 6 causal, 9 dense
+
+
+def test_flex_is_used_only_for_windows_shorter_than_the_row_and_only_with_flex_windows(monkeypatch):
+    assert not train.FLEX_WINDOWS  # a CPU keeps matmul_attention and its dense mask
+    assert train.attention_mask(16, 16, CPU) is None and train.attention_mask(16, 32, CPU) is None
+    assert torch.equal(train.attention_mask(16, 8, CPU), train.window_mask(16, 8, CPU))
+    monkeypatch.setattr(train, "FLEX_WINDOWS", True)
+    assert train.attention_mask(16, 16, CPU) is None  # L layers keep SDPA's causal flash kernel
+    assert train.attention_mask(16, 8, CPU) is train.sliding_window_block_mask(16, 8, CPU)
+
+
+@pytest.mark.parametrize("n_kv_head, window", [(2, 100), (4, FLEX_T)], ids=["gqa-window", "causal"])
+def test_compiled_flex_attention_equals_the_dense_mask_paths(n_kv_head, window):
+    q, k, v = attention_inputs(n_kv_head)
+    dense = train.window_mask(FLEX_T, window, CPU)
+    causal = torch.ones(FLEX_T, FLEX_T, dtype=torch.bool).tril()
+    with torch.no_grad():
+        got = train.attention(q, k, v, train.sliding_window_block_mask(FLEX_T, window, CPU))
+        on_cpu = train.matmul_attention(q, k, v, dense)
+        on_gpu = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal if dense is None else dense, enable_gqa=n_kv_head != 4)
+    assert torch.allclose(got, on_cpu, atol=1e-5) and torch.allclose(got, on_gpu, atol=1e-5)
+
+
+def test_compiled_flex_attention_in_bf16_is_as_close_to_fp32_as_the_dense_mask_path():
+    q, k, v = attention_inputs(2)
+    dense = train.window_mask(FLEX_T, 100, CPU)
+    bf16 = [t.bfloat16() for t in (q, k, v)]
+    with torch.no_grad():
+        expected = train.matmul_attention(q, k, v, dense)
+        got = train.attention(*bf16, train.sliding_window_block_mask(FLEX_T, 100, CPU))
+        dense_bf16 = torch.nn.functional.scaled_dot_product_attention(*bf16, attn_mask=dense,
+                                                                      enable_gqa=True)
+    assert got.dtype == torch.bfloat16
+    # bf16 keeps 8 significant bits: both paths land within 3e-2 of fp32 on outputs of about 1.
+    assert (got.float() - expected).abs().max() < 3e-2
+    assert (dense_bf16.float() - expected).abs().max() < 3e-2
+
+
+def test_flex_attention_takes_fp32_queries_and_keys_with_bf16_values():
+    # What CUDA's autocast hands it: rms_norm runs in fp32 there, the value projection in bf16.
+    q, k, v = attention_inputs(2)
+    block_mask = train.sliding_window_block_mask(FLEX_T, 100, CPU)
+    with torch.no_grad():
+        mixed = train.attention(q, k, v.bfloat16(), block_mask)
+        bf16 = train.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), block_mask)
+    assert mixed.dtype == torch.bfloat16 and torch.equal(mixed, bf16)
+
+
+def test_flex_attention_never_sees_a_later_key_nor_one_beyond_the_window():
+    q, k, v = attention_inputs(2)
+    block_mask = train.sliding_window_block_mask(FLEX_T, 100, CPU)
+    t = 200
+    later_k, later_v = k.clone(), v.clone()
+    later_k[:, :, t + 1:] += 5.0
+    later_v[:, :, t + 1:] -= 5.0
+    older_k, older_v = k.clone(), v.clone()
+    older_k[:, :, :t - 99] += 5.0  # query t sees keys t - 99 .. t
+    older_v[:, :, :t - 99] -= 5.0
+    with torch.no_grad():
+        base = train.attention(q, k, v, block_mask)
+        later = train.attention(q, later_k, later_v, block_mask)
+        older = train.attention(q, older_k, older_v, block_mask)
+    assert torch.allclose(later[:, :, :t + 1], base[:, :, :t + 1], atol=1e-6)
+    assert not torch.allclose(later[:, :, t + 1:], base[:, :, t + 1:], atol=1e-2)
+    assert torch.allclose(older[:, :, t:], base[:, :, t:], atol=1e-6)
+    assert not torch.allclose(older[:, :, :t], base[:, :, :t], atol=1e-2)
+
+
+EAGER_FLEX_WARNING = "ignore:flex_attention called without torch.compile"
+
+
+@pytest.mark.filterwarnings(EAGER_FLEX_WARNING)
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+@pytest.mark.parametrize("window", [1, 100, 128, FLEX_T])
+def test_flex_attention_gradients_equal_matmul_attention(flex_backward_on_cpu, n_kv_head, window):
+    q, k, v = (t.requires_grad_() for t in attention_inputs(n_kv_head))
+    block_mask = train.sliding_window_block_mask(FLEX_T, window, CPU)
+    got = flex_backward_on_cpu(q, k, v, block_mask=block_mask, enable_gqa=n_kv_head != 4)
+    expected = train.matmul_attention(q, k, v, train.window_mask(FLEX_T, window, CPU))
+    assert torch.allclose(got, expected, atol=1e-5)
+    grad_out = torch.randn_like(got)
+    for grad, expected_grad in zip(torch.autograd.grad(got, (q, k, v), grad_out),
+                                   torch.autograd.grad(expected, (q, k, v), grad_out)):
+        assert torch.allclose(grad, expected_grad, atol=1e-5)
+
+
+@pytest.mark.filterwarnings(EAGER_FLEX_WARNING)
+def test_flex_attention_gradients_in_bf16_stay_close_to_fp32(flex_backward_on_cpu):
+    q, k, v = (t.requires_grad_() for t in attention_inputs(2))
+    block_mask = train.sliding_window_block_mask(FLEX_T, 100, CPU)
+    bf16 = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    grad_out = torch.randn(2, 4, FLEX_T, 16)
+    expected = train.matmul_attention(q, k, v, train.window_mask(FLEX_T, 100, CPU))
+    got = flex_backward_on_cpu(*bf16, block_mask=block_mask, enable_gqa=True)
+    for grad, expected_grad in zip(torch.autograd.grad(got, bf16, grad_out.bfloat16()),
+                                   torch.autograd.grad(expected, (q, k, v), grad_out)):
+        # Relative to the largest gradient: bf16's 8 bits, summed over up to 100 keys.
+        assert (grad.float() - expected_grad).abs().max() < 3e-2 * expected_grad.abs().max()
+
+
+def test_the_model_gives_the_same_logits_with_flex_windows(monkeypatch):
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(**SMALL))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.3)
+        idx = torch.randint(0, 96, (2, 16))
+        dense = model(idx)
+        monkeypatch.setattr(train, "FLEX_WINDOWS", True)
+        flex = model(idx)
+    assert torch.allclose(flex, dense, atol=1e-4)
+
+
+def test_compiled_blocks_take_the_block_mask_in_one_graph_each(monkeypatch):
+    # As main() compiles them on CUDA: FlexAttention inside a compiled block, no graph break.
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(**dict(SMALL, sequence_len=256, n_layer=2, n_head=4,
+                                             n_kv_head=4, n_embd=128, window_pattern="SL")))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.1)
+        idx = torch.randint(0, 96, (2, 256))
+        dense = model(idx)
+        monkeypatch.setattr(train, "FLEX_WINDOWS", True)
+        for block in model.transformer.h:
+            block.compile(dynamic=False)
+        torch._dynamo.utils.counters.clear()
+        flex = model(idx)
+    assert torch.allclose(flex, dense, atol=1e-4)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # the S and the L block
+
+
 def test_flops_per_token_counts_matmul_weights_and_attention_windows():
     config = train.GPTConfig(**SMALL)
     model = train.GPT(config)
@@ -182,6 +348,26 @@ def test_flops_per_token_counts_matmul_weights_and_attention_windows():
     assert model.num_flops_per_token(16) == 6 * matmuls + attention
     # Rows shorter than a window only attend as far back as the row goes.
     assert model.num_flops_per_token(4) == 6 * matmuls + 12 * 2 * 32 * 4 * 4
+
+
+def test_data_wait_on_a_cpu_sums_the_host_time_of_each_marked_batch_and_starts_over(monkeypatch):
+    clock = iter([10.0, 10.5, 20.0, 20.25, 30.0, 31.0])
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    data_wait = train.DataWait(CPU)
+    assert data_wait.event is None  # a CPU has no queue to time on the device
+    for _ in range(2):  # two micro-steps
+        data_wait.mark()
+        data_wait.mark()
+    assert data_wait.seconds() == pytest.approx(0.75)
+    data_wait.mark()
+    data_wait.mark()
+    assert data_wait.seconds() == pytest.approx(1.0)
+    assert data_wait.seconds() == 0.0
+
+
+def test_data_wait_times_a_gpu_on_its_own_queue():
+    assert train.DataWait(torch.device("cuda")).event is torch.cuda.Event
+    assert train.DataWait(torch.device("mps")).event is torch.mps.Event
 
 
 def test_lr_multiplier_is_flat_then_warms_down_to_the_final_fraction(monkeypatch):

@@ -5,6 +5,7 @@ loads data, as a table and as bench.json.
     uv run tools/bench.py --backend cpu --seconds 300      # one backend at the standard budget
     uv run tools/bench.py --recalibrate                    # measure the matmul peak again first
     uv run tools/bench.py --profile smoke --seconds 2 --repeats 1   # an end-to-end check in seconds
+    uv run tools/bench.py --backend cuda --script /tmp/variant.py  # a variant of train.py instead
 
 For each backend it runs the real training script (`train.py`, which hands MLX over to
 `train_mlx.py`) --repeats times as a subprocess with AUTORESEARCH_TIME_BUDGET=--seconds, reads each
@@ -109,14 +110,17 @@ def run_fields(fields):
     return {key: figures[key] for key in RUN_FIELDS}
 
 
-def run_training(backend, seconds, profile):
-    """Run train.py once on `backend` for `seconds` of training; returns run_fields of its JSON."""
+def run_training(backend, seconds, profile, script=REPO_ROOT / "train.py"):
+    """Run train.py (or `script`, a variant of it that imports the harness from this repository)
+    once on `backend` for `seconds` of training; returns run_fields of its JSON."""
     with tempfile.TemporaryDirectory(prefix="bench_runs_") as runs_dir:
         env = dict(os.environ, AUTORESEARCH_BACKEND=backend, AUTORESEARCH_TIME_BUDGET=str(seconds),
-                   AUTORESEARCH_PROFILE=profile, AUTORESEARCH_RUNS_DIR=runs_dir)
+                   AUTORESEARCH_PROFILE=profile, AUTORESEARCH_RUNS_DIR=runs_dir,
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                            os.environ.get("PYTHONPATH")])))
         timeout = 2 * seconds + RUN_TIMEOUT_EXTRA
         try:
-            result = subprocess.run([sys.executable, str(REPO_ROOT / "train.py")], cwd=REPO_ROOT,
+            result = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT,
                                     env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise BenchError(f"{backend}: the training run took more than {timeout} s; "
@@ -125,7 +129,7 @@ def run_training(backend, seconds, profile):
     if result.returncode != 0 or fields is None:
         output = (result.stdout + result.stderr).replace("\r", "\n").strip().splitlines()
         last = output[-1] if output else "no output"
-        raise BenchError(f"{backend}: train.py failed (exit {result.returncode}): {last}")
+        raise BenchError(f"{backend}: {Path(script).name} failed (exit {result.returncode}): {last}")
     return run_fields(fields)
 
 
@@ -165,7 +169,7 @@ def bench_backend(backend, args, info, loader_cache):
         loader_cache[shape] = loader_rates(*shape, args.repeats)
     runs = []
     for index in range(args.repeats):
-        run = run_training(backend, args.seconds, args.profile)
+        run = run_training(backend, args.seconds, args.profile, args.script)
         runs.append(run)
         print(f"  {backend} run {index + 1}/{args.repeats}: {run['train_tokens_per_second']:,.0f} "
               f"tok/s, mfu {run['mfu_percent']:.1f}%, start-up {run['startup_seconds']:.1f} s, "
@@ -214,6 +218,9 @@ def parse_args(argv=None):
                         help=f"runs per backend; figures are their medians (default {DEFAULT_REPEATS})")
     parser.add_argument("--recalibrate", action="store_true",
                         help="measure the matmul peak again before computing MFU (it can only go up)")
+    parser.add_argument("--script", type=Path, default=REPO_ROOT / "train.py",
+                        help="the training script to run (default train.py): a variant of it, "
+                             "e.g. with one constant changed, to compare against it")
     parser.add_argument("-o", "--output", type=Path, default=Path("bench.json"),
                         help="where to write the JSON (default bench.json)")
     args = parser.parse_args(argv)
@@ -247,6 +254,7 @@ def main(argv=None):
                                                    "memory_gb", "os", "arch", "kind", "gpu_name")},
         "python": platform.python_version(),
         "commit": git_commit(),
+        "script": str(args.script),
         "harness": harness_hash(),
         "dataset": dataset,
         "profile": args.profile,
