@@ -172,7 +172,7 @@ def bench(backend_args, output, script=None):
         raise RuntimeError(f"bench.py exit {result.returncode}: {last_line(result)}")
     report = json.loads(output.read_text())
     (backend, figures), = report["backends"].items()
-    keep = ("train_tokens_per_second", "mfu_percent", "data_wait_percent", "compile_seconds",
+    keep = ("train_tokens_per_second", "mfu_percent", "data_wait_percent", "untimed_seconds",
             "startup_seconds", "eval_tokens_per_second", "peak_memory_mb", "val_bpb", "num_steps",
             "peak_tflops", "peak_source")
     return {"backend": backend, "chip": report["machine"]["chip"], "commit": report["commit"],
@@ -246,7 +246,7 @@ def run_train_mlx(profile, seconds):
             raise RuntimeError(f"train_mlx.py exit {result.returncode}: {last_line(result)}")
         fields = json.loads((Path(runs_dir) / "last_run.json").read_text())
     keep = ("val_bpb", "train_tokens_per_second", "mfu_percent", "num_steps", "training_seconds",
-            "compile_seconds", "data_wait_percent", "peak_vram_mb", "chip", "depth")
+            "untimed_seconds", "data_wait_percent", "peak_vram_mb", "chip", "depth")
     return {key: fields[key] for key in keep}
 
 
