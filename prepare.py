@@ -1080,28 +1080,30 @@ def make_dataloader(tokenizer, B, T, split, *, rank=0, world_size=1, buffer_size
 # Evaluation: bits per byte on the start of the validation split
 
 
-def eval_token_budget():
-    """Tokens every evaluation covers: fixed per hardware tier (a multiple of MAX_SEQ_LEN)."""
+def eval_token_budget(backend=None):
+    """Tokens every evaluation covers: fixed per hardware tier (a multiple of MAX_SEQ_LEN). The
+    tier is that of `backend`, the one that trains (default: the one detect_backend() picks):
+    MLX on a CUDA machine trains and evaluates on the CPU tier, not the GPU's."""
     if _profile() == "smoke":
         return SMOKE_EVAL_TOKENS
     import backends
 
-    tokens = int(backends.eval_tokens(backends.get_hardware_info()))
+    tokens = int(backends.eval_tokens(backends.get_hardware_info(), backend))
     if tokens <= 0 or tokens % MAX_SEQ_LEN:
         raise ValueError(f"backends.eval_tokens gave {tokens}: "
                          f"not a positive multiple of {MAX_SEQ_LEN}")
     return tokens
 
 
-def evaluate_bpb(loss_fn, tokenizer, batch_size):
+def evaluate_bpb(loss_fn, tokenizer, batch_size, backend=None):
     """Validation bits per byte: loss_fn(x, y) -> per-token nats [B, T] over the first
-    eval_token_budget() tokens of the val split, in rows of MAX_SEQ_LEN (the last batch may be
-    shorter). Targets whose token has no bytes (special tokens) count in neither sum."""
+    eval_token_budget(backend) tokens of the val split, in rows of MAX_SEQ_LEN (the last batch
+    may be shorter). Targets whose token has no bytes (special tokens) count in neither sum."""
     token_bytes = get_token_bytes()
     if len(token_bytes) != tokenizer.get_vocab_size():
         raise DataError(f"token_bytes.npy has {len(token_bytes)} entries but the tokenizer has "
                         f"{tokenizer.get_vocab_size()}: run `{_prepare_command(active_dataset())}`")
-    rows_left = eval_token_budget() // MAX_SEQ_LEN
+    rows_left = eval_token_budget(backend) // MAX_SEQ_LEN
     batches = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val")
     total_nats, total_bytes = 0.0, 0
     while rows_left > 0:
