@@ -106,6 +106,7 @@ ROW_GROUP_DOCS = 1024      # documents per parquet row group (the loader reads o
 
 TOKENIZER_MAX_CHARS = 1_000_000_000  # the tokenizer sees at most this much of the train split
 TOKENIZER_DOC_CHARS = 10_000         # ... and at most this much of any one document
+TOKENIZE_BATCH_CHARS = 4_000_000     # token cache: chars per encode call (its ids are Python ints)
 
 CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 CLIMBMIX_VAL_SHARD = 6542            # hub shards 0..6541 are train, 6542 is the pinned val shard
@@ -937,6 +938,19 @@ def _stale_token_caches(shards, tokenizer):
     return [shard for shard in shards if _read_token_cache(shard, tokenizer, arrays=()) is None]
 
 
+def _batches_of_chars(texts, max_chars):
+    """texts in consecutive lists of about max_chars chars (at least one text each)."""
+    batch, chars = [], 0
+    for text in texts:
+        if batch and chars + len(text) > max_chars:
+            yield batch
+            batch, chars = [], 0
+        batch.append(text)
+        chars += len(text)
+    if batch:
+        yield batch
+
+
 def _tokenize_shards(stale, name, tokenizer):
     """Write the token cache of each shard in stale."""
     if not stale:
@@ -948,11 +962,12 @@ def _tokenize_shards(stale, name, tokenizer):
     for shard in stale:
         pieces, lengths, chars = [], [], 0
         for texts in _shard_texts(shard, name):
-            chars += sum(map(len, texts))
-            for ids in tokenizer.encode(texts, prepend=bos):
-                pieces.append(np.array(ids, dtype=dtype))
-                lengths.append(len(ids))
-            progress.update(len(texts))
+            for batch in _batches_of_chars(texts, TOKENIZE_BATCH_CHARS):
+                chars += sum(map(len, batch))
+                for ids in tokenizer.encode(batch, prepend=bos):
+                    pieces.append(np.array(ids, dtype=dtype))
+                    lengths.append(len(ids))
+                progress.update(len(batch))
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
