@@ -158,7 +158,8 @@ def active_dataset():
     if recorded.is_file():
         name = recorded.read_bytes().decode("utf-8", errors="replace").strip()
         if name not in DATASETS:
-            shown = repr(name[:40]) if name.isprintable() else "binary data"
+            readable = name.isprintable() and "\ufffd" not in name  # no undecodable bytes
+            shown = repr(name[:40]) if readable else "binary data"
             raise DataError(f"{recorded} names no dataset ({shown}): run "
                             "`uv run prepare.py --dataset NAME` to rewrite it, or set "
                             "AUTORESEARCH_DATASET")
