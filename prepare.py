@@ -202,12 +202,18 @@ def _split_shards(directory, split):
     return [val] if val.exists() else []
 
 
+def _tmp_path(path):
+    """Where path is written before it replaces path. The name holds the process id: training
+    ranks may rebuild the same token cache at once."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 @contextlib.contextmanager
 def _replaced_through_tmp(path):
     """Yield a .tmp path to write; it replaces path only once the block has finished, and it is
     deleted if the block fails (full disk, Ctrl-C), so a failure leaves neither a partial file
-    nor a .tmp behind. The name holds the process id: training ranks may rebuild the same file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    nor a .tmp behind."""
+    tmp = _tmp_path(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -492,12 +498,18 @@ def download_tinystories(directory, *, base_url=None, shard_chars=SHARD_CHARS, *
 def _write_parquet(path, texts):
     """Write a shard through .tmp; keep the old file (and its mtime, which keys the token cache
     and the tokenizer) when the content is unchanged."""
-    with _replaced_through_tmp(path) as tmp:
+    tmp = _tmp_path(path)
+    try:
         pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), tmp,
                        row_group_size=ROW_GROUP_DOCS)
         if path.exists() and path.stat().st_size == tmp.stat().st_size \
                 and path.read_bytes() == tmp.read_bytes():
-            os.replace(path, tmp)  # the same bytes: the old file, mtime and all, goes back
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_splits(directory, train_texts, val_texts, shard_chars, what, skipped=()):
@@ -761,10 +773,7 @@ def get_tokenizer(name=None):
     except DAMAGED_PICKLE_ERRORS as error:
         raise DataError(f"{directory / 'tokenizer.pkl'} is corrupt ({error}): "
                         f"run `{_prepare_command(name)}`") from None
-    token_bytes = get_token_bytes(name)
-    if len(token_bytes) != tokenizer.get_vocab_size():
-        raise DataError(f"token_bytes.npy has {len(token_bytes)} entries but the tokenizer has "
-                        f"{tokenizer.get_vocab_size()}: run `{_prepare_command(name)}`")
+    _token_bytes_for(tokenizer, name)
     val = directory.parent / VAL_SHARD
     if not val.exists() or not _shard_document_count(val, name):
         raise DataError(f"no validation documents in {val}: run `{_prepare_command(name)}`")
@@ -781,6 +790,16 @@ def get_token_bytes(name=None):
         return np.load(path)
     except (OSError, ValueError, EOFError) as error:
         raise DataError(f"{path} is corrupt ({error}): run `{_prepare_command(name)}`") from None
+
+
+def _token_bytes_for(tokenizer, name=None):
+    """get_token_bytes(name), checked against the tokenizer it must describe."""
+    token_bytes = get_token_bytes(name)
+    if len(token_bytes) != tokenizer.get_vocab_size():
+        name = _tokenizer_dir(name).parent.name
+        raise DataError(f"token_bytes.npy has {len(token_bytes)} entries but the tokenizer has "
+                        f"{tokenizer.get_vocab_size()}: run `{_prepare_command(name)}`")
+    return token_bytes
 
 
 def _train_split_key(directory, vocab_size):
@@ -1115,10 +1134,7 @@ def evaluate_bpb(loss_fn, tokenizer, batch_size, backend=None):
     """Validation bits per byte: loss_fn(x, y) -> per-token nats [B, T] over the first
     eval_token_budget(backend) tokens of the val split, in rows of MAX_SEQ_LEN (the last batch
     may be shorter). Targets whose token has no bytes (special tokens) count in neither sum."""
-    token_bytes = get_token_bytes()
-    if len(token_bytes) != tokenizer.get_vocab_size():
-        raise DataError(f"token_bytes.npy has {len(token_bytes)} entries but the tokenizer has "
-                        f"{tokenizer.get_vocab_size()}: run `{_prepare_command(active_dataset())}`")
+    token_bytes = _token_bytes_for(tokenizer)
     rows_left = eval_token_budget(backend) // MAX_SEQ_LEN
     batches = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val")
     total_nats, total_bytes = 0.0, 0

@@ -376,8 +376,8 @@ def main():
     tokenizer = prepare.get_tokenizer()
     distributed.check_same_run_mlx(__file__, prepare.active_dataset(), GROUP)
     config = build_config(tokenizer.get_vocab_size())
-    exit_if_model_cannot_fit(config)
     model = GPT(config, compute_dtype=COMPUTE_DTYPE)
+    exit_if_model_cannot_fit(model)  # before mx.eval allocates its parameters
     mx.eval(model.parameters())
     distributed.broadcast_mlx_parameters(model, GROUP)
     num_params = sum(p.size for _, p in tree_flatten(model.parameters()))
@@ -546,15 +546,15 @@ def main():
 # ---------------------------------------------------------------------------------------------
 # Runs that cannot finish: each ends with one line, and nothing is recorded
 
-def parameter_count(config):
-    """Parameters of GPT(config), counted before anything is evaluated: nothing is allocated."""
-    return sum(p.size for _, p in tree_flatten(GPT(config).parameters()))
+def parameter_count(model):
+    """Parameters of a model; until mx.eval they have shapes but no memory."""
+    return sum(p.size for _, p in tree_flatten(model.parameters()))
 
 
-def exit_if_model_cannot_fit(config):
+def exit_if_model_cannot_fit(model):
     """Refuse, before allocating it, a model whose training state alone passes the memory: MLX
     cannot raise when an allocation fails under a hard limit (ulimit -v), it crashes."""
-    num_params = parameter_count(config)
+    num_params = parameter_count(model)
     if not backends.model_fits_in_memory(BACKEND, num_params):
         exit_out_of_memory(num_params)
 
@@ -598,7 +598,7 @@ if __name__ == "__main__":
         exit_with_error(error)
     except (RuntimeError, MemoryError) as error:
         if is_out_of_memory(error):
-            exit_out_of_memory(parameter_count(build_config(prepare.get_tokenizer().get_vocab_size())))
+            exit_out_of_memory(parameter_count(GPT(build_config(prepare.get_tokenizer().get_vocab_size()))))
         if WORLD_SIZE == 1:
             raise
         # Usually the engine reporting a peer rank that stopped first: one line, not a traceback.
