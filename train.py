@@ -723,7 +723,8 @@ if __name__ == "__main__":
         exit_with_error(error)
     except (RuntimeError, MemoryError) as error:
         if is_out_of_memory(error):
-            exit_out_of_memory(parameter_count(build_config(prepare.get_tokenizer().get_vocab_size())))
+            config = build_config(prepare.get_tokenizer().get_vocab_size())
+            exit_out_of_memory(parameter_count(config))
         if WORLD_SIZE == 1:
             raise
         # Usually the engine reporting a peer rank that stopped first: one line, not a traceback.

@@ -125,7 +125,8 @@ def test_prepare_resumed_with_another_source_keeps_nothing_of_the_first(tmp_path
                              "def interrupted(*args, **kwargs):\n"
                              "    raise KeyboardInterrupt\n"
                              "prepare.train_tokenizer = interrupted\n"
-                             f"prepare.main(['--dataset', 'local', '--source', {str(corpus_b)!r}])"],
+                             "prepare.main(['--dataset', 'local', '--source', "
+                             f"{str(corpus_b)!r}])"],
                       {"AUTORESEARCH_CACHE_DIR": str(cache)})
     check_one_line(interrupted, 130, "prepare.py: interrupted. Finished files are kept")
     assert tokenizer_bytes(cache) == tokenizer_bytes(fresh_a)  # still A's, for now
@@ -384,8 +385,8 @@ def test_out_of_memory_in_a_step_names_the_batch_constant(tiny_dataset, tmp_path
                  limits=[(resource.RLIMIT_AS, 4_000_000 * 1024)])
     line = check_one_line(result, 1, "out of memory: the run had 3.8 GiB (the address-space "
                                      "limit, ulimit -v) and the model's ")
-    assert re.search(r"'s 0\.\dM parameters need at least \d MiB to train; lower DEVICE_BATCH_SIZE$",
-                     line), line
+    assert re.search(r"'s 0\.\dM parameters need at least \d MiB to train; "
+                     r"lower DEVICE_BATCH_SIZE$", line), line
     assert not (tmp_path / "runs").exists()
 
 
@@ -416,7 +417,8 @@ def test_train_mlx_evaluates_the_tier_of_the_backend_that_trains(tiny_dataset, t
         "hardware.DEFAULT_PROBES['cuda'] = lambda: True",
         "import train_mlx as script",  # the standard profile: the CPU tier's configuration
         "assert script.SUGGESTED['tier'] == 'cpu', script.SUGGESTED",
-        "script.DEPTH, script.ASPECT_RATIO, script.HEAD_DIM, script.WINDOW_PATTERN = 2, 32, 32, 'L'",
+        "script.DEPTH, script.ASPECT_RATIO, script.HEAD_DIM = 2, 32, 32",
+        "script.WINDOW_PATTERN = 'L'",
         "script.SEQ_LEN, script.DEVICE_BATCH_SIZE, script.TOTAL_BATCH_SIZE = 64, 2, 128",
         "script.UNTIMED_STEPS, script.TIME_BUDGET = 1, 1e-9",  # two steps, then the evaluation
         "script.main()",
