@@ -16,6 +16,7 @@ standard library: offline), local (--source DIR). Each has the same layout in ca
     val.parquet                the pinned validation shard; the train loader never opens it
     tokenizer/tokenizer.pkl    pickled tiktoken.Encoding: BPE ranks + SPECIAL_TOKENS
     tokenizer/token_bytes.npy  UTF-8 byte length of every token id, 0 for special tokens
+    tokenizer/train_split.key  the train shards and vocabulary size the tokenizer was trained on
     tokens/<shard>.npz         BOS-prefixed token ids per document, valid for one tokenizer+shard
     dataset.json               what was built, from where, and how big it is
 
@@ -750,7 +751,7 @@ class Tokenizer:
 
 
 # What unpickling damaged bytes may raise (a truncated or overwritten tokenizer.pkl).
-DAMAGED_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+_DAMAGED_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
                          KeyError, IndexError, ImportError)
 TRAIN_SPLIT_KEY_FILE = "train_split.key"  # in tokenizer/: what the tokenizer was trained on
 
@@ -770,7 +771,7 @@ def get_tokenizer(name=None):
                         f"run `{_prepare_command(name)}`")
     try:
         tokenizer = Tokenizer.from_directory(directory)
-    except DAMAGED_PICKLE_ERRORS as error:
+    except _DAMAGED_PICKLE_ERRORS as error:
         raise DataError(f"{directory / 'tokenizer.pkl'} is corrupt ({error}): "
                         f"run `{_prepare_command(name)}`") from None
     _token_bytes_for(tokenizer, name)
@@ -820,7 +821,7 @@ def _stale_tokenizer_reason(directory, vocab_size):
     try:
         tokenizer = Tokenizer.from_directory(tokenizer_dir)
         token_bytes = np.load(tokenizer_dir / "token_bytes.npy")
-    except (OSError, *DAMAGED_PICKLE_ERRORS):
+    except (OSError, *_DAMAGED_PICKLE_ERRORS):
         return "tokenizer.pkl or token_bytes.npy is missing or damaged"
     if len(token_bytes) != tokenizer.get_vocab_size():
         return "token_bytes.npy does not match tokenizer.pkl"
