@@ -751,8 +751,8 @@ class Tokenizer:
 
 
 # What unpickling damaged bytes may raise (a truncated or overwritten tokenizer.pkl).
-_DAMAGED_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-                         KeyError, IndexError, ImportError)
+_DAMAGED_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError,
+                          AttributeError, KeyError, IndexError, ImportError)
 TRAIN_SPLIT_KEY_FILE = "train_split.key"  # in tokenizer/: what the tokenizer was trained on
 
 
