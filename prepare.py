@@ -16,6 +16,7 @@ standard library: offline), local (--source DIR). Each has the same layout in ca
     val.parquet                the pinned validation shard; the train loader never opens it
     tokenizer/tokenizer.pkl    pickled tiktoken.Encoding: BPE ranks + SPECIAL_TOKENS
     tokenizer/token_bytes.npy  UTF-8 byte length of every token id, 0 for special tokens
+    tokenizer/train_split.key  the train shards and vocabulary size the tokenizer was trained on
     tokens/<shard>.npz         BOS-prefixed token ids per document, valid for one tokenizer+shard
     dataset.json               what was built, from where, and how big it is
 
@@ -25,6 +26,8 @@ cache_root()/active_dataset names the dataset prepared last; AUTORESEARCH_DATASE
 import argparse
 import bisect
 import codecs
+import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -33,6 +36,7 @@ import pickle
 import shutil
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 import zipfile
@@ -79,7 +83,12 @@ def _read_time_budget():
     return seconds, seconds == STANDARD_TIME_BUDGET
 
 
-TIME_BUDGET, TIME_BUDGET_IS_STANDARD = _read_time_budget()
+try:
+    TIME_BUDGET, TIME_BUDGET_IS_STANDARD = _read_time_budget()
+except ValueError as time_budget_error:
+    if __name__ != "__main__":
+        raise  # each training script ends with its own one-line error
+    sys.exit(f"prepare.py: {time_budget_error}")
 
 # ---------------------------------------------------------------------------------------------
 # Dataset sources and the on-disk layout
@@ -90,12 +99,15 @@ ACTIVE_DATASET_FILE = "active_dataset"
 VAL_SHARD = "val.parquet"
 TRAIN_SHARD = "train_{:05d}.parquet"
 LOCAL_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+LOCAL_DOC_CHARS = 100_000  # local: a longer text is a concatenation; it is cut into documents
+                           # of at most this many chars, at line ends, and read 4 MB at a time
 VAL_ONE_IN = 20            # pystdlib and local: about 1 document in 20 goes to validation
 SHARD_CHARS = 50_000_000   # converted datasets: start a new train shard after this many chars
 ROW_GROUP_DOCS = 1024      # documents per parquet row group (the loader reads one group at a time)
 
 TOKENIZER_MAX_CHARS = 1_000_000_000  # the tokenizer sees at most this much of the train split
 TOKENIZER_DOC_CHARS = 10_000         # ... and at most this much of any one document
+TOKENIZE_BATCH_CHARS = 4_000_000     # token cache: chars per encode call (its ids are Python ints)
 
 CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 CLIMBMIX_VAL_SHARD = 6542            # hub shards 0..6541 are train, 6542 is the pinned val shard
@@ -144,8 +156,15 @@ def active_dataset():
     if name:
         return _check_dataset_name(name, "AUTORESEARCH_DATASET")
     recorded = cache_root() / ACTIVE_DATASET_FILE
-    if recorded.exists():
-        return _check_dataset_name(recorded.read_text().strip(), str(recorded))
+    if recorded.is_file():
+        name = recorded.read_bytes().decode("utf-8", errors="replace").strip()
+        if name not in DATASETS:
+            readable = name.isprintable() and "\ufffd" not in name  # no undecodable bytes
+            shown = repr(name[:40]) if readable else "binary data"
+            raise DataError(f"{recorded} names no dataset ({shown}): run "
+                            "`uv run prepare.py --dataset NAME` to rewrite it, or set "
+                            "AUTORESEARCH_DATASET")
+        return name
     raise DataError(
         f"no dataset prepared in {cache_root()}: run `uv run prepare.py --dataset pystdlib` "
         "(offline) or `uv run prepare.py` (downloads climbmix)"
@@ -184,10 +203,29 @@ def _split_shards(directory, split):
     return [val] if val.exists() else []
 
 
+def _tmp_path(path):
+    """Where path is written before it replaces path. The name holds the process id: training
+    ranks may rebuild the same token cache at once."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def _replaced_through_tmp(path):
+    """Yield a .tmp path to write; it replaces path only once the block has finished, and it is
+    deleted if the block fails (full disk, Ctrl-C), so a failure leaves neither a partial file
+    nor a .tmp behind."""
+    tmp = _tmp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _atomic_write_bytes(path, data):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with _replaced_through_tmp(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,16 +290,27 @@ class DownloadError(DataError):
     pass
 
 
+def _text_column_problem(schema):
+    """Why a parquet schema has no usable `text` column, or None when it has one of strings."""
+    if "text" not in schema.names:
+        return "no `text` column"
+    kind = schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        return f"its `text` column holds {kind}, not strings"
+    return None
+
+
 def _verify_parquet(path, expected_size=None):
-    """Raise ValueError unless path is a complete parquet file with a `text` column."""
+    """Raise ValueError unless path is a complete parquet file with a `text` column of strings."""
     if expected_size is not None and path.stat().st_size != expected_size:
         raise ValueError(f"{path.stat().st_size} bytes instead of {expected_size}")
     try:
         schema = pq.ParquetFile(path).schema_arrow
     except (pa.ArrowException, OSError) as error:
         raise ValueError(str(error)) from None
-    if "text" not in schema.names:
-        raise ValueError("no `text` column")
+    problem = _text_column_problem(schema)
+    if problem:
+        raise ValueError(problem)
 
 
 def _verify_size(path, expected_size=None):
@@ -391,12 +440,16 @@ def _base_url(default, base_url):
     return (base_url or os.environ.get(DOWNLOAD_URL_ENV) or default).rstrip("/")
 
 
-def download_climbmix(directory, num_shards=CLIMBMIX_DEFAULT_SHARDS, *, base_url=None,
-                      **download_options):
-    """Hub shards 0..num_shards-1 -> train_XXXXX.parquet, hub shard 6542 -> val.parquet."""
+def _check_num_shards(num_shards):
     if not 1 <= num_shards <= CLIMBMIX_VAL_SHARD:
         raise DataError(f"--num-shards must be between 1 and {CLIMBMIX_VAL_SHARD}, "
                         f"got {num_shards}")
+
+
+def download_climbmix(directory, num_shards=CLIMBMIX_DEFAULT_SHARDS, *, base_url=None,
+                      **download_options):
+    """Hub shards 0..num_shards-1 -> train_XXXXX.parquet, hub shard 6542 -> val.parquet."""
+    _check_num_shards(num_shards)
     base = _base_url(CLIMBMIX_URL, base_url)
     wanted = [(index, directory / TRAIN_SHARD.format(index)) for index in range(num_shards)]
     wanted.append((CLIMBMIX_VAL_SHARD, directory / VAL_SHARD))
@@ -406,10 +459,10 @@ def download_climbmix(directory, num_shards=CLIMBMIX_DEFAULT_SHARDS, *, base_url
 
 def download_tinystories(directory, *, base_url=None, shard_chars=SHARD_CHARS, **download_options):
     """The TinyStories V2 (GPT-4) text files, converted to train shards + the official valid file
-    as val.parquet. Returns True when shards were (re)written."""
+    as val.parquet."""
     if (directory / VAL_SHARD).exists() and _train_shards(directory):
         shutil.rmtree(directory / "raw", ignore_errors=True)  # left over if a run stopped late
-        return False
+        return
     raw = directory / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     base = _base_url(TINYSTORIES_URL, base_url)
@@ -437,7 +490,6 @@ def download_tinystories(directory, *, base_url=None, shard_chars=SHARD_CHARS, *
     _write_splits(directory, stories(raw / TINYSTORIES_FILES["train"]), val_texts, shard_chars,
                   f"the TinyStories files from {base}")
     shutil.rmtree(raw)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,43 +497,46 @@ def download_tinystories(directory, *, base_url=None, shard_chars=SHARD_CHARS, *
 
 
 def _write_parquet(path, texts):
-    """Write a shard through .tmp; keep the old file (and its mtime, which keys the token cache)
-    when the content is unchanged. Returns True when the file changed."""
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), tmp,
-                   row_group_size=ROW_GROUP_DOCS)
-    if path.exists() and path.stat().st_size == tmp.stat().st_size \
-            and path.read_bytes() == tmp.read_bytes():
-        tmp.unlink()
-        return False
-    os.replace(tmp, path)
-    return True
+    """Write a shard through .tmp; keep the old file (and its mtime, which keys the token cache
+    and the tokenizer) when the content is unchanged."""
+    tmp = _tmp_path(path)
+    try:
+        pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), tmp,
+                       row_group_size=ROW_GROUP_DOCS)
+        if path.exists() and path.stat().st_size == tmp.stat().st_size \
+                and path.read_bytes() == tmp.read_bytes():
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _write_splits(directory, train_texts, val_texts, shard_chars, what):
+def _write_splits(directory, train_texts, val_texts, shard_chars, what, skipped=()):
     """Write train shards of about shard_chars each, then val.parquet (val_texts is read only
     after train_texts is exhausted), and delete train shards left from a bigger earlier corpus.
-    Returns True when any shard changed. `what` names the corpus in the empty-corpus error."""
+    `what` names the corpus and `skipped` its unreadable inputs in the empty-corpus error."""
     directory.mkdir(parents=True, exist_ok=True)
-    changed, shard, chars, count = False, [], 0, 0
+    shard, chars, count = [], 0, 0
     for text in train_texts:
         shard.append(text)
         chars += len(text)
         if chars >= shard_chars:
-            changed |= _write_parquet(directory / TRAIN_SHARD.format(count), shard)
+            _write_parquet(directory / TRAIN_SHARD.format(count), shard)
             shard, chars, count = [], 0, count + 1
     if shard:
-        changed |= _write_parquet(directory / TRAIN_SHARD.format(count), shard)
+        _write_parquet(directory / TRAIN_SHARD.format(count), shard)
         count += 1
     if not count or not val_texts:
+        unread = (f"; {len(skipped)} input(s) were skipped as non-UTF-8 or unreadable, e.g. "
+                  f"{skipped[0]}: convert them to UTF-8 text" if skipped else "")
         raise DataError(f"empty corpus: {what} gave {count} train shard(s) and {len(val_texts)} "
                         "validation document(s); at least 2 non-empty documents are needed "
-                        "(one to train on, one to validate)")
+                        f"(one to train on, one to validate){unread}")
     for stale in _train_shards(directory)[count:]:
         stale.unlink()
-        changed = True
-    changed |= _write_parquet(directory / VAL_SHARD, val_texts)
-    return changed
+    _write_parquet(directory / VAL_SHARD, val_texts)
 
 
 def _is_val_document(doc_id):
@@ -523,6 +578,55 @@ def _read_utf8(path, skipped):
         return None
 
 
+def _is_utf8(path):
+    """True when the whole file decodes as UTF-8 (read 4 MB at a time, nothing kept)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 22):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _cut_long(text):
+    """A text as pieces of at most LOCAL_DOC_CHARS chars, each ending at a line end if it can."""
+    start = 0
+    while len(text) - start > LOCAL_DOC_CHARS:
+        end = text.rfind("\n", start, start + LOCAL_DOC_CHARS) + 1 or start + LOCAL_DOC_CHARS
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
+def _text_file_pieces(path):
+    """A UTF-8 text file as pieces of at most LOCAL_DOC_CHARS chars (see _cut_long), read 4 MB
+    at a time so that a file of any size costs little memory."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    tail = ""
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 22):
+            *pieces, tail = _cut_long(tail + decoder.decode(chunk))
+            yield from pieces
+    yield from _cut_long(tail + decoder.decode(b"", final=True))
+
+
+def _numbered(document_id, pieces):
+    """(id, text) for the pieces of one document: the id alone if it is one piece, else id#N."""
+    first = next(pieces, None)
+    second = next(pieces, None)
+    if second is None:
+        if first is not None:
+            yield document_id, first
+        return
+    yield f"{document_id}#0", first
+    yield f"{document_id}#1", second
+    for number, piece in enumerate(pieces, start=2):
+        yield f"{document_id}#{number}", piece
+
+
 def _running_stdlib_dir():
     return Path(sysconfig.get_paths()["stdlib"])
 
@@ -543,10 +647,43 @@ def stdlib_documents(stdlib_dir, skipped):
     progress.close()
 
 
+def _parquet_texts(path, skipped):
+    """The strings of a parquet file's `text` column, one row group at a time; a file that is not
+    parquet or has no such column is appended to skipped instead."""
+    try:
+        file = pq.ParquetFile(path)
+        problem = _text_column_problem(file.schema_arrow)
+        if problem:
+            skipped.append(f"{path} ({problem})")
+            return
+        for index in range(file.num_row_groups):
+            yield from file.read_row_group(index, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError):
+        skipped.append(f"{path} (not a readable parquet file)")
+
+
+def _jsonl_texts(path, skipped):
+    """(line number, text) of each line of a UTF-8 .jsonl file that is a JSON object with a string
+    `text`; other non-blank lines are appended to skipped. Read a line at a time."""
+    with open(path, "rb") as file:
+        for line_number, line in enumerate(file, start=1):
+            line = line.decode("utf-8")
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                yield line_number, record["text"]
+            elif line.strip():
+                skipped.append(f"{path}:{line_number} (not a JSON object with a string `text`)")
+
+
 def local_documents(source, skipped):
     """(document id, text) from .txt/.md files (one document each), .jsonl files (one document per
-    line with a string `text` field) and .parquet files (the `text` column). Hidden files are
-    ignored; files that are not UTF-8 or cannot be read are appended to skipped."""
+    line with a string `text` field) and .parquet files (the `text` column of strings). A text
+    longer than LOCAL_DOC_CHARS becomes several documents (id#0, id#1, ...), and every file is
+    streamed, so one huge file fits in memory. Hidden files are ignored; inputs that are not
+    UTF-8 or cannot be read are appended to skipped."""
     paths = sorted(path for path in source.rglob("*")
                    if path.suffix.lower() in LOCAL_SUFFIXES and path.is_file()
                    and not any(part.startswith(".") for part in path.relative_to(source).parts))
@@ -555,28 +692,18 @@ def local_documents(source, skipped):
         progress.update(1)
         relative, suffix = path.relative_to(source).as_posix(), path.suffix.lower()
         if suffix == ".parquet":
-            try:
-                texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-            except (pa.ArrowException, OSError, KeyError):
-                skipped.append(f"{path} (not a parquet file with a `text` column)")
-                continue
-            yield from ((f"{relative}:{row}", text) for row, text in enumerate(texts) if text)
-            continue
-        text = _read_utf8(path, skipped)
-        if text is None:
-            continue
-        if suffix != ".jsonl":
-            yield relative, text
-            continue
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            try:
-                record = json.loads(line) if line.strip() else None
-            except ValueError:
-                record = None
-            if isinstance(record, dict) and isinstance(record.get("text"), str):
-                yield f"{relative}:{line_number}", record["text"]
-            elif line.strip():
-                skipped.append(f"{path}:{line_number} (not a JSON object with a string `text`)")
+            for row, text in enumerate(_parquet_texts(path, skipped)):
+                if text:
+                    yield from _numbered(f"{relative}:{row}", _cut_long(text))
+        elif not os.access(path, os.R_OK):
+            skipped.append(f"{path} (not readable)")
+        elif not _is_utf8(path):
+            skipped.append(str(path))
+        elif suffix == ".jsonl":
+            for line_number, text in _jsonl_texts(path, skipped):
+                yield from _numbered(f"{relative}:{line_number}", _cut_long(text))
+        else:
+            yield from _numbered(relative, _text_file_pieces(path))
     progress.close()
 
 
@@ -623,32 +750,85 @@ class Tokenizer:
         return self.encoding.decode([int(token) for token in ids])
 
 
+# What unpickling damaged bytes may raise (a truncated or overwritten tokenizer.pkl).
+_DAMAGED_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError,
+                          AttributeError, KeyError, IndexError, ImportError)
+TRAIN_SPLIT_KEY_FILE = "train_split.key"  # in tokenizer/: what the tokenizer was trained on
+
+
 def _tokenizer_dir(name=None):
     return dataset_dir(name) / "tokenizer"
 
 
 def get_tokenizer(name=None):
-    """The tokenizer of the active dataset (or of dataset `name`)."""
+    """The tokenizer of the active dataset (or of dataset `name`). It also checks what the final
+    evaluation will need (token_bytes.npy, a readable val shard), so that a damaged dataset
+    stops a run before training rather than after it."""
     directory = _tokenizer_dir(name)
+    name = directory.parent.name
     if not (directory / "tokenizer.pkl").exists():
-        name = directory.parent.name
         raise DataError(f"no tokenizer for dataset {name!r} in {directory}: "
                         f"run `{_prepare_command(name)}`")
     try:
-        return Tokenizer.from_directory(directory)
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, KeyError) as error:
-        name = directory.parent.name
+        tokenizer = Tokenizer.from_directory(directory)
+    except _DAMAGED_PICKLE_ERRORS as error:
         raise DataError(f"{directory / 'tokenizer.pkl'} is corrupt ({error}): "
                         f"run `{_prepare_command(name)}`") from None
+    _token_bytes_for(tokenizer, name)
+    val = directory.parent / VAL_SHARD
+    if not val.exists() or not _shard_document_count(val, name):
+        raise DataError(f"no validation documents in {val}: run `{_prepare_command(name)}`")
+    return tokenizer
 
 
 def get_token_bytes(name=None):
     """int32 [vocab]: UTF-8 byte length of each token id, 0 for special tokens."""
     path = _tokenizer_dir(name) / "token_bytes.npy"
+    name = path.parent.parent.name
     if not path.exists():
-        name = path.parent.parent.name
         raise DataError(f"no {path.name} for dataset {name!r}: run `{_prepare_command(name)}`")
-    return np.load(path)
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"{path} is corrupt ({error}): run `{_prepare_command(name)}`") from None
+
+
+def _token_bytes_for(tokenizer, name=None):
+    """get_token_bytes(name), checked against the tokenizer it must describe."""
+    token_bytes = get_token_bytes(name)
+    if len(token_bytes) != tokenizer.get_vocab_size():
+        name = _tokenizer_dir(name).parent.name
+        raise DataError(f"token_bytes.npy has {len(token_bytes)} entries but the tokenizer has "
+                        f"{tokenizer.get_vocab_size()}: run `{_prepare_command(name)}`")
+    return token_bytes
+
+
+def _train_split_key(directory, vocab_size):
+    """What a tokenizer is trained on: the vocabulary size asked for and each train shard's name,
+    size and mtime (a rewritten shard gets a new mtime; an unchanged one keeps its file)."""
+    shards = [f"{path.name} {path.stat().st_size} {path.stat().st_mtime_ns}"
+              for path in _train_shards(directory)]
+    return "\n".join([f"vocab_size {vocab_size}", *shards]) + "\n"
+
+
+def _stale_tokenizer_reason(directory, vocab_size):
+    """Why tokenizer/ does not fit the train split now (None when it does): missing or damaged
+    files, or a tokenizer trained on other shards (a prepare from another source, interrupted
+    after it had rewritten the shards, say)."""
+    tokenizer_dir = directory / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.pkl").exists():
+        return "tokenizer.pkl is missing"
+    try:
+        tokenizer = Tokenizer.from_directory(tokenizer_dir)
+        token_bytes = np.load(tokenizer_dir / "token_bytes.npy")
+    except (OSError, *_DAMAGED_PICKLE_ERRORS):
+        return "tokenizer.pkl or token_bytes.npy is missing or damaged"
+    if len(token_bytes) != tokenizer.get_vocab_size():
+        return "token_bytes.npy does not match tokenizer.pkl"
+    key = tokenizer_dir / TRAIN_SPLIT_KEY_FILE
+    if not key.exists() or key.read_text() != _train_split_key(directory, vocab_size):
+        return "it was not trained on the train shards there now"
+    return None
 
 
 def _corrupt_shard(path, name, error):
@@ -660,22 +840,27 @@ def _shard_texts(path, name):
     """Yield a shard's texts one row group at a time; a damaged shard is a DataError."""
     try:
         shard = pq.ParquetFile(path)
+        problem = _text_column_problem(shard.schema_arrow)
+        if problem:
+            raise ValueError(problem)
         for index in range(shard.num_row_groups):
             texts = shard.read_row_group(index, columns=["text"]).column("text").to_pylist()
             yield [text or "" for text in texts]
-    except (pa.ArrowException, OSError, KeyError) as error:
+    except (pa.ArrowException, OSError, KeyError, ValueError) as error:
         raise _corrupt_shard(path, name, error) from None
 
 
 def train_tokenizer(directory, vocab_size=VOCAB_SIZE):
-    """Train BPE on the train shards only and save tokenizer.pkl + token_bytes.npy."""
+    """Train BPE on the train shards only and save tokenizer.pkl + token_bytes.npy, then the
+    train split's key (written last: a tokenizer without it is never used)."""
     import rustbpe
 
     name = directory.name
     shards = _train_shards(directory)
+    split_key = _train_split_key(directory, vocab_size)
     total_docs = sum(_shard_document_count(path, name) for path in shards)
     progress = Progress("tokenizer: reading train split", total_docs, "docs")
-    seen = {"chars": 0}
+    seen = {"chars": 0, "docs": 0}
 
     def texts():
         try:
@@ -684,6 +869,7 @@ def train_tokenizer(directory, vocab_size=VOCAB_SIZE):
                     for text in batch:
                         text = text[:TOKENIZER_DOC_CHARS]
                         seen["chars"] += len(text)
+                        seen["docs"] += 1
                         progress.update(1)
                         yield text
                         if seen["chars"] >= TOKENIZER_MAX_CHARS:
@@ -716,15 +902,17 @@ def train_tokenizer(directory, vocab_size=VOCAB_SIZE):
 
     out = directory / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
+    (out / TRAIN_SPLIT_KEY_FILE).unlink(missing_ok=True)
     _atomic_write_bytes(out / "tokenizer.pkl", pickle.dumps(encoding))
-    tmp = out / "token_bytes.npy.tmp"
-    with open(tmp, "wb") as file:
+    with _replaced_through_tmp(out / "token_bytes.npy") as tmp, open(tmp, "wb") as file:
         np.save(file, token_bytes)
-    os.replace(tmp, out / "token_bytes.npy")
-    note = "" if len(ranks) + len(SPECIAL_TOKENS) == vocab_size else \
-        f" (asked for {vocab_size}: the corpus has no more pairs to merge)"
-    print(f"tokenizer: {encoding.n_vocab} tokens{note} from {_human(seen['chars'])} chars "
-          f"in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    _atomic_write_bytes(out / TRAIN_SPLIT_KEY_FILE, split_key.encode())
+    note = "" if len(ranks) + len(SPECIAL_TOKENS) == vocab_size else (
+        f" (asked for {vocab_size}: these chars, at most {TOKENIZER_DOC_CHARS:,} from each of "
+        f"{seen['docs']:,} documents, hold no more pairs to merge; more, or more varied, text "
+        "fills the vocabulary)")
+    print(f"tokenizer: {encoding.n_vocab} tokens from {_human(seen['chars'])} chars "
+          f"in {time.perf_counter() - started:.1f}s{note}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,7 +951,29 @@ def build_token_cache(directory, tokenizer):
     for orphan in (directory / "tokens").glob("*.npz"):
         if not (directory / f"{orphan.stem}.parquet").exists():
             orphan.unlink()
-    stale = [shard for shard in shards if _read_token_cache(shard, tokenizer, arrays=()) is None]
+    _tokenize_shards(_stale_token_caches(shards, tokenizer), name, tokenizer)
+
+
+def _stale_token_caches(shards, tokenizer):
+    """The shards whose token cache is missing, damaged or for another tokenizer."""
+    return [shard for shard in shards if _read_token_cache(shard, tokenizer, arrays=()) is None]
+
+
+def _batches_of_chars(texts, max_chars):
+    """texts in consecutive lists of about max_chars chars (at least one text each)."""
+    batch, chars = [], 0
+    for text in texts:
+        if batch and chars + len(text) > max_chars:
+            yield batch
+            batch, chars = [], 0
+        batch.append(text)
+        chars += len(text)
+    if batch:
+        yield batch
+
+
+def _tokenize_shards(stale, name, tokenizer):
+    """Write the token cache of each shard in stale."""
     if not stale:
         return
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
@@ -773,21 +983,20 @@ def build_token_cache(directory, tokenizer):
     for shard in stale:
         pieces, lengths, chars = [], [], 0
         for texts in _shard_texts(shard, name):
-            chars += sum(map(len, texts))
-            for ids in tokenizer.encode(texts, prepend=bos):
-                pieces.append(np.array(ids, dtype=dtype))
-                lengths.append(len(ids))
-            progress.update(len(texts))
+            for batch in _batches_of_chars(texts, TOKENIZE_BATCH_CHARS):
+                chars += sum(map(len, batch))
+                for ids in tokenizer.encode(batch, prepend=bos):
+                    pieces.append(np.array(ids, dtype=dtype))
+                    lengths.append(len(ids))
+                progress.update(len(batch))
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
         path = _token_cache_path(shard)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as file:
+        with _replaced_through_tmp(path) as tmp, open(tmp, "wb") as file:
             np.savez(file, tokens=tokens, offsets=offsets, chars=np.int64(chars),
                      key=np.str_(_token_cache_key(shard, tokenizer)))
-        os.replace(tmp, path)
     progress.close()
 
 
@@ -875,6 +1084,17 @@ def make_dataloader(tokenizer, B, T, split, *, rank=0, world_size=1, buffer_size
     if not documents:
         raise DataError(f"no {split} documents for dataset {name!r} in {dataset_dir(name)}: "
                         f"run `{_prepare_command(name)}`")
+    stale = _stale_token_caches(shards, tokenizer) if tokenizer.fingerprint else []
+    if stale:
+        # Without its cache a shard is tokenized on the fly, so slowly that the step waits on it.
+        names = ", ".join(shard.name for shard in stale)
+        print(f"warning: the token cache of {names} is missing or damaged: rebuilding it",
+              file=sys.stderr)
+        try:
+            _tokenize_shards(stale, name, tokenizer)
+        except OSError as error:
+            print(f"warning: cannot rebuild it ({error}): tokenizing on the fly, slower; run "
+                  f"`{_prepare_command(name)}`", file=sys.stderr)
     # A buffer larger than the split would hold several copies of each document (the stream
     # wraps to fill it), so a small split (e.g. pystdlib's val) is buffered exactly once.
     buffer_size = min(buffer_size, documents)
@@ -896,28 +1116,27 @@ def make_dataloader(tokenizer, B, T, split, *, rank=0, world_size=1, buffer_size
 # Evaluation: bits per byte on the start of the validation split
 
 
-def eval_token_budget():
-    """Tokens every evaluation covers: fixed per hardware tier (a multiple of MAX_SEQ_LEN)."""
+def eval_token_budget(backend=None):
+    """Tokens every evaluation covers: fixed per hardware tier (a multiple of MAX_SEQ_LEN). The
+    tier is that of `backend`, the one that trains (default: the one detect_backend() picks):
+    MLX on a CUDA machine trains and evaluates on the CPU tier, not the GPU's."""
     if _profile() == "smoke":
         return SMOKE_EVAL_TOKENS
     import backends
 
-    tokens = int(backends.eval_tokens(backends.get_hardware_info()))
+    tokens = int(backends.eval_tokens(backends.get_hardware_info(), backend))
     if tokens <= 0 or tokens % MAX_SEQ_LEN:
         raise ValueError(f"backends.eval_tokens gave {tokens}: "
                          f"not a positive multiple of {MAX_SEQ_LEN}")
     return tokens
 
 
-def evaluate_bpb(loss_fn, tokenizer, batch_size):
+def evaluate_bpb(loss_fn, tokenizer, batch_size, backend=None):
     """Validation bits per byte: loss_fn(x, y) -> per-token nats [B, T] over the first
-    eval_token_budget() tokens of the val split, in rows of MAX_SEQ_LEN (the last batch may be
-    shorter). Targets whose token has no bytes (special tokens) count in neither sum."""
-    token_bytes = get_token_bytes()
-    if len(token_bytes) != tokenizer.get_vocab_size():
-        raise DataError(f"token_bytes.npy has {len(token_bytes)} entries but the tokenizer has "
-                        f"{tokenizer.get_vocab_size()}: run `{_prepare_command(active_dataset())}`")
-    rows_left = eval_token_budget() // MAX_SEQ_LEN
+    eval_token_budget(backend) tokens of the val split, in rows of MAX_SEQ_LEN (the last batch
+    may be shorter). Targets whose token has no bytes (special tokens) count in neither sum."""
+    token_bytes = _token_bytes_for(tokenizer)
+    rows_left = eval_token_budget(backend) // MAX_SEQ_LEN
     batches = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val")
     total_nats, total_bytes = 0.0, 0
     while rows_left > 0:
@@ -968,42 +1187,46 @@ def prepare(name, *, source=None, num_shards=None, vocab_size=VOCAB_SIZE, shard_
                         "(a folder of .txt/.md/.jsonl/.parquet files)")
     if name != "local" and source is not None:
         raise DataError("--source only applies to --dataset local")
+    if name == "climbmix":
+        num_shards = CLIMBMIX_DEFAULT_SHARDS if num_shards is None else num_shards
+        _check_num_shards(num_shards)
+    if name == "local":
+        source = Path(source).expanduser().resolve()
+        if not source.is_dir():
+            raise DataError(f"--source {source} is not a directory")
     started = time.perf_counter()
     directory = cache_root() / name
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_dataset_dir(directory)
     for leftover in directory.rglob("*.tmp"):
         leftover.unlink()
 
     skipped = []
     if name == "climbmix":
         origin = _base_url(CLIMBMIX_URL, base_url)
-        download_climbmix(directory, num_shards or CLIMBMIX_DEFAULT_SHARDS, base_url=base_url,
-                          **download_options)
-        changed = False
+        download_climbmix(directory, num_shards, base_url=base_url, **download_options)
     elif name == "tinystories":
         origin = _base_url(TINYSTORIES_URL, base_url)
-        changed = download_tinystories(directory, base_url=base_url, shard_chars=shard_chars,
-                                       **download_options)
+        download_tinystories(directory, base_url=base_url, shard_chars=shard_chars,
+                             **download_options)
     elif name == "pystdlib":
         stdlib_dir = Path(stdlib_dir or _running_stdlib_dir())
         origin = str(stdlib_dir)
         val_texts = []
         train_texts = _split_documents(stdlib_documents(stdlib_dir, skipped), val_texts)
-        changed = _write_splits(directory, train_texts, val_texts, shard_chars,
-                                f"the standard library in {stdlib_dir}")
+        _write_splits(directory, train_texts, val_texts, shard_chars,
+                      f"the standard library in {stdlib_dir}", skipped)
     else:
-        source = Path(source).expanduser().resolve()
-        if not source.is_dir():
-            raise DataError(f"--source {source} is not a directory")
         origin = str(source)
         val_texts = []
         train_texts = _split_documents(local_documents(source, skipped), val_texts)
-        changed = _write_splits(directory, train_texts, val_texts, shard_chars,
-                                f"{source} ({'/'.join(LOCAL_SUFFIXES)} files)")
+        _write_splits(directory, train_texts, val_texts, shard_chars,
+                      f"{source} ({'/'.join(LOCAL_SUFFIXES)} files)", skipped)
 
     tokenizer_dir = directory / "tokenizer"
-    if changed or not (tokenizer_dir / "tokenizer.pkl").exists() \
-            or not (tokenizer_dir / "token_bytes.npy").exists():
+    stale = _stale_tokenizer_reason(directory, vocab_size)
+    if stale:
+        if tokenizer_dir.exists():
+            print(f"tokenizer: {stale}: training it again", file=sys.stderr)
         train_tokenizer(directory, vocab_size)
     tokenizer = Tokenizer.from_directory(tokenizer_dir)
     build_token_cache(directory, tokenizer)
@@ -1014,6 +1237,39 @@ def prepare(name, *, source=None, num_shards=None, vocab_size=VOCAB_SIZE, shard_
     _atomic_write_bytes(cache_root() / ACTIVE_DATASET_FILE, f"{name}\n".encode())
     info["seconds"] = time.perf_counter() - started
     return info
+
+
+def _make_dataset_dir(directory):
+    """Create the dataset folder, or say in one line why the cache root cannot hold it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass  # the folder may exist and still refuse new files
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(path for path in (directory, *directory.parents) if path.exists())
+        raise DataError(f"cannot create {directory}: {blocker} is a file, not a folder; set "
+                        "AUTORESEARCH_CACHE_DIR to a folder") from None
+    except OSError as error:
+        raise DataError(f"cannot write in {directory} ({error.strerror}); set "
+                        "AUTORESEARCH_CACHE_DIR to a writable folder") from None
+
+
+def _out_of_space(error):
+    """The one line for a write that failed for want of space, or None for another failure.
+    pyarrow's errors carry the errno in their text only."""
+    root = cache_root()
+    if error.errno == errno.EFBIG or "File too large" in str(error):
+        why, fix = "a file reached the file size limit (`ulimit -f`)", "raise the limit"
+    elif error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error) \
+            or "quota exceeded" in str(error).lower():
+        existing = next(path for path in (root, *root.parents) if path.exists())
+        free = shutil.disk_usage(existing).free
+        why = f"the disk is full ({_human(free)}B free)"
+        fix = "free some space or set AUTORESEARCH_CACHE_DIR to a larger disk"
+    else:
+        return None
+    return (f"no room to write in {root}: {why}; {fix}, then run the same command again "
+            "(finished files are kept)")
 
 
 def main(argv=None):
@@ -1038,8 +1294,11 @@ def main(argv=None):
     except DataError as error:
         raise SystemExit(f"prepare.py: {error}") from None
     except KeyboardInterrupt:
-        raise SystemExit("prepare.py: interrupted. Finished files are kept: run the same command "
-                         "again to resume.") from None
+        print("prepare.py: interrupted. Finished files are kept: run the same command again to "
+              "resume.", file=sys.stderr)
+        raise SystemExit(130) from None
+    except OSError as error:
+        raise SystemExit(f"prepare.py: {_out_of_space(error) or error}") from None
     print(f"dataset {info['dataset']} ready in {dataset_dir(info['dataset'])} "
           f"({info['seconds']:.1f}s), vocabulary {info['vocab_size']}")
     for split in ("train", "val"):

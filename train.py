@@ -580,6 +580,7 @@ def main():
     tokenizer = prepare.get_tokenizer()
     distributed.check_same_run_torch(__file__, prepare.active_dataset(), DEVICE)
     config = build_config(tokenizer.get_vocab_size())
+    exit_if_model_cannot_fit(config)
     model = GPT(config).to(DEVICE)
     distributed.broadcast_torch_parameters(model)
     num_params = sum(p.numel() for p in model.parameters())
@@ -716,8 +717,8 @@ def main():
 
     eval_start = time.perf_counter()
     with torch.compiler.set_stance("force_eager" if EVAL_EAGER else "default"):
-        val_bpb = prepare.evaluate_bpb(per_token_nats, tokenizer, EVAL_BATCH_SIZE)
-    eval_tokens = prepare.eval_token_budget()
+        val_bpb = prepare.evaluate_bpb(per_token_nats, tokenizer, EVAL_BATCH_SIZE, BACKEND)
+    eval_tokens = prepare.eval_token_budget(BACKEND)
     eval_seconds = time.perf_counter() - eval_start
     print(f"evaluation: {eval_tokens:,} tokens in {eval_seconds:.1f}s", flush=True)
 
@@ -733,7 +734,7 @@ def main():
         "depth": DEPTH,
         "backend": BACKEND,
         "chip": HARDWARE["chip"],
-        **run_context(world_size=WORLD_SIZE),
+        **run_context(world_size=WORLD_SIZE, backend=BACKEND),
         "startup_seconds": startup_seconds,
         "untimed_seconds": untimed_seconds,
         "train_tokens_per_second": timed_tokens / training_time,
@@ -749,14 +750,71 @@ def main():
     write_run_json(fields)
 
 
+# ---------------------------------------------------------------------------------------------
+# Runs that cannot finish: each ends with one line, and nothing is recorded
+
+def parameter_count(config):
+    """Parameters of GPT(config), counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(config).parameters())
+
+
+def exit_if_model_cannot_fit(config):
+    """Refuse, before allocating it, a model whose training state alone passes the memory."""
+    num_params = parameter_count(config)
+    if not backends.model_fits_in_memory(BACKEND, num_params):
+        exit_out_of_memory(num_params)
+
+
+def exit_out_of_memory(num_params):
+    print0()  # end the progress line
+    print(backends.out_of_memory_message(BACKEND, num_params), file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def is_out_of_memory(error):
+    """CUDA raises OutOfMemoryError; the CPU and MPS allocators a RuntimeError that says so."""
+    message = str(error)
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) \
+        or "can't allocate memory" in message or "out of memory" in message
+
+
+def step_reached(error):
+    """The step main() was on when error went through it (0 before the training loop)."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_code is main.__code__:
+            return traceback.tb_frame.f_locals.get("step", 0)
+        traceback = traceback.tb_next
+    return 0
+
+
+def exit_interrupted(step):
+    """Ctrl-C: exit 130 like any interrupted command, after one line on rank 0."""
+    print0()
+    if RANK == 0:
+        print(f"interrupted at step {step}: nothing recorded", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
 if __name__ == "__main__":
     try:
         main()
+    except KeyboardInterrupt as interrupt:
+        exit_interrupted(step_reached(interrupt))
     except (prepare.DataError, distributed.DistributedError) as error:
         exit_with_error(error)
-    except RuntimeError as error:
+    except (RuntimeError, MemoryError) as error:
+        if is_out_of_memory(error):
+            config = build_config(prepare.get_tokenizer().get_vocab_size())
+            exit_out_of_memory(parameter_count(config))
         if WORLD_SIZE == 1:
             raise
         # Usually the engine reporting a peer rank that stopped first: one line, not a traceback.
         exit_with_error(f"rank {RANK} of {WORLD_SIZE}: {str(error).strip().splitlines()[0]} "
                         f"(if another rank failed first, its output says why)")
+    finally:
+        # However the run ends (FAIL, Ctrl-C, an error), the collector goes back on, as after a
+        # finished run: else the leak report of compiled code follows the last line.
+        gc.unfreeze()
+        gc.enable()

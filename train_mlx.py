@@ -34,7 +34,7 @@ def exit_with_error(error):
 
 
 try:
-    BACKEND = backends.detect_backend("mlx")  # this script always runs MLX; is it usable here?
+    BACKEND = backends.detect_mlx_backend()  # this script runs MLX only; is it usable here?
     PROFILE = backends.current_profile()
     import prepare  # reads AUTORESEARCH_TIME_BUDGET, which may be malformed
 except (backends.BackendUnavailable, ValueError) as error:
@@ -378,6 +378,7 @@ def main():
     distributed.check_same_run_mlx(__file__, prepare.active_dataset(), GROUP)
     config = build_config(tokenizer.get_vocab_size())
     model = GPT(config, compute_dtype=COMPUTE_DTYPE)
+    exit_if_model_cannot_fit(model)  # before mx.eval allocates its parameters
     mx.eval(model.parameters())
     distributed.broadcast_mlx_parameters(model, GROUP)
     num_params = sum(p.size for _, p in tree_flatten(model.parameters()))
@@ -517,8 +518,8 @@ def main():
         return nats
 
     eval_start = time.perf_counter()
-    val_bpb = prepare.evaluate_bpb(per_token_nats, tokenizer, EVAL_BATCH_SIZE)
-    eval_tokens = prepare.eval_token_budget()
+    val_bpb = prepare.evaluate_bpb(per_token_nats, tokenizer, EVAL_BATCH_SIZE, BACKEND)
+    eval_tokens = prepare.eval_token_budget(BACKEND)
     eval_seconds = time.perf_counter() - eval_start
     print(f"evaluation: {eval_tokens:,} tokens in {eval_seconds:.1f}s", flush=True)
 
@@ -534,7 +535,7 @@ def main():
         "depth": DEPTH,
         "backend": BACKEND,
         "chip": HARDWARE["chip"],
-        **run_context(world_size=WORLD_SIZE),
+        **run_context(world_size=WORLD_SIZE, backend=BACKEND),
         "startup_seconds": startup_seconds,
         "untimed_seconds": untimed_seconds,
         "train_tokens_per_second": timed_tokens / training_time,
@@ -550,14 +551,70 @@ def main():
     write_run_json(fields)
 
 
+# ---------------------------------------------------------------------------------------------
+# Runs that cannot finish: each ends with one line, and nothing is recorded
+
+def parameter_count(model):
+    """Parameters of a model; until mx.eval they have shapes but no memory."""
+    return sum(p.size for _, p in tree_flatten(model.parameters()))
+
+
+def exit_if_model_cannot_fit(model):
+    """Refuse, before allocating it, a model whose training state alone passes the memory: MLX
+    cannot raise when an allocation fails under a hard limit (ulimit -v), it crashes."""
+    num_params = parameter_count(model)
+    if not backends.model_fits_in_memory(BACKEND, num_params):
+        exit_out_of_memory(num_params)
+
+
+def exit_out_of_memory(num_params):
+    print0()  # end the progress line
+    print(backends.out_of_memory_message(BACKEND, num_params), file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def is_out_of_memory(error):
+    """Metal raises a RuntimeError that says it cannot allocate."""
+    message = str(error)
+    return isinstance(error, MemoryError) or "allocate" in message or "out of memory" in message
+
+
+def step_reached(error):
+    """The step main() was on when error went through it (0 before the training loop)."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_code is main.__code__:
+            return traceback.tb_frame.f_locals.get("step", 0)
+        traceback = traceback.tb_next
+    return 0
+
+
+def exit_interrupted(step):
+    """Ctrl-C: exit 130 like any interrupted command, after one line on rank 0."""
+    print0()
+    if RANK == 0:
+        print(f"interrupted at step {step}: nothing recorded", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
 if __name__ == "__main__":
     try:
         main()
+    except KeyboardInterrupt as interrupt:
+        exit_interrupted(step_reached(interrupt))
     except (prepare.DataError, distributed.DistributedError) as error:
         exit_with_error(error)
-    except RuntimeError as error:
+    except (RuntimeError, MemoryError) as error:
+        if is_out_of_memory(error):
+            config = build_config(prepare.get_tokenizer().get_vocab_size())
+            exit_out_of_memory(parameter_count(GPT(config)))  # lazy: nothing is allocated
         if WORLD_SIZE == 1:
             raise
         # Usually the engine reporting a peer rank that stopped first: one line, not a traceback.
         exit_with_error(f"rank {RANK} of {WORLD_SIZE}: {str(error).strip().splitlines()[0]} "
                         f"(if another rank failed first, its output says why)")
+    finally:
+        # However the run ends (FAIL, Ctrl-C, an error), the collector goes back on, as after a
+        # finished run: else the leak report of compiled code follows the last line.
+        gc.unfreeze()
+        gc.enable()

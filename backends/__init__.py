@@ -1,11 +1,13 @@
 """Hardware-aware helpers shared by prepare.py, train.py and train_mlx.py (locked for the agent).
 
     detect_backend()                       -> "mlx" | "mps" | "cuda" | "cpu"
+    detect_mlx_backend()                   -> "mlx", or BackendUnavailable (train_mlx.py)
     get_hardware_info()                    -> dict describing this machine (cached)
     peak_flops(info, backend)              -> dense bf16 FLOP/s of the training device
     suggest_hyperparameters(info, backend) -> default configuration for this tier
     eval_tokens(info)                      -> the tier's evaluation budget in tokens
     sync(backend), peak_memory_mb(backend), keep_freed_memory(), print_summary()
+    memory_budget(backend), model_fits_in_memory(...), out_of_memory_message(...)
 
 `uv run python -m backends` prints the summary. Importing this package never imports torch or mlx.
 """
@@ -15,8 +17,12 @@ from backends.hardware import (
     BACKENDS,
     BackendUnavailable,
     detect_backend,
+    detect_mlx_backend,
     get_hardware_info,
     keep_freed_memory,
+    memory_budget,
+    model_fits_in_memory,
+    out_of_memory_message,
     peak_memory_mb,
     sync,
 )
@@ -24,7 +30,8 @@ from backends.summary import print_summary
 from backends.tiers import current_profile, eval_tokens, suggest_hyperparameters
 
 __all__ = [
-    "BACKENDS", "BackendUnavailable", "current_profile", "detect_backend", "eval_tokens",
-    "get_hardware_info", "keep_freed_memory", "peak_flops", "peak_flops_and_source",
+    "BACKENDS", "BackendUnavailable", "current_profile", "detect_backend", "detect_mlx_backend",
+    "eval_tokens", "get_hardware_info", "keep_freed_memory", "memory_budget",
+    "model_fits_in_memory", "out_of_memory_message", "peak_flops", "peak_flops_and_source",
     "peak_memory_mb", "print_summary", "suggest_hyperparameters", "sync",
 ]

@@ -148,6 +148,20 @@ def detect_backend(requested=None, *, system=None, machine=None, probes=None):
     return name
 
 
+def detect_mlx_backend(**overrides):
+    """detect_backend() for train_mlx.py, which trains with MLX only: "mlx" when
+    $AUTORESEARCH_BACKEND is unset, auto or mlx and MLX runs here. Any other value raises
+    BackendUnavailable instead of being ignored (a torch backend is train.py's job)."""
+    raw = os.environ.get(BACKEND_ENV, "")
+    name = raw.strip().lower() or "auto"
+    if name in BACKENDS and name != "mlx":
+        raise BackendUnavailable(f"{BACKEND_ENV}={raw!r} but train_mlx.py trains with MLX only: "
+                                 f"run `uv run train.py` for {name}, or unset {BACKEND_ENV}")
+    if name != "auto":
+        detect_backend(raw, **overrides)  # an unknown name: its one-line error
+    return detect_backend("mlx", **overrides)
+
+
 # ---------------------------------------------------------------------------
 # Hardware description
 
@@ -300,6 +314,55 @@ def keep_freed_memory(system=None):
     no_mmap = libc.mallopt(M_MMAP_MAX, 0)
     keep_top = libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # hand back only a free top over 2 GiB
     return bool(no_mmap and keep_top)
+
+
+# fp32 weight, its gradient and one optimizer buffer: the least memory a parameter takes in training
+TRAINING_BYTES_PER_PARAM = 12
+
+
+def memory_budget(backend):
+    """(bytes, what they are) that a run on this backend can hold at most: the GPU's memory on
+    cuda, its working-set limit on mps, the unified memory for MLX on Metal; else the RAM, or the
+    address-space limit (`ulimit -v`) where that is lower."""
+    _check_backend(backend)
+    if backend == "cuda":
+        import torch
+        return torch.cuda.get_device_properties(0).total_memory, "GPU memory"
+    if backend == "mps":
+        import torch
+        return torch.mps.recommended_max_memory(), "the GPU's working-set limit"
+    if backend == "mlx":
+        import mlx.core as mx
+        if mx.metal.is_available():
+            info = mx.device_info()
+            memory = info.get("memory_size") or info.get("total_memory")
+            return memory or psutil.virtual_memory().total, "unified memory"
+    import resource
+    ram = psutil.virtual_memory().total
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY and limit < ram:
+        return limit, "the address-space limit, ulimit -v"
+    return ram, "RAM"
+
+
+def model_fits_in_memory(backend, num_params):
+    """False when the weights, gradients and optimizer state alone pass memory_budget()."""
+    return TRAINING_BYTES_PER_PARAM * num_params <= memory_budget(backend)[0]
+
+
+def out_of_memory_message(backend, num_params):
+    """The line both scripts end a run with when memory runs out: what the run had, what the
+    model alone needs, and the constant to lower (the model's size when it alone does not fit,
+    else the micro-batch, whose activations took the rest)."""
+    budget, what = memory_budget(backend)
+    needed = TRAINING_BYTES_PER_PARAM * num_params
+    fix = "lower ASPECT_RATIO or DEPTH" if needed > budget else "lower DEVICE_BATCH_SIZE"
+    return (f"out of memory: the run had {_in_gib(budget)} ({what}) and the model's "
+            f"{num_params / 1e6:,.1f}M parameters need at least {_in_gib(needed)} to train; {fix}")
+
+
+def _in_gib(size):
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
 
 
 def max_rss_mb(ru_maxrss, system=None):

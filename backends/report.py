@@ -61,16 +61,17 @@ def harness_hash(root=REPO_ROOT):
     return digest.hexdigest()[:12]
 
 
-def run_context(world_size=1):
+def run_context(world_size=1, backend=None):
     """CONTEXT_KEYS then RUN_EXTRA_KEYS for a run in this process, in summary order: the active
-    dataset, the evaluation budget, the time budget, the harness hash, whether the result is
-    standard (comparable), the profile and the number of training processes."""
+    dataset, the evaluation budget (of the backend that trains), the time budget, the harness
+    hash, whether the result is standard (comparable), the profile and the number of training
+    processes."""
     import prepare  # here, not at the top: prepare imports backends, and the runner needs no numpy
     from backends.tiers import current_profile
 
     return {
         "dataset": prepare.active_dataset(),
-        "eval_tokens": prepare.eval_token_budget(),
+        "eval_tokens": prepare.eval_token_budget(backend),
         "time_budget": prepare.TIME_BUDGET,
         "harness": harness_hash(),
         "standard": prepare.is_standard_run(),

@@ -35,6 +35,8 @@ def main():
     module.GPT = RecordedGPT
     module.main()
 
+    if script == "train":  # its memory check builds one more GPT, on the meta device
+        models = [model for model in models if not next(model.parameters()).is_meta]
     (model,) = models
     if script == "train":
         params = {name: p.detach().float().cpu().numpy() for name, p in model.named_parameters()}

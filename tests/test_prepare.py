@@ -431,12 +431,25 @@ def test_eval_budget_is_the_smoke_value_without_touching_backends(tiny_env, monk
 
 def test_eval_budget_comes_from_the_hardware_tier(monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_PROFILE", "standard")
-    fake = SimpleNamespace(get_hardware_info=lambda: {"kind": "cpu"}, eval_tokens=lambda info: 32 * 2048)
+    fake = SimpleNamespace(get_hardware_info=lambda: {"kind": "cpu"},
+                           eval_tokens=lambda info, backend: 32 * 2048)
     monkeypatch.setitem(sys.modules, "backends", fake)
     assert prepare.eval_token_budget() == 32 * 2048
-    fake.eval_tokens = lambda info: 1000
+    fake.eval_tokens = lambda info, backend: 1000
     with pytest.raises(ValueError, match="not a positive multiple of 2048"):
         prepare.eval_token_budget()
+
+
+def test_eval_budget_is_the_tier_of_the_backend_that_trains(monkeypatch):
+    # MLX on an NVIDIA machine trains on the CPU tier, so it must not evaluate the GPU's tokens.
+    import backends
+    from backends.tiers import CPU_TIER, NVIDIA_H100
+    monkeypatch.setenv("AUTORESEARCH_PROFILE", "standard")
+    monkeypatch.setattr(backends, "get_hardware_info",
+                        lambda: {"kind": "nvidia", "gpu_name": "NVIDIA H100 80GB HBM3",
+                                 "generation": "Hopper", "gpu_memory_gb": 80})
+    assert prepare.eval_token_budget("cuda") == NVIDIA_H100["eval_tokens"] == 40 * 2**19
+    assert prepare.eval_token_budget("mlx") == CPU_TIER["eval_tokens"] == 32 * 2048
 
 
 def test_uniform_predictor_scores_log_vocab_per_byte(tiny_env, dataset_path, tokenizer):

@@ -474,6 +474,9 @@ def test_nan_loss_fails_fast_with_exit_1(tiny_dataset, tmp_path):
     assert result.returncode == 1
     fail_lines = [line for line in result.stdout.replace("\r", "\n").split("\n") if line.startswith("FAIL")]
     assert fail_lines == ["FAIL: training diverged at step 1: loss nan"]
+    # The agent reads the tail: FAIL is the last thing printed, with no leak report after it.
+    assert result.stdout.strip().splitlines()[-1] == fail_lines[0]
+    assert result.stderr == ""
     assert parse_summary(result.stdout) is None
     assert not (tmp_path / "runs").exists()
 
