@@ -140,9 +140,9 @@ def plan(env, *results, marker=None):
 def runner(repo, env, command, *args, quiet_machine=True):
     """The runner as an agent calls it. quiet_machine: other tests share this machine, so the
     disturbance check is off unless a test is about it."""
-    extra = ["--script", "train.py"] if command in ("run", "baseline") else []
+    extra = ["--script", "train.py"] if command in ("run", "baseline") and quiet_machine else []
     if quiet_machine and command in ("run", "baseline"):
-        extra += ["--max-disturbance", "1"]
+        extra += ["--max-disturbance", "1"] + (["--max-load-change", "1"] if command == "run" else [])
     return subprocess.run([sys.executable, str(RUNNER), command, *args, *extra],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=120)
 
@@ -598,7 +598,7 @@ def test_disturbed_runs_are_rerun_then_not_judged_and_the_edit_stays(repo, env):
     plan(env, *[{"val_bpb": 1.0, "mode": "spin", "seconds": 0.6}] * 3)
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        done = runner(repo, env, "run", "idea on a busy machine", quiet_machine=False)
+        done = runner(repo, env, "run", "idea on a busy machine", "--script", "train.py", quiet_machine=False)
     finally:
         burner.kill()
         burner.wait()
@@ -630,3 +630,18 @@ def test_best_without_results_says_what_to_do(repo, env):
     done = runner(repo, env, "best")
     assert done.returncode == 1
     assert "baseline" in done.stderr
+
+
+def test_a_win_measured_under_another_load_than_the_best_is_not_judged(repo, env):
+    kept = baseline(repo, env)
+    details = repo / "runs" / "experiments.jsonl"
+    entries = [json.loads(line) for line in details.read_text().splitlines()]
+    details.write_text("".join(json.dumps(dict(entry, other_cpu_share=1.0)) + "\n" for entry in entries))
+    edit(repo, "faster only because the machine got quiet")
+    plan(env, 1.20, 1.21)
+    done = runner(repo, env, "run", "faster only because the machine got quiet", "--script", "train.py",
+                  "--max-disturbance", "1", "--max-load-change", "0.05", quiet_machine=False)
+    assert done.returncode == 2
+    assert "the machine's load changed" in done.stderr and "during the best's" in done.stderr
+    assert git(repo, "rev-parse", "HEAD") == kept
+    assert {r[3] for r in rows(repo)[6:]} == {"discard"}

@@ -644,6 +644,9 @@ def judge_experiment(args, script, kind, timeout, kept, best, rows, description)
         print(f"interrupted: {what}; the experiment commit was undone and {where}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED)
 
+    load_changed = result.status == "keep" and load_difference(runs, kept, kind, args.max_load_change)
+    if load_changed:
+        result = verdict.Verdict("void", result.values, result.decision, load_changed)
     status = result.status if result.status != "void" else "discard"
     with signals_held():
         state = load_state()
@@ -677,6 +680,23 @@ def judge_experiment(args, script, kind, timeout, kept, best, rows, description)
             git("reset", "--quiet", "--keep", kept)
     remember(line)
     print(line, flush=True)
+
+
+def load_difference(runs, best_commit, kind, tolerance):
+    """Why a win cannot be trusted because the machine's load changed since the best was measured
+    (only possible when --max-disturbance accepted loaded runs), or None. A lighter load gives
+    more steps in the same budget, so such a 'win' may be the machine's, not the idea's."""
+    candidate = [r.load.other_cpu_share for r in runs if r.outcome.value is not None and r.load]
+    best = [d["other_cpu_share"] for d in details_of(best_commit, str(kind))
+            if isinstance(d.get("other_cpu_share"), (int, float))]
+    if not candidate or not best:
+        return None
+    now, then = verdict.mean(candidate), verdict.mean(best)
+    if abs(now - then) <= tolerance:
+        return None
+    return (f"the machine's load changed: other processes used {100 * now:.0f}% of the CPU during these "
+            f"runs and {100 * then:.0f}% during the best's; rerun the best under the load of now "
+            f"(uv run tools/experiment.py baseline --repeat 2), then this experiment")
 
 
 def remember(line):
@@ -818,6 +838,9 @@ def main():
         sub.add_argument("--max-disturbance", type=share, default=monitor.DISTURBED_SHARE,
                          help=f"share of the CPU other processes may use during a run before it is not "
                               f"evidence (default {monitor.DISTURBED_SHARE:g}; 1 turns the check off)")
+    run.add_argument("--max-load-change", type=share, default=monitor.DISTURBED_SHARE,
+                     help=f"how far other processes' CPU share during a winner's runs may differ from "
+                          f"the best's before the win is not judged (default {monitor.DISTURBED_SHARE:g})")
     commands.add_parser("status", help="kind, best (mean of its runs), sigma, counts, last verdict")
     commands.add_parser("best", help="print the best result as a results.tsv row (its mean)")
     args = parser.parse_args()
