@@ -692,11 +692,15 @@ def load_difference(runs, best_commit, kind, tolerance):
     if not candidate or not best:
         return None
     now, then = verdict.mean(candidate), verdict.mean(best)
-    if abs(now - then) <= tolerance:
+    # What matters is the CPU left to the run: 21% against 29% of the machine is 38% more compute,
+    # although the others' share moved only 8 points.
+    left_now, left_then = max(1 - now, 1e-3), max(1 - then, 1e-3)
+    if max(left_now / left_then, left_then / left_now) - 1 <= tolerance:
         return None
     return (f"the machine's load changed: other processes used {100 * now:.0f}% of the CPU during these "
-            f"runs and {100 * then:.0f}% during the best's; rerun the best under the load of now "
-            f"(uv run tools/experiment.py baseline --repeat 2), then this experiment")
+            f"runs and {100 * then:.0f}% during the best's, so these runs had {left_now / left_then:.2f}x "
+            f"the CPU; rerun the best under the load of now (uv run tools/experiment.py baseline "
+            f"--repeat 2), then this experiment")
 
 
 def remember(line):
@@ -839,8 +843,9 @@ def main():
                          help=f"share of the CPU other processes may use during a run before it is not "
                               f"evidence (default {monitor.DISTURBED_SHARE:g}; 1 turns the check off)")
     run.add_argument("--max-load-change", type=share, default=monitor.DISTURBED_SHARE,
-                     help=f"how far other processes' CPU share during a winner's runs may differ from "
-                          f"the best's before the win is not judged (default {monitor.DISTURBED_SHARE:g})")
+                     help=f"how much more or less of the CPU a winner's runs may have had than the best's "
+                          f"(other processes' load) before the win is not judged, as a fraction "
+                          f"(default {monitor.DISTURBED_SHARE:g}: 10%%)")
     commands.add_parser("status", help="kind, best (mean of its runs), sigma, counts, last verdict")
     commands.add_parser("best", help="print the best result as a results.tsv row (its mean)")
     args = parser.parse_args()
