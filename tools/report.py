@@ -41,6 +41,7 @@ DEFAULT_OUTPUT = "report.md"
 STATUSES = ("keep", "discard", "crash")
 STANDARD = "standard"
 NONSTANDARD = re.compile(r"^non-standard, ([0-9.]+)s budget$")
+NOT_EVIDENCE = ("disturbed", "over budget")  # runner tags of runs that say nothing about their code
 RUNNER_TAGS = ("non-standard", "standard", "rerun", "run ", "baseline", "over budget", "disturbed",
                "unjudged")  # tags that are no crash cause
 STAMP = re.compile(r"^run_(\d{8}_\d{6})")
@@ -180,12 +181,39 @@ def spread(values):
     return statistics.stdev(values) if len(values) >= 2 else None
 
 
+def is_evidence(row):
+    """A finished run whose val_bpb says something about its code: no crash, and not tagged by
+    the runner as disturbed or over budget."""
+    return row["status"] != "crash" and not any(tag.lower().startswith(NOT_EVIDENCE) for tag in row["tags"])
+
+
+def experiments(rows):
+    """{commit: its rows} for every commit that is not the baseline's, in order of first run: one
+    experiment each, however many runs (reruns, confirmations) it took."""
+    found = {}
+    for row in rows:
+        if row["role"] != "baseline" or row["commit"] in found:
+            found.setdefault(row["commit"], []).append(row)
+    return found
+
+
+def experiment_counts(rows):
+    """Counter of experiments by outcome (keep, discard, crash), plus 'baseline' runs and 'runs'."""
+    counts = Counter()
+    for commit_rows in experiments(rows).values():
+        statuses = {r["status"] for r in commit_rows}
+        counts["keep" if "keep" in statuses else "crash" if "crash" in statuses else "discard"] += 1
+    counts["baseline"] = sum(r["role"] == "baseline" for r in rows)
+    counts["runs"] = len(rows)
+    return counts
+
+
 def pooled_noise(rows):
     """Standard deviation of single runs of the same code, pooled over every commit run more than
     once (baseline repeats, reruns); (std, runs, commits), or None when no commit ran twice."""
     by_commit = {}
     for row in rows:
-        if row["status"] != "crash":
+        if is_evidence(row):
             by_commit.setdefault(row["commit"], []).append(row["val_bpb"])
     repeated = [values for values in by_commit.values() if len(values) >= 2]
     if not repeated:
@@ -203,8 +231,10 @@ def analyse(name, rows, facts, log_text):
     finished = [r for r in rows if r["status"] != "crash"]
     runs_of = {}
     for row in finished:
-        runs_of.setdefault(row["commit"], []).append(row["val_bpb"])
-    baselines = [r for r in finished if r["role"] == "baseline"] or [r for r in finished if r["status"] == "keep"][:1]
+        if is_evidence(row):
+            runs_of.setdefault(row["commit"], []).append(row["val_bpb"])
+    baselines = ([r for r in finished if r["role"] == "baseline" and is_evidence(r)]
+                 or [r for r in finished if r["status"] == "keep"][:1])
     base_values = [r["val_bpb"] for r in baselines]
     base_steps = [r["run"]["num_steps"] for r in baselines if r["run"]]
     median_steps = statistics.median(base_steps) if base_steps else None
@@ -258,7 +288,7 @@ def analyse(name, rows, facts, log_text):
                   + sorted(disturbed, key=lambda item: item[1]))[:MAX_RERUNS],
         "mostly_noise": len(near) >= max(3, sum(r["role"] == "experiment" for r in finished) / 2),
         "crashes": crashes, "timing": time_spent(rows, facts),
-        "counts": Counter("baseline" if r["role"] == "baseline" else r["status"] for r in rows),
+        "counts": experiment_counts(rows),
     }
 
 
@@ -296,7 +326,7 @@ def time_spent(rows, facts):
     return {"span": span, "first": min(starts), "last": max(ends + starts), "training": training,
             "outside": outside, "crashed": crashed, "crashes_unknown": unknown,
             "between": max(span - training - outside - crashed, 0.0),
-            "per_hour": len(rows) / (span / 3600) if span > 0 else None}
+            "per_hour": len(experiments(rows)) / (span / 3600) if span > 0 else None}
 
 
 def clock(seconds):
@@ -338,8 +368,9 @@ def section_lines(section, heading):
     lines = [f"## {heading}", ""]
     machine = section["machine"] or "unknown (no run JSON in the runs folder matches these rows)"
     lines += [f"- **Machine:** {machine}", f"- **Kind:** {describe_kind(section)}",
-              f"- **Experiments:** {len(rows)}: {counts['baseline']} baseline runs, {counts['keep']} kept, "
-              f"{counts['discard']} discarded, {counts['crash']} crashed"]
+              f"- **Experiments:** {counts['keep'] + counts['discard'] + counts['crash']}: {counts['keep']} kept, "
+              f"{counts['discard']} discarded, {counts['crash']} crashed, in {counts['runs']} runs "
+              f"({counts['baseline']} of them baseline runs)"]
     base_mean, base_std, base_n = section["baseline"]
     best_mean, best_std, best_n, best_commit = section["best"]
     lines.append(f"- **Baseline:** {mean_text(base_mean, base_std, base_n)}")
@@ -423,7 +454,8 @@ def side_by_side(sections):
     for s in sections:
         per_hour = f"{s['timing']['per_hour']:.1f}" if s["timing"] and s["timing"]["per_hour"] else "n/a"
         base, best = s["baseline"][0], s["best"][0]
-        lines.append(f"| {s['name']} | {s['machine'] or 'unknown'} | {s['kind']} | {len(s['rows'])} | "
+        experiments_run = s["counts"]["keep"] + s["counts"]["discard"] + s["counts"]["crash"]
+        lines.append(f"| {s['name']} | {s['machine'] or 'unknown'} | {s['kind']} | {experiments_run} | "
                      f"{len(s['kept'])} | {s['counts']['crash']} | "
                      f"{f'{base:.6f}' if base is not None else 'none'} | "
                      f"{f'{best:.6f}' if best is not None else 'none'} | {gain_text(s)} | {per_hour} |")
