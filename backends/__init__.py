@@ -2,15 +2,22 @@
 
     detect_backend()                       -> "mlx" | "mps" | "cuda" | "cpu"
     get_hardware_info()                    -> dict describing this machine (cached)
-    peak_flops(info, backend)              -> dense bf16 FLOP/s of the training device
-    suggest_hyperparameters(info, backend) -> default configuration for this tier
+    choose_compute_dtype(info, backend)    -> {"dtype": "bf16" | "fp32", both rates, "how"}
+    peak_flops(info, backend, dtype=)      -> dense matmul FLOP/s of the training device in dtype
+    fastest_cpu_threads(rows, dim, dtype) -> torch CPU threads that multiply fastest at those shapes
+    suggest_hyperparameters(info, backend, flops) -> default configuration for this tier
     eval_tokens(info)                      -> the tier's evaluation budget in tokens
     sync(backend), peak_memory_mb(backend), keep_freed_memory(), print_summary()
 
 `uv run python -m backends` prints the summary. Importing this package never imports torch or mlx.
 """
 
-from backends.flops import peak_flops, peak_flops_and_source
+from backends.flops import (
+    choose_compute_dtype,
+    fastest_cpu_threads,
+    peak_flops,
+    peak_flops_and_source,
+)
 from backends.hardware import (
     BACKENDS,
     BackendUnavailable,
@@ -24,7 +31,7 @@ from backends.summary import print_summary
 from backends.tiers import current_profile, eval_tokens, suggest_hyperparameters
 
 __all__ = [
-    "BACKENDS", "BackendUnavailable", "current_profile", "detect_backend", "eval_tokens",
-    "get_hardware_info", "keep_freed_memory", "peak_flops", "peak_flops_and_source",
-    "peak_memory_mb", "print_summary", "suggest_hyperparameters", "sync",
+    "BACKENDS", "BackendUnavailable", "choose_compute_dtype", "current_profile", "detect_backend",
+    "eval_tokens", "fastest_cpu_threads", "get_hardware_info", "keep_freed_memory", "peak_flops",
+    "peak_flops_and_source", "peak_memory_mb", "print_summary", "suggest_hyperparameters", "sync",
 ]

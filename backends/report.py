@@ -7,7 +7,7 @@ keys that make a result comparable (CONTEXT_KEYS), then any extras. The same fie
 JSON to runs/last_run.json (stable path) and runs/run_<timestamp>.json (archive).
 
 Both scripts build the comparability fields with run_context() and add the TIMING_KEYS extras
-(where the run's wall-clock time went), which tools/bench.py reads.
+(where the run's wall-clock time went) and the PRECISION_KEYS, which tools/bench.py reads.
 """
 
 import hashlib
@@ -28,13 +28,16 @@ RUN_EXTRA_KEYS = ("standard", "profile", "world_size")  # run_context() adds the
 # loader (and the copy to the device); eval: the final evaluate_bpb.
 TIMING_KEYS = ("startup_seconds", "compile_seconds", "train_tokens_per_second", "data_wait_percent",
                "eval_seconds", "eval_tokens_per_second")
+# What the run computed in, after the timing keys: its dtype ("bf16" or "fp32") and the peak
+# FLOP/s of that dtype its mfu_percent is counted against, in TFLOP/s.
+PRECISION_KEYS = ("compute_dtype", "peak_tflops")
 # How each numeric field is written, so every run prints the same widths and decimals.
 _FORMATS = {
     "val_bpb": "{:.6f}", "training_seconds": "{:.1f}", "total_seconds": "{:.1f}",
     "peak_vram_mb": "{:.1f}", "mfu_percent": "{:.2f}", "total_tokens_M": "{:.1f}",
     "num_params_M": "{:.1f}", "startup_seconds": "{:.2f}", "compile_seconds": "{:.2f}",
     "train_tokens_per_second": "{:.0f}", "data_wait_percent": "{:.2f}", "eval_seconds": "{:.2f}",
-    "eval_tokens_per_second": "{:.0f}",
+    "eval_tokens_per_second": "{:.0f}", "peak_tflops": "{:.3f}",
 }
 LOCKED_PATHS = ("prepare.py", "backends")
 

@@ -72,6 +72,12 @@ CPU_TIER = dict(tier="cpu", depth=4, aspect_ratio=64, head_dim=64, seq_len=512, 
                 device_batch_size=32, total_batch_size=2**14, eval_tokens=32 * MAX_SEQ_LEN,
                 eval_batch_size=8)
 
+# The CPU tier's size by measured peak (FLOP/s of the dtype that trains), largest first: fitted to
+# the sweeps of docs/cpu-tier.md. PLACEHOLDER_FILLED_AFTER_SWEEP
+CPU_TIER_BY_FLOPS = (
+    (0.0, dict(depth=4, aspect_ratio=64)),
+)
+
 
 def current_profile():
     """$AUTORESEARCH_PROFILE: "standard" (default) or "smoke"; anything else raises ValueError."""
@@ -104,11 +110,22 @@ def is_h100_class(info):
     return info.get("generation") in ("Hopper", "Blackwell") and (info.get("gpu_memory_gb") or 0) >= 70
 
 
-def suggest_hyperparameters(info, backend=None):
+def cpu_tier(flops):
+    """The CPU tier's configuration for a measured matmul peak of `flops` FLOP/s (in the dtype that
+    trains): the largest CPU_TIER_BY_FLOPS entry whose threshold it reaches; None: CPU_TIER."""
+    if flops is None:
+        return dict(CPU_TIER)
+    sized = next(size for threshold, size in CPU_TIER_BY_FLOPS if flops >= threshold)
+    return {**CPU_TIER, **sized}
+
+
+def suggest_hyperparameters(info, backend=None, flops=None):
     """Default configuration for this hardware and backend: a dict with KEYS.
 
     backend defaults to detect_backend(). The CPU tier covers the cpu backend anywhere and MLX off
-    Apple Silicon; AUTORESEARCH_PROFILE=smoke returns SMOKE whatever the hardware.
+    Apple Silicon; its model size follows `flops`, the measured peak of the dtype that trains
+    (cpu_tier; None: the reference machine's CPU_TIER). AUTORESEARCH_PROFILE=smoke returns SMOKE
+    whatever the hardware.
     """
     if current_profile() == "smoke":
         return dict(SMOKE)
@@ -122,7 +139,7 @@ def suggest_hyperparameters(info, backend=None):
             return dict(NVIDIA_H100)
         small_memory = (info.get("gpu_memory_gb") or 0) < 20
         return _halve_batches(NVIDIA_SMALL) if small_memory else dict(NVIDIA_SMALL)
-    return dict(CPU_TIER)
+    return cpu_tier(flops)
 
 
 def eval_tokens(info, backend=None):
