@@ -62,7 +62,7 @@ def script_with_config(source, config, dtype=None):
 
 def run_config(config, timeout, dtype=None, threads=None):
     """Run one configuration to the end (in dtype, on threads torch CPU threads, where given);
-    returns the run's JSON fields, or None if it failed."""
+    returns the run's JSON fields and "threads" (those it trained on), or None if it failed."""
     source = script_with_config((REPO_ROOT / "train.py").read_text(), config, dtype)
     with tempfile.TemporaryDirectory() as runs_dir:
         script = REPO_ROOT / f".sweep_train_{os.getpid()}.py"  # beside prepare.py so imports resolve
@@ -83,10 +83,15 @@ def run_config(config, timeout, dtype=None, threads=None):
             print(f"  failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}",
                   file=sys.stderr)
             return None
-        return json.loads(result_path.read_text())
+        # The run may train on fewer threads than it was given (train.py's thread probe): the
+        # peak it counts MFU against, last on its precision line, says how many.
+        threads = re.findall(r"on (\d+) CPU threads", proc.stdout)
+        return {**json.loads(result_path.read_text()), "threads": int(threads[-1]) if threads else None}
 
 
 def append_row(config, result, threads, loads):
+    """One row of COLUMNS for a finished run: its configuration, results, thread count and the
+    1-minute load average before and after it."""
     new_file = not RESULTS_PATH.exists()
     with RESULTS_PATH.open("a", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -122,8 +127,7 @@ def main():
         result = run_config(config, args.timeout, args.dtype, args.threads)
         if result is None:
             continue
-        threads = args.threads or os.cpu_count()
-        append_row(config, result, threads, (load_before, os.getloadavg()[0]))
+        append_row(config, result, result["threads"], (load_before, os.getloadavg()[0]))
         print(f"  val_bpb {result['val_bpb']:.6f}  steps {result['num_steps']}  {result['compute_dtype']} "
               f"peak {result['peak_tflops']:.3f} TFLOP/s  mfu {result['mfu_percent']:.1f}%  "
               f"total {result['total_seconds']:.0f} s", flush=True)
