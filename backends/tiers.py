@@ -2,7 +2,8 @@
 
 A tier is a class of machine that shares one configuration (model size, batches, evaluation
 budget). The values come from published runs (cited per table), except the CPU tier's, which come
-from a sweep on a 2-core machine (tools/sweep_cpu.py). AUTORESEARCH_PROFILE=smoke replaces
+from sweeps on 2-core machines (tools/sweep_cpu.py) at several measured throughputs: its model size
+follows the measured matmul peak of the dtype that trains (CPU_TIER_BY_FLOPS, docs/cpu-tier.md). AUTORESEARCH_PROFILE=smoke replaces
 everything with a tiny configuration that trains and evaluates in seconds (tests, quick tries).
 """
 
@@ -72,10 +73,16 @@ CPU_TIER = dict(tier="cpu", depth=4, aspect_ratio=64, head_dim=64, seq_len=512, 
                 device_batch_size=32, total_batch_size=2**14, eval_tokens=32 * MAX_SEQ_LEN,
                 eval_batch_size=8)
 
-# The CPU tier's size by measured peak (FLOP/s of the dtype that trains), largest first: fitted to
-# the sweeps of docs/cpu-tier.md. PLACEHOLDER_FILLED_AFTER_SWEEP
+# The CPU tier's size by the measured matmul peak of the dtype that trains, at the threads it
+# trains on: (at least this many FLOP/s, size), largest first. Fitted in docs/cpu-tier.md to the
+# sweeps of tools/sweep_cpu_results.tsv: at 0.195 TFLOP/s (fp32, one thread, an Intel Xeon with
+# AMX) depth 2 (val_bpb 1.758) beat depth 4 (1.828); at 0.88 (bf16, the AMD EPYC Zen 4 reference)
+# and 1.48 (bf16, the Xeon) depth 4 was best. The threshold is the geometric mean of 0.195 and
+# 0.88: a CPU with less than ~0.4 TFLOP/s in its training dtype (fp32 on AVX2, a single core)
+# trains a half-width, half-depth model that takes twice the steps.
 CPU_TIER_BY_FLOPS = (
-    (0.0, dict(depth=4, aspect_ratio=64)),
+    (0.4e12, dict(depth=4, aspect_ratio=64)),
+    (0.0, dict(depth=2, aspect_ratio=64)),
 )
 
 

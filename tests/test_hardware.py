@@ -554,6 +554,25 @@ def test_cpu_training_gets_the_cpu_tier_with_a_small_eval_budget(info, backend):
     assert config["eval_tokens"] == 32 * 2048
 
 
+@pytest.mark.parametrize("flops, depth", [
+    (0.05e12, 2), (0.195e12, 2), (0.39e12, 2),  # fp32 on AVX2, one AVX-512 thread, a busy CPU
+    (0.4e12, 4), (0.88e12, 4), (1.5e12, 4), (20e12, 4),  # bf16 on AVX-512 bf16 / AMX
+])
+@pytest.mark.parametrize("backend", ["cpu", "mlx"])
+def test_the_cpu_tier_is_sized_by_the_measured_peak_of_its_dtype(flops, depth, backend):
+    config = backends.suggest_hyperparameters(CPU_INFO, backend, flops=flops)
+    assert (config["tier"], config["depth"], config["aspect_ratio"]) == ("cpu", depth, 64)
+    assert {k: v for k, v in config.items() if k not in ("depth", "aspect_ratio")} == {
+        k: v for k, v in tiers.CPU_TIER.items() if k not in ("depth", "aspect_ratio")}
+    assert backends.eval_tokens(CPU_INFO, backend) == 32 * 2048  # evaluation does not follow the peak
+
+
+def test_the_measured_peak_sizes_only_the_cpu_tier():
+    h100 = nvidia_info("NVIDIA H100 80GB HBM3", 80, (9, 0))
+    assert backends.suggest_hyperparameters(h100, "cuda", flops=0.1e12) == tiers.NVIDIA_H100
+    assert backends.suggest_hyperparameters(apple_info("m4_max"), "mlx", flops=0.1e12) == tiers.APPLE_TIERS["Max"]
+
+
 def test_the_backend_defaults_to_detection(monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_BACKEND", "cpu")
     assert backends.suggest_hyperparameters(apple_info("m4_max"))["tier"] == "cpu"
@@ -561,6 +580,7 @@ def test_the_backend_defaults_to_detection(monkeypatch):
 
 
 ALL_CONFIGS = ([tiers.SMOKE, tiers.NVIDIA_H100, tiers.NVIDIA_SMALL, tiers.CPU_TIER]
+               + [tiers.cpu_tier(threshold) for threshold, _ in tiers.CPU_TIER_BY_FLOPS]
                + list(tiers.APPLE_TIERS.values())
                + [tiers._halve_batches(c) for c in (tiers.NVIDIA_SMALL, *tiers.APPLE_TIERS.values())])
 
