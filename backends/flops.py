@@ -161,8 +161,9 @@ def _torch_products(device):
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
 
         def make(n):
-            a = torch.randn(n, n, device=device).to(dtype)
-            b = torch.randn(n, n, device=device).to(dtype)
+            generator = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
+            a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+            b = torch.randn(n, n, device=device, generator=generator).to(dtype)
 
             def product():
                 a @ b
@@ -180,13 +181,18 @@ def _shaped_product(library, device, dtype_name, shape):
     if library == "mlx":
         import mlx.core as mx
         dtype = {"bf16": mx.bfloat16, "fp32": mx.float32}[dtype_name]
-        a, b = mx.random.normal((m, k)).astype(dtype), mx.random.normal((k, n)).astype(dtype)
+        key_a, key_b = mx.random.split(mx.random.key(0))  # leave the global RNG alone
+        a = mx.random.normal((m, k), key=key_a).astype(dtype)
+        b = mx.random.normal((k, n), key=key_b).astype(dtype)
         mx.eval(a, b)
         return lambda: mx.eval(a @ b)
     import torch
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    a = torch.randn(m, k, device=device).to(dtype)
-    b = torch.randn(k, n, device=device).to(dtype)
+    # A generator of its own: a run that probes after seeding must draw the same weights as one
+    # that does not (data-parallel ranks skip the thread probe).
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, device=device, generator=generator).to(dtype)
+    b = torch.randn(k, n, device=device, generator=generator).to(dtype)
     wait = {"mps": torch.mps.synchronize, "cuda": torch.cuda.synchronize}.get(device, lambda: None)
 
     def product():
@@ -216,8 +222,9 @@ def _mlx_products():
         dtype = {"bf16": mx.bfloat16, "fp32": mx.float32}[dtype_name]
 
         def make(n):
-            a = mx.random.normal((n, n)).astype(dtype)
-            b = mx.random.normal((n, n)).astype(dtype)
+            key_a, key_b = mx.random.split(mx.random.key(0))  # leave the global RNG alone
+            a = mx.random.normal((n, n), key=key_a).astype(dtype)
+            b = mx.random.normal((n, n), key=key_b).astype(dtype)
             mx.eval(a, b)
             return lambda: mx.eval(a @ b)
         return make

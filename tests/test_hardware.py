@@ -404,12 +404,16 @@ def test_one_thread_trains_only_where_it_multiplies_the_models_matrices_faster(m
     assert shapes == [((256, 64, 256), "fp32"), ((flops.THREAD_PROBE_ROWS, 256, 1024), "bf16")]
 
 
-def test_the_thread_probe_times_one_and_all_threads_and_leaves_the_count_as_it_was():
+def test_the_thread_probe_times_one_and_all_threads_and_leaves_the_count_and_the_rng_as_they_were():
     import torch
     before = torch.get_num_threads()
+    torch.manual_seed(42)
+    expected = torch.rand(4)
+    torch.manual_seed(42)
     rates = flops._thread_rates((64, 32, 128), "fp32")
     assert sorted(rates) == sorted({1, before}) and all(rate > 0 for rate in rates.values())
     assert torch.get_num_threads() == before
+    assert torch.equal(torch.rand(4), expected)  # a seeded run draws the same weights after a probe
 
 
 def test_peak_flops_rejects_unknown_backends_and_mps_off_a_mac():
