@@ -509,14 +509,13 @@ def main():
     distributed.check_same_run_torch(__file__, prepare.active_dataset(), DEVICE)
     config = build_config(tokenizer.get_vocab_size())
     peak_flops, peak_source = PEAK_FLOPS, PEAK_SOURCE
-    if BACKEND == "cpu" and WORLD_SIZE == 1:
-        # At tiny shapes one thread beats two (they wait on each other more than they compute).
-        threads = backends.fastest_cpu_threads(DEVICE_BATCH_SIZE * SEQ_LEN, config.n_embd,
-                                               COMPUTE_DTYPE)
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
-            peak_flops, peak_source = backends.peak_flops_and_source(HARDWARE, BACKEND,
-                                                                     dtype=COMPUTE_DTYPE)
+    if BACKEND == "cpu":
+        if WORLD_SIZE == 1:
+            # At tiny shapes one thread beats two (they wait on each other more than they compute).
+            torch.set_num_threads(backends.fastest_cpu_threads(DEVICE_BATCH_SIZE * SEQ_LEN,
+                                                               config.n_embd, COMPUTE_DTYPE))
+        # The peak at the threads this process trains on (torchrun's ranks divide the cores).
+        peak_flops, peak_source = backends.peak_flops_and_source(HARDWARE, BACKEND, dtype=COMPUTE_DTYPE)
     peak_flops *= WORLD_SIZE  # every rank's device
     model = GPT(config).to(DEVICE)
     distributed.broadcast_torch_parameters(model)

@@ -14,10 +14,10 @@ python -m backends --recalibrate`, `uv run tools/bench.py --recalibrate`); forge
 is the only way to lower the cached peak.
 
 The same measurements choose the dtype a run computes in (choose_compute_dtype): bf16 only where
-its matmuls really beat fp32's (BF16_MIN_SPEEDUP). A CPU reads its calibration; an NVIDIA GPU its compute
-capability (native bf16 from sm80; torch.cuda.is_bf16_supported() also counts emulation); an Apple
-GPU, whose bf16 rate no table states, a short timed matmul at the default model's shapes. MFU is
-then counted against the peak of that dtype (peak_flops(..., dtype=)).
+its matmuls really beat fp32's (BF16_MIN_SPEEDUP). A CPU reads its calibration; an NVIDIA GPU its
+compute capability (native bf16 from sm80; torch.cuda.is_bf16_supported() also counts emulation);
+an Apple GPU, whose bf16 rate no table states, a short timed matmul at the default model's shapes.
+MFU is then counted against the peak of that dtype (peak_flops(..., dtype=)).
 """
 
 import json
@@ -46,7 +46,8 @@ BF16_MIN_SPEEDUP = 1.2
 APPLE_BF16_MIN_SPEEDUP = 0.9
 NATIVE_BF16_CAPABILITY = (8, 0)  # NVIDIA Ampere (sm80) and later: bf16 tensor cores
 # The thread-count probe times products of at most this many rows at the model's width: enough
-# to tell whether the shape keeps every core busy, short enough (~10 ms) to run at every start.
+# to tell whether the shape keeps every core busy, short enough to run at every start (0.3-0.5 s
+# at the CPU tier's width on a busy 2-core machine, 0.1 s at the smoke model's).
 THREAD_PROBE_ROWS = 2048
 
 # Apple GPUs: dense fp16/bf16 FLOP/s per GPU core. M1-M4 cores have 128 FP32 ALUs and run
@@ -393,7 +394,8 @@ def peak_flops_and_source(info, backend, *, dtype=None, recalibrate=False):
         flops = nvidia_gpu_flops(info.get("gpu_name")) if dtype == "bf16" else None
         if flops is not None:
             return flops, f"table: {info.get('gpu_name')} dense BF16 (NVIDIA datasheet)"
-        where = f"on {info.get('gpu_name')} ({'not in the table' if dtype == 'bf16' else 'the table is bf16'})"
+        why = "not in the table" if dtype == "bf16" else "the table is bf16"
+        where = f"on {info.get('gpu_name')} ({why})"
         record = measure_matmul_flops("torch", info.get("gpu_name"), device="cuda",
                                       recalibrate=recalibrate)
         return _measured(record, where, dtype)
@@ -435,6 +437,6 @@ def fastest_cpu_threads(rows, model_dim, dtype):
     """Torch CPU threads to train a model of width model_dim on micro-batches of `rows` tokens in
     dtype: 1 where one thread runs its MLP matmul (at most THREAD_PROBE_ROWS rows) faster than
     all of them, as at tiny shapes where the threads wait on each other more than they compute;
-    else all. Measured at each call (~10 ms at the CPU tier's shapes)."""
+    else all (a tie keeps all). Measured at each call."""
     rates = _thread_rates((min(rows, THREAD_PROBE_ROWS), model_dim, 4 * model_dim), dtype)
     return max(rates, key=lambda threads: (rates[threads], threads))

@@ -3,8 +3,9 @@
 A tier is a class of machine that shares one configuration (model size, batches, evaluation
 budget). The values come from published runs (cited per table), except the CPU tier's, which come
 from sweeps on 2-core machines (tools/sweep_cpu.py) at several measured throughputs: its model size
-follows the measured matmul peak of the dtype that trains (CPU_TIER_BY_FLOPS, docs/cpu-tier.md). AUTORESEARCH_PROFILE=smoke replaces
-everything with a tiny configuration that trains and evaluates in seconds (tests, quick tries).
+follows the measured matmul peak of the dtype that trains (CPU_TIER_BY_FLOPS, docs/cpu-tier.md).
+AUTORESEARCH_PROFILE=smoke replaces everything with a tiny configuration that trains and evaluates
+in seconds (tests, quick tries).
 """
 
 import os

@@ -117,7 +117,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", help="key=value,... (repeatable); default: the grid")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per run before it is killed")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), help="force the compute dtype (default: measured)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"),
+                        help="force the compute dtype (default: measured)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     args = parser.parse_args()
     configs = [parse_config(c) for c in args.config] if args.config else [dict(BASE, **g) for g in GRID]
