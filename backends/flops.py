@@ -49,6 +49,11 @@ NATIVE_BF16_CAPABILITY = (8, 0)  # NVIDIA Ampere (sm80) and later: bf16 tensor c
 # to tell whether the shape keeps every core busy, short enough to run at every start (0.3-0.5 s
 # at the CPU tier's width on a busy 2-core machine, 0.1 s at the smoke model's).
 THREAD_PROBE_ROWS = 2048
+# ...and trains on one thread only where one thread multiplies at least this much faster than all:
+# the probe times the matmul alone, the rest of a step still gains from every core, and on the
+# busy 2-core Xeon two probes a minute apart at the CPU tier's shapes gave 1 thread the edge once
+# and 2 threads 1.7x the rate the next time.
+SINGLE_THREAD_MIN_SPEEDUP = 1.25
 
 # Apple GPUs: dense fp16/bf16 FLOP/s per GPU core. M1-M4 cores have 128 FP32 ALUs and run
 # fp16/bf16 matmuls at the FP32 rate, so a core does 256 FLOP per clock (one FMA per ALU). Where
@@ -435,8 +440,9 @@ def _thread_rates(shape, dtype):
 
 def fastest_cpu_threads(rows, model_dim, dtype):
     """Torch CPU threads to train a model of width model_dim on micro-batches of `rows` tokens in
-    dtype: 1 where one thread runs its MLP matmul (at most THREAD_PROBE_ROWS rows) faster than
-    all of them, as at tiny shapes where the threads wait on each other more than they compute;
-    else all (a tie keeps all). Measured at each call."""
+    dtype: 1 where one thread runs its MLP matmul (at most THREAD_PROBE_ROWS rows) at least
+    SINGLE_THREAD_MIN_SPEEDUP times faster than all of them, as at tiny shapes where the threads
+    wait on each other more than they compute; else all. Measured at each call."""
     rates = _thread_rates((min(rows, THREAD_PROBE_ROWS), model_dim, 4 * model_dim), dtype)
-    return max(rates, key=lambda threads: (rates[threads], threads))
+    all_threads = max(rates)
+    return 1 if rates[1] >= SINGLE_THREAD_MIN_SPEEDUP * rates[all_threads] else all_threads
