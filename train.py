@@ -70,7 +70,14 @@ RANK, WORLD_SIZE = RANKS.rank, RANKS.world_size
 # replace any of them by a literal to experiment.
 
 HARDWARE = backends.get_hardware_info()
-SUGGESTED = backends.suggest_hyperparameters(HARDWARE, BACKEND)
+# Precision: the dtype the model and Muon's orthogonalisation compute in, "bf16" or "fp32". The
+# default is measured on this machine (bf16 only where its matmuls really beat fp32's: the CPU
+# calibration, an NVIDIA GPU's compute capability, a timed matmul on an Apple GPU); replace it by
+# a literal to force one. MFU counts against this dtype's peak, and the CPU tier's size follows it.
+PRECISION = backends.choose_compute_dtype(HARDWARE, BACKEND)
+COMPUTE_DTYPE = PRECISION["dtype"]
+PEAK_FLOPS, PEAK_SOURCE = backends.peak_flops_and_source(HARDWARE, BACKEND, dtype=COMPUTE_DTYPE)
+SUGGESTED = backends.suggest_hyperparameters(HARDWARE, BACKEND, flops=PEAK_FLOPS)
 
 # Model
 DEPTH = SUGGESTED["depth"]                    # transformer layers
@@ -100,14 +107,10 @@ UNTIMED_STEPS = 2      # steps 0 and 1 (compilation, allocator warm-up) train bu
                        # torch's CPU tier step 1 still page-faults ~108k new pages (0.8-1.3 s)
 GC_EVERY_STEPS = 5000  # the garbage collector is off during training except every this many steps
 
-# Device, precision and compilation: bf16 autocast wherever the device computes it natively.
+# Device, precision and compilation: parameters stay fp32; in bf16 the forward pass runs under
+# autocast, and Muon orthogonalises in DTYPE either way.
 DEVICE = torch.device(BACKEND if BACKEND in ("cuda", "mps") else "cpu")
-if BACKEND == "cuda":
-    USE_BF16 = torch.cuda.is_bf16_supported()
-elif BACKEND == "mps":
-    USE_BF16 = torch.backends.mps.is_macos_or_newer(14, 0)
-else:
-    USE_BF16 = True  # CPU: ~4x fp32's matmul speed on AVX-512 x86; set False on a CPU without bf16
+DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}[COMPUTE_DTYPE]
 COMPILE = BACKEND in ("cuda", "cpu") and PROFILE != "smoke"  # smoke: compiling costs more than it saves
 # On a CPU the final evaluation runs as fast eager as compiled (~1.0 s per 8 x 2048 batch on 2
 # cores) and compiling its inference graphs would add 10-28 s to the run.
@@ -569,7 +572,8 @@ def main():
     torch.manual_seed(42)
     if BACKEND == "cuda":
         torch.set_float32_matmul_precision("high")
-    autocast = torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16, enabled=USE_BF16)
+    autocast = torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16,
+                              enabled=COMPUTE_DTYPE == "bf16")
 
     tokens_per_micro_step = DEVICE_BATCH_SIZE * SEQ_LEN * WORLD_SIZE  # over all ranks
     if TOTAL_BATCH_SIZE % tokens_per_micro_step:
@@ -581,11 +585,19 @@ def main():
     distributed.check_same_run_torch(__file__, prepare.active_dataset(), DEVICE)
     config = build_config(tokenizer.get_vocab_size())
     exit_if_model_cannot_fit(config)
+    peak_flops, peak_source = PEAK_FLOPS, PEAK_SOURCE
+    if BACKEND == "cpu":
+        if WORLD_SIZE == 1:
+            # At tiny shapes one thread beats two (they wait on each other more than they compute).
+            torch.set_num_threads(backends.fastest_cpu_threads(DEVICE_BATCH_SIZE * SEQ_LEN,
+                                                               config.n_embd, COMPUTE_DTYPE))
+        # The peak at the threads this process trains on (torchrun's ranks divide the cores).
+        peak_flops, peak_source = backends.peak_flops_and_source(HARDWARE, BACKEND, dtype=COMPUTE_DTYPE)
+    peak_flops *= WORLD_SIZE  # every rank's device
     model = GPT(config).to(DEVICE)
     distributed.broadcast_torch_parameters(model)
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.num_flops_per_token(SEQ_LEN)
-    peak_flops = backends.peak_flops(HARDWARE, BACKEND) * WORLD_SIZE  # every rank's device
 
     named_params = dict(model.named_parameters())
     groups = param_groups({name: tuple(p.shape) for name, p in named_params.items()}, config.n_embd,
@@ -594,7 +606,7 @@ def main():
                           weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, ns_steps=NS_STEPS)
     for group in groups:
         group["initial_weight_decay"] = group["weight_decay"]
-    optimizer = MuonAdamW(named_params, groups)
+    optimizer = MuonAdamW(named_params, groups, orth_dtype=DTYPE)
     if COMPILE:
         # Regional compilation: the blocks (which share compiled graphs), the stream norm and the
         # loss chunk, each on its own, train as fast as the whole model compiled at once, in
@@ -615,8 +627,11 @@ def main():
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         return inputs.to(DEVICE, non_blocking=True), targets.to(DEVICE, non_blocking=True)
 
-    print0(f"backend {BACKEND} ({HARDWARE['chip']}), bf16 {USE_BF16}, compile {COMPILE}, "
+    print0(f"backend {BACKEND} ({HARDWARE['chip']}), {COMPUTE_DTYPE}, compile {COMPILE}, "
            f"profile {PROFILE}")
+    print0(f"precision: {COMPUTE_DTYPE}{' (forced)' if COMPUTE_DTYPE != PRECISION['dtype'] else ''}, "
+           f"chosen from {PRECISION['how']}; mfu against {peak_flops / 1e12:.3f} TFLOP/s, "
+           f"{peak_source}")
     if WORLD_SIZE > 1:
         print0(f"data parallel: {WORLD_SIZE} ranks, torch.distributed over {dist.get_backend()}")
     print0(f"model: {DEPTH} layers, dim {config.n_embd}, {config.n_head} heads, windows "
@@ -741,6 +756,8 @@ def main():
         "data_wait_percent": 100 * data_wait_time / training_time,
         "eval_seconds": eval_seconds,
         "eval_tokens_per_second": eval_tokens / eval_seconds,
+        "compute_dtype": COMPUTE_DTYPE,
+        "peak_tflops": peak_flops / 1e12,
         "untimed_steps": UNTIMED_STEPS,
         "untimed_tokens": untimed_tokens,
         "timed_tokens": timed_tokens,

@@ -63,7 +63,14 @@ RANK, WORLD_SIZE = GROUP.rank(), GROUP.size()
 # replace any of them by a literal to experiment.
 
 HARDWARE = backends.get_hardware_info()
-SUGGESTED = backends.suggest_hyperparameters(HARDWARE, BACKEND)
+# Precision: the dtype the model and Muon's orthogonalisation compute in, "bf16" or "fp32". The
+# default is measured on this machine (bf16 only where its matmuls really beat fp32's: the CPU
+# calibration, a timed matmul on an Apple GPU); replace it by a literal to force one. MFU counts
+# against this dtype's peak, and the CPU tier's size follows it.
+PRECISION = backends.choose_compute_dtype(HARDWARE, BACKEND)
+COMPUTE_DTYPE = PRECISION["dtype"]
+PEAK_FLOPS, PEAK_SOURCE = backends.peak_flops_and_source(HARDWARE, BACKEND, dtype=COMPUTE_DTYPE)
+SUGGESTED = backends.suggest_hyperparameters(HARDWARE, BACKEND, flops=PEAK_FLOPS)
 
 # Model
 DEPTH = SUGGESTED["depth"]                    # transformer layers
@@ -93,11 +100,9 @@ UNTIMED_STEPS = 2      # steps 0 and 1 (compilation, allocator warm-up) train bu
                        # torch's CPU tier step 1 still page-faults ~108k new pages (0.8-1.3 s)
 GC_EVERY_STEPS = 5000  # the garbage collector is off during training except every this many steps
 
-# Device, precision and compilation. Parameters stay fp32; the forward pass computes in
-# COMPUTE_DTYPE: bf16 on a GPU (Metal, or CUDA with mlx[cuda]), fp32 on the CPU, where MLX's bf16
-# matmuls are no faster.
-USE_BF16 = mx.metal.is_available() or mx.cuda.is_available()
-COMPUTE_DTYPE = mx.bfloat16 if USE_BF16 else mx.float32
+# Device, precision and compilation: parameters stay fp32; the forward pass computes in DTYPE,
+# and Muon orthogonalises in it.
+DTYPE = {"bf16": mx.bfloat16, "fp32": mx.float32}[COMPUTE_DTYPE]
 COMPILE = True  # mx.compile traces in well under a second, so even smoke runs use it
 
 # ---------------------------------------------------------------------------------------------
@@ -377,13 +382,14 @@ def main():
     tokenizer = prepare.get_tokenizer()
     distributed.check_same_run_mlx(__file__, prepare.active_dataset(), GROUP)
     config = build_config(tokenizer.get_vocab_size())
-    model = GPT(config, compute_dtype=COMPUTE_DTYPE)
+    peak_flops, peak_source = PEAK_FLOPS, PEAK_SOURCE
+    peak_flops *= WORLD_SIZE  # every rank's device
+    model = GPT(config, compute_dtype=DTYPE)
     exit_if_model_cannot_fit(model)  # before mx.eval allocates its parameters
     mx.eval(model.parameters())
     distributed.broadcast_mlx_parameters(model, GROUP)
     num_params = sum(p.size for _, p in tree_flatten(model.parameters()))
     flops_per_token = model.num_flops_per_token(SEQ_LEN)
-    peak_flops = backends.peak_flops(HARDWARE, BACKEND) * WORLD_SIZE  # every rank's device
 
     named_params = dict(tree_flatten(model.trainable_parameters()))
     groups = param_groups({name: tuple(p.shape) for name, p in named_params.items()}, config.n_embd,
@@ -392,7 +398,7 @@ def main():
                           weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, ns_steps=NS_STEPS)
     for group in groups:
         group["initial_weight_decay"] = group["weight_decay"]
-    optimizer = MuonAdamW(groups, orth_dtype=COMPUTE_DTYPE)
+    optimizer = MuonAdamW(groups, orth_dtype=DTYPE)
     optimizer.init(model.trainable_parameters())
 
     # The two compiled pieces of a step: forward+backward of one micro-batch, and the update from
@@ -418,8 +424,11 @@ def main():
         inputs, targets, _ = next(train_loader)
         return mx.array(inputs.astype(np.int32)), mx.array(targets.astype(np.int32))
 
-    print0(f"backend {BACKEND} ({HARDWARE['chip']}), bf16 {USE_BF16}, compile {COMPILE}, "
+    print0(f"backend {BACKEND} ({HARDWARE['chip']}), {COMPUTE_DTYPE}, compile {COMPILE}, "
            f"profile {PROFILE}")
+    print0(f"precision: {COMPUTE_DTYPE}{' (forced)' if COMPUTE_DTYPE != PRECISION['dtype'] else ''}, "
+           f"chosen from {PRECISION['how']}; mfu against {peak_flops / 1e12:.3f} TFLOP/s, "
+           f"{peak_source}")
     if WORLD_SIZE > 1:
         print0(f"data parallel: {WORLD_SIZE} ranks, mx.distributed")
     print0(f"model: {DEPTH} layers, dim {config.n_embd}, {config.n_head} heads, windows "
@@ -542,6 +551,8 @@ def main():
         "data_wait_percent": 100 * data_wait_time / training_time,
         "eval_seconds": eval_seconds,
         "eval_tokens_per_second": eval_tokens / eval_seconds,
+        "compute_dtype": COMPUTE_DTYPE,
+        "peak_tflops": peak_flops / 1e12,
         "untimed_steps": UNTIMED_STEPS,
         "untimed_tokens": untimed_tokens,
         "timed_tokens": timed_tokens,

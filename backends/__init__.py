@@ -3,8 +3,10 @@
     detect_backend()                       -> "mlx" | "mps" | "cuda" | "cpu"
     detect_mlx_backend()                   -> "mlx", or BackendUnavailable (train_mlx.py)
     get_hardware_info()                    -> dict describing this machine (cached)
-    peak_flops(info, backend)              -> dense bf16 FLOP/s of the training device
-    suggest_hyperparameters(info, backend) -> default configuration for this tier
+    choose_compute_dtype(info, backend)    -> {"dtype": "bf16" | "fp32", both rates, "how"}
+    peak_flops(info, backend, dtype=)      -> dense matmul FLOP/s of the training device in dtype
+    fastest_cpu_threads(rows, dim, dtype) -> torch CPU threads that multiply fastest at those shapes
+    suggest_hyperparameters(info, backend, flops) -> default configuration for this tier
     eval_tokens(info)                      -> the tier's evaluation budget in tokens
     sync(backend), peak_memory_mb(backend), keep_freed_memory(), print_summary()
     memory_budget(backend), model_fits_in_memory(...), out_of_memory_message(...)
@@ -12,7 +14,12 @@
 `uv run python -m backends` prints the summary. Importing this package never imports torch or mlx.
 """
 
-from backends.flops import peak_flops, peak_flops_and_source
+from backends.flops import (
+    choose_compute_dtype,
+    fastest_cpu_threads,
+    peak_flops,
+    peak_flops_and_source,
+)
 from backends.hardware import (
     BACKENDS,
     BackendUnavailable,
@@ -30,8 +37,8 @@ from backends.summary import print_summary
 from backends.tiers import current_profile, eval_tokens, suggest_hyperparameters
 
 __all__ = [
-    "BACKENDS", "BackendUnavailable", "current_profile", "detect_backend", "detect_mlx_backend",
-    "eval_tokens", "get_hardware_info", "keep_freed_memory", "memory_budget",
-    "model_fits_in_memory", "out_of_memory_message", "peak_flops", "peak_flops_and_source",
+    "BACKENDS", "BackendUnavailable", "choose_compute_dtype", "current_profile", "detect_backend",
+    "detect_mlx_backend", "eval_tokens", "fastest_cpu_threads", "get_hardware_info", "keep_freed_memory",
+    "memory_budget", "model_fits_in_memory", "out_of_memory_message", "peak_flops", "peak_flops_and_source",
     "peak_memory_mb", "print_summary", "suggest_hyperparameters", "sync",
 ]

@@ -12,6 +12,12 @@ and the last measurement is more than REMEASURE_AFTER_S old: a machine that was 
 measurement is usually idle at one of the next. recalibrate=True measures again now (`uv run
 python -m backends --recalibrate`, `uv run tools/bench.py --recalibrate`); forget_calibration()
 is the only way to lower the cached peak.
+
+The same measurements choose the dtype a run computes in (choose_compute_dtype): bf16 only where
+its matmuls really beat fp32's (BF16_MIN_SPEEDUP). A CPU reads its calibration; an NVIDIA GPU its
+compute capability (native bf16 from sm80; torch.cuda.is_bf16_supported() also counts emulation);
+an Apple GPU, whose bf16 rate no table states, a short timed matmul at the default model's shapes.
+MFU is then counted against the peak of that dtype (peak_flops(..., dtype=)).
 """
 
 import json
@@ -29,6 +35,25 @@ REPEATS = 5           # ...then keep the best of this many timings (other proces
 # REMEASURE_AFTER_S apart (spread in time, so a busy spell on the machine cannot spoil them all).
 CALIBRATION_MEASUREMENTS = 3
 REMEASURE_AFTER_S = 600
+DTYPES = ("bf16", "fp32")
+# bf16 trains only where its matmuls run at least this much faster than fp32's: autocast re-casts
+# every weight each micro-step and bf16 rounds, so a smaller gain is not worth having, and two
+# calibrations on a shared 2-core machine differ by about this much anyway.
+BF16_MIN_SPEEDUP = 1.2
+# An Apple GPU keeps bf16 down to this fraction of its fp32 rate: MLX has no autocast, so bf16
+# also halves every activation's memory traffic, and a tie in the matmul still favours it there;
+# emulated bf16 shows as far slower.
+APPLE_BF16_MIN_SPEEDUP = 0.9
+NATIVE_BF16_CAPABILITY = (8, 0)  # NVIDIA Ampere (sm80) and later: bf16 tensor cores
+# The thread-count probe times products of at most this many rows at the model's width: enough
+# to tell whether the shape keeps every core busy, short enough to run at every start (0.3-0.5 s
+# at the CPU tier's width on a busy 2-core machine, 0.1 s at the smoke model's).
+THREAD_PROBE_ROWS = 2048
+# ...and trains on one thread only where one thread multiplies at least this much faster than all:
+# the probe times the matmul alone, the rest of a step still gains from every core, and on the
+# busy 2-core Xeon two probes a minute apart at the CPU tier's shapes gave 1 thread the edge once
+# and 2 threads 1.7x the rate the next time.
+SINGLE_THREAD_MIN_SPEEDUP = 1.25
 
 # Apple GPUs: dense fp16/bf16 FLOP/s per GPU core. M1-M4 cores have 128 FP32 ALUs and run
 # fp16/bf16 matmuls at the FP32 rate, so a core does 256 FLOP per clock (one FMA per ALU). Where
@@ -129,6 +154,12 @@ def _matmul_rate(make_product, sizes):
     return best_rate, best_n
 
 
+def _timed_rate(product, flop):
+    """FLOP/s of one product of `flop` FLOPs: the best of REPEATS timings after a warm-up."""
+    product()
+    return flop / min(_seconds(product) for _ in range(REPEATS))
+
+
 def _torch_products(device):
     import torch
 
@@ -136,8 +167,9 @@ def _torch_products(device):
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
 
         def make(n):
-            a = torch.randn(n, n, device=device).to(dtype)
-            b = torch.randn(n, n, device=device).to(dtype)
+            generator = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
+            a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+            b = torch.randn(n, n, device=device, generator=generator).to(dtype)
 
             def product():
                 a @ b
@@ -148,6 +180,46 @@ def _torch_products(device):
     return products, f"torch {torch.__version__}", torch.get_num_threads()
 
 
+def _shaped_product(library, device, dtype_name, shape):
+    """One [m, k] @ [k, n] product in dtype_name on `device` (torch) or MLX's default device,
+    waiting for the result; shape is (m, k, n)."""
+    m, k, n = shape
+    if library == "mlx":
+        import mlx.core as mx
+        dtype = {"bf16": mx.bfloat16, "fp32": mx.float32}[dtype_name]
+        key_a, key_b = mx.random.split(mx.random.key(0))  # leave the global RNG alone
+        a = mx.random.normal((m, k), key=key_a).astype(dtype)
+        b = mx.random.normal((k, n), key=key_b).astype(dtype)
+        mx.eval(a, b)
+        return lambda: mx.eval(a @ b)
+    import torch
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    # A generator of its own: a run that probes after seeding must draw the same weights as one
+    # that does not (data-parallel ranks skip the thread probe).
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, device=device, generator=generator).to(dtype)
+    b = torch.randn(k, n, device=device, generator=generator).to(dtype)
+    wait = {"mps": torch.mps.synchronize, "cuda": torch.cuda.synchronize}.get(device, lambda: None)
+
+    def product():
+        a @ b
+        wait()
+    return product
+
+
+def time_dtypes_at_shape(library, device, shape):
+    """{"bf16", "fp32"}: FLOP/s of an [m, k] @ [k, n] product (shape (m, k, n)) in each dtype, best
+    of REPEATS. A dtype the device cannot compute (MPS before macOS 14 has no bf16) rates 0."""
+    rates = {}
+    for dtype_name in DTYPES:
+        try:
+            product = _shaped_product(library, device, dtype_name, shape)
+            rates[dtype_name] = _timed_rate(product, 2 * shape[0] * shape[1] * shape[2])
+        except (RuntimeError, TypeError, ValueError):
+            rates[dtype_name] = 0.0
+    return rates
+
+
 def _mlx_products():
     import importlib.metadata
     import mlx.core as mx
@@ -156,8 +228,9 @@ def _mlx_products():
         dtype = {"bf16": mx.bfloat16, "fp32": mx.float32}[dtype_name]
 
         def make(n):
-            a = mx.random.normal((n, n)).astype(dtype)
-            b = mx.random.normal((n, n)).astype(dtype)
+            key_a, key_b = mx.random.split(mx.random.key(0))  # leave the global RNG alone
+            a = mx.random.normal((n, n), key=key_a).astype(dtype)
+            b = mx.random.normal((n, n), key=key_b).astype(dtype)
             mx.eval(a, b)
             return lambda: mx.eval(a @ b)
         return make
@@ -192,6 +265,12 @@ def _stored_record(cache, key):
     return {"measurements": 1, "measured_at": 0.0, **record} if isinstance(record, dict) else None
 
 
+def calibration_key(library, device, device_name, threads, sizes):
+    """Key of a calibration in the cache: what it measured with (library and version, e.g.
+    "torch 2.5.1"), on what (device and its name), on how many threads, up to which size."""
+    return f"{library} | {device}: {device_name} | {threads} threads | n<={max(sizes)}"
+
+
 def measure_matmul_flops(library, device_name, *, device="cpu", sizes=None, cache_root=None,
                          recalibrate=False):
     """Measured dense matmul throughput: {"bf16", "fp32" (FLOP/s), "bf16_size", "fp32_size" (n of
@@ -213,7 +292,7 @@ def measure_matmul_flops(library, device_name, *, device="cpu", sizes=None, cach
     else:
         raise ValueError(f"unknown library {library!r}; expected torch or mlx")
     sizes = tuple(sizes or (GPU_SIZES if device == "cuda" else CPU_SIZES))
-    key = f"{version} | {device}: {device_name} | {threads} threads | n<={max(sizes)}"
+    key = calibration_key(version, device, device_name, threads, sizes)
     path = Path(cache_root or cache_dir()) / CALIBRATION_FILE
     cached = _stored_record(_read_cache(path), key)
     trusted = cached is not None and (cached["measurements"] >= CALIBRATION_MEASUREMENTS
@@ -244,42 +323,126 @@ def forget_calibration(cache_root=None):
     return existed
 
 
-def _measured(record, where):
-    # A CPU without native bf16 emulates it slower than fp32; training then runs in fp32, so the
-    # peak is whichever dtype is faster.
-    n = record["bf16_size"]
-    how = (f"measured: {record['library']} {n}x{n} matmul {where}, "
-           f"bf16 {record['bf16'] / 1e12:.3f} / fp32 {record['fp32'] / 1e12:.3f} TFLOP/s"
+def _rates(record):
+    return f"bf16 {record['bf16'] / 1e12:.3f} / fp32 {record['fp32'] / 1e12:.3f} TFLOP/s"
+
+
+def _measured(record, where, dtype):
+    n = record[f"{dtype}_size"]
+    how = (f"measured: {record['library']} {n}x{n} {dtype} matmul {where}, {_rates(record)}"
            f", best of {record['measurements']}{' (cached)' if record['cached'] else ''}")
-    return max(record["bf16"], record["fp32"]), how
+    return record[dtype], how
 
 
-def peak_flops_and_source(info, backend, *, recalibrate=False):
-    """(FLOP/s, how it was obtained) for the device `backend` trains on; see peak_flops."""
+def _cpu_calibration(info, backend, recalibrate):
+    return measure_matmul_flops("mlx" if backend == "mlx" else "torch", info.get("cpu_model"),
+                                recalibrate=recalibrate)
+
+
+def faster_dtype(bf16_flops, fp32_flops, min_speedup=BF16_MIN_SPEEDUP):
+    """"bf16" where its rate is at least min_speedup times fp32's, else "fp32"."""
+    return "bf16" if bf16_flops >= min_speedup * fp32_flops else "fp32"
+
+
+def model_matmul_shape(config):
+    """(rows, model_dim, 4 * model_dim) of an MLP matmul of a suggest_hyperparameters() config:
+    a micro-batch's tokens through the widest weight of the model, the shape most of a step runs."""
+    dim = -(-config["depth"] * config["aspect_ratio"] // config["head_dim"]) * config["head_dim"]
+    return config["device_batch_size"] * config["seq_len"], dim, 4 * dim
+
+
+def choose_compute_dtype(info, backend, *, recalibrate=False):
+    """{"dtype": "bf16" | "fp32", "bf16", "fp32" (FLOP/s, None where not measured), "how"}: the
+    dtype `backend` should compute in on this machine, from a measurement.
+
+    cpu and mlx off a Mac: the cached matmul calibration (measure_matmul_flops). cuda: the compute
+    capability in info["gpu_capability"] (bf16 from NATIVE_BF16_CAPABILITY). mlx and mps on Apple
+    Silicon: a timed matmul at the shapes of the default model (time_dtypes_at_shape; a few ms,
+    not cached). bf16 must beat fp32 by BF16_MIN_SPEEDUP (APPLE_BF16_MIN_SPEEDUP on Apple GPUs).
+    """
+    if backend in ("mlx", "mps") and info.get("kind") == "apple":
+        from backends.tiers import suggest_hyperparameters  # tiers imports this module
+        shape = model_matmul_shape(suggest_hyperparameters(info, backend))
+        rates = time_dtypes_at_shape("mlx" if backend == "mlx" else "torch", backend, shape)
+        how = f"timed {'x'.join(map(str, shape))} matmul on the GPU, {_rates(rates)}"
+        dtype = faster_dtype(rates["bf16"], rates["fp32"], APPLE_BF16_MIN_SPEEDUP)
+        return {"dtype": dtype, **rates, "how": how}
+    if backend == "mps":
+        raise ValueError("the mps backend needs an Apple Silicon Mac")
+    if backend == "cuda":
+        capability = tuple(info.get("gpu_capability") or (0, 0))
+        native = capability >= NATIVE_BF16_CAPABILITY
+        how = (f"compute capability {capability[0]}.{capability[1]}: "
+               f"{'native bf16' if native else 'no native bf16 (before sm80 it is emulated)'}")
+        return {"dtype": "bf16" if native else "fp32", "bf16": None, "fp32": None, "how": how}
+    if backend in ("mlx", "cpu"):
+        record = _cpu_calibration(info, backend, recalibrate)
+        how = f"calibration on {record['threads']} CPU threads, {_rates(record)}"
+        return {"dtype": faster_dtype(record["bf16"], record["fp32"]), "bf16": record["bf16"],
+                "fp32": record["fp32"], "how": how}
+    raise ValueError(f"unknown backend {backend!r}; expected one of mlx, mps, cuda, cpu")
+
+
+def peak_flops_and_source(info, backend, *, dtype=None, recalibrate=False):
+    """(FLOP/s, how it was obtained) for the device `backend` trains on, in `dtype` ("bf16" or
+    "fp32"; None: the one choose_compute_dtype picks); see peak_flops."""
+    if dtype is None:
+        dtype = choose_compute_dtype(info, backend, recalibrate=recalibrate)["dtype"]
+        recalibrate = False  # measured just now
+    if dtype not in DTYPES:
+        raise ValueError(f"compute dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if backend in ("mlx", "mps") and info.get("kind") == "apple":
         return apple_gpu_flops(info)
     if backend == "mps":
         raise ValueError("the mps backend needs an Apple Silicon Mac")
     if backend == "cuda":
-        flops = nvidia_gpu_flops(info.get("gpu_name"))
+        flops = nvidia_gpu_flops(info.get("gpu_name")) if dtype == "bf16" else None
         if flops is not None:
             return flops, f"table: {info.get('gpu_name')} dense BF16 (NVIDIA datasheet)"
+        why = "not in the table" if dtype == "bf16" else "the table is bf16"
+        where = f"on {info.get('gpu_name')} ({why})"
         record = measure_matmul_flops("torch", info.get("gpu_name"), device="cuda",
                                       recalibrate=recalibrate)
-        return _measured(record, f"on {info.get('gpu_name')} (not in the table)")
+        return _measured(record, where, dtype)
     if backend in ("mlx", "cpu"):
-        record = measure_matmul_flops("mlx" if backend == "mlx" else "torch", info.get("cpu_model"),
-                                      recalibrate=recalibrate)
-        return _measured(record, f"on {record['threads']} CPU threads")
+        record = _cpu_calibration(info, backend, recalibrate)
+        return _measured(record, f"on {record['threads']} CPU threads", dtype)
     raise ValueError(f"unknown backend {backend!r}; expected one of mlx, mps, cuda, cpu")
 
 
-def peak_flops(info, backend, *, recalibrate=False):
-    """Peak dense bf16 matmul FLOP/s of the device `backend` trains on (one device, not all of them).
+def peak_flops(info, backend, *, dtype=None, recalibrate=False):
+    """Peak dense matmul FLOP/s in `dtype` of the device `backend` trains on (one device, not all
+    of them); dtype None: the dtype choose_compute_dtype picks.
 
-    Apple GPUs (mlx, mps) and known NVIDIA GPUs come from tables; the CPU (cpu, and mlx off a Mac)
-    and unknown NVIDIA GPUs are measured and cached (see measure_matmul_flops; recalibrate=True
-    measures again, which can only raise the cached peak). A measured CPU peak is the faster of
-    bf16 and fp32, since a CPU without native bf16 trains in fp32.
+    Apple GPUs (mlx, mps; M1-M4 run bf16 at the fp32 rate) and known NVIDIA GPUs in bf16 come from
+    tables; the CPU (cpu, and mlx off a Mac) and other NVIDIA cases are measured and cached (see
+    measure_matmul_flops; recalibrate=True measures again, which can only raise the cached peak).
     """
-    return peak_flops_and_source(info, backend, recalibrate=recalibrate)[0]
+    return peak_flops_and_source(info, backend, dtype=dtype, recalibrate=recalibrate)[0]
+
+
+def _thread_rates(shape, dtype):
+    """{threads: FLOP/s} of a torch CPU product at shape in dtype, on one thread and on all of
+    them; the thread count is left as it was."""
+    import torch
+
+    all_threads = torch.get_num_threads()
+    product = _shaped_product("torch", "cpu", dtype, shape)
+    rates = {}
+    try:
+        for threads in sorted({1, all_threads}):
+            torch.set_num_threads(threads)
+            rates[threads] = _timed_rate(product, 2 * shape[0] * shape[1] * shape[2])
+    finally:
+        torch.set_num_threads(all_threads)
+    return rates
+
+
+def fastest_cpu_threads(rows, model_dim, dtype):
+    """Torch CPU threads to train a model of width model_dim on micro-batches of `rows` tokens in
+    dtype: 1 where one thread runs its MLP matmul (at most THREAD_PROBE_ROWS rows) at least
+    SINGLE_THREAD_MIN_SPEEDUP times faster than all of them, as at tiny shapes where the threads
+    wait on each other more than they compute; else all. Measured at each call."""
+    rates = _thread_rates((min(rows, THREAD_PROBE_ROWS), model_dim, 4 * model_dim), dtype)
+    all_threads = max(rates)
+    return 1 if rates[1] >= SINGLE_THREAD_MIN_SPEEDUP * rates[all_threads] else all_threads

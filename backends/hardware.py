@@ -219,6 +219,7 @@ def nvidia_fields(device):
         "generation": nvidia_architecture(*device["capability"]),
         "tier": None,
         "gpu_name": device["name"],
+        "gpu_capability": tuple(device["capability"]),
         "sm_count": device["sm_count"],
         "gpu_memory_gb": device["memory_bytes"] / 2**30,
         "gpu_count": device["count"],
@@ -253,7 +254,8 @@ def _cached_hardware_info():
 def get_hardware_info():
     """This machine, read once per process: os, arch, kind ("apple"|"nvidia"|"cpu"), chip,
     generation, tier, gpu_cores, memory_gb, cpu_cores (+ cpu_model, cpu_threads; on Apple also
-    perf_cores, efficiency_cores; on NVIDIA gpu_name, sm_count, gpu_memory_gb, gpu_count).
+    perf_cores, efficiency_cores; on NVIDIA gpu_name, gpu_capability, sm_count, gpu_memory_gb,
+    gpu_count).
     Unknown values are None. Each call returns a fresh copy, so callers may modify it."""
     return dict(_cached_hardware_info())
 

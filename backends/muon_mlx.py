@@ -38,10 +38,10 @@ SCHEDULED_KEYS = {"adamw": ("lr", "weight_decay"), "muon": ("lr", "momentum", "w
 
 class MuonAdamW:
     """groups: the list from param_groups, kept as self.param_groups (the same dicts).
-    orth_dtype: dtype of the Polar Express matmuls (bf16 for speed; fp32 to compare with
-    torch exactly)."""
+    orth_dtype: dtype of the Polar Express matmuls, the run's compute dtype (no default, as in
+    the torch twin; fp32 also to compare with torch exactly)."""
 
-    def __init__(self, groups, *, orth_dtype=mx.bfloat16):
+    def __init__(self, groups, *, orth_dtype):
         self.param_groups = groups
         self.orth_dtype = orth_dtype
         self._state = {"step": mx.array(0), "groups": [{} for _ in groups]}

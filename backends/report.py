@@ -7,9 +7,10 @@ keys that make a result comparable (CONTEXT_KEYS), then any extras. The same fie
 JSON to runs/last_run.json (stable path) and runs/run_<timestamp>.json (archive).
 
 Both scripts build the comparability fields with run_context() and add the TIMING_KEYS extras
-(where the run's wall-clock time went), which tools/bench.py reads, then the BUDGET_KEYS (the
-token accounting tools/budget.py checks). total_tokens_M counts every step, the untimed ones too:
-total_tokens_M = (timed_tokens + untimed_tokens) / 1e6 = num_steps * total_batch_size / 1e6.
+(where the run's wall-clock time went) and the PRECISION_KEYS, which tools/bench.py reads, then
+the BUDGET_KEYS (the token accounting tools/budget.py checks). total_tokens_M counts every step,
+the untimed ones too: total_tokens_M = (timed_tokens + untimed_tokens) / 1e6 = num_steps *
+total_batch_size / 1e6.
 """
 
 import hashlib
@@ -30,6 +31,9 @@ RUN_EXTRA_KEYS = ("standard", "profile", "world_size")  # run_context() adds the
 # step time spent in the loader (and the copy to the device); eval: the final evaluate_bpb.
 TIMING_KEYS = ("startup_seconds", "untimed_seconds", "train_tokens_per_second", "data_wait_percent",
                "eval_seconds", "eval_tokens_per_second")
+# What the run computed in, after the timing keys: its dtype ("bf16" or "fp32") and the peak
+# FLOP/s of that dtype its mfu_percent is counted against, in TFLOP/s.
+PRECISION_KEYS = ("compute_dtype", "peak_tflops")
 # The tokens of the untimed and the timed steps and the batch they were counted in.
 BUDGET_KEYS = ("untimed_steps", "untimed_tokens", "timed_tokens", "total_batch_size")
 # How each numeric field is written, so every run prints the same widths and decimals.
@@ -38,7 +42,7 @@ _FORMATS = {
     "peak_vram_mb": "{:.1f}", "mfu_percent": "{:.2f}", "total_tokens_M": "{:.1f}",
     "num_params_M": "{:.1f}", "startup_seconds": "{:.2f}", "untimed_seconds": "{:.2f}",
     "train_tokens_per_second": "{:.0f}", "data_wait_percent": "{:.2f}", "eval_seconds": "{:.2f}",
-    "eval_tokens_per_second": "{:.0f}",
+    "eval_tokens_per_second": "{:.0f}", "peak_tflops": "{:.3f}",
 }
 LOCKED_PATHS = ("prepare.py", "backends")
 

@@ -1,10 +1,10 @@
-"""A few lines saying what this machine is, which backend trains, its peak FLOPS and the default
-configuration (`uv run python -m backends`, or backends.print_summary())."""
+"""A few lines saying what this machine is, which backend trains in which dtype, its peak FLOPS and
+the default configuration (`uv run python -m backends`, or backends.print_summary())."""
 
 import os
 import sys
 
-from backends.flops import peak_flops_and_source
+from backends.flops import choose_compute_dtype, peak_flops_and_source
 from backends.hardware import BACKEND_ENV, detect_backend, get_hardware_info
 from backends.tiers import current_profile, suggest_hyperparameters
 
@@ -33,6 +33,11 @@ def hardware_lines(info):
     ]
 
 
+def precision_line(precision):
+    """The line saying which dtype trains and why, for a choose_compute_dtype() dict."""
+    return f"dtype:   {precision['dtype']} ({precision['how']})"
+
+
 def backend_lines(backend, requested, flops, how, config, profile):
     """The backend, peak and config lines."""
     c = config
@@ -47,15 +52,16 @@ def backend_lines(backend, requested, flops, how, config, profile):
 
 
 def print_summary(file=None, recalibrate=False):
-    """Print this machine's hardware, detected backend, peak FLOPS (and how it was obtained) and the
-    suggested configuration. May run the CPU calibration (about a second; recalibrate=True always
-    measures again, which can only raise the cached peak). The hardware lines come first, so they
-    are printed even when no backend can run."""
+    """Print this machine's hardware, detected backend, the dtype it would train in, its peak FLOPS
+    in that dtype (and how each was obtained) and the suggested configuration. May run the CPU
+    calibration (about a second; recalibrate=True always measures again, which can only raise the
+    cached peak). The hardware lines come first, so they are printed even when no backend can run."""
     file = file or sys.stdout
     info = get_hardware_info()
     print("\n".join(hardware_lines(info)), file=file)
     backend = detect_backend()
-    flops, how = peak_flops_and_source(info, backend, recalibrate=recalibrate)
-    config = suggest_hyperparameters(info, backend)
+    precision = choose_compute_dtype(info, backend, recalibrate=recalibrate)
+    flops, how = peak_flops_and_source(info, backend, dtype=precision["dtype"])
+    config = suggest_hyperparameters(info, backend, flops=flops)
     lines = backend_lines(backend, os.environ.get(BACKEND_ENV), flops, how, config, current_profile())
-    print("\n".join(lines), file=file)
+    print("\n".join([lines[0], precision_line(precision), *lines[1:]]), file=file)

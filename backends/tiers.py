@@ -2,8 +2,10 @@
 
 A tier is a class of machine that shares one configuration (model size, batches, evaluation
 budget). The values come from published runs (cited per table), except the CPU tier's, which come
-from a sweep on a 2-core machine (tools/sweep_cpu.py). AUTORESEARCH_PROFILE=smoke replaces
-everything with a tiny configuration that trains and evaluates in seconds (tests, quick tries).
+from sweeps on 2-core machines (tools/sweep_cpu.py) at several measured throughputs: its model size
+follows the measured matmul peak of the dtype that trains (CPU_TIER_BY_FLOPS, docs/cpu-tier.md).
+AUTORESEARCH_PROFILE=smoke replaces everything with a tiny configuration that trains and evaluates
+in seconds (tests, quick tries).
 """
 
 import os
@@ -72,6 +74,18 @@ CPU_TIER = dict(tier="cpu", depth=4, aspect_ratio=64, head_dim=64, seq_len=512, 
                 device_batch_size=32, total_batch_size=2**14, eval_tokens=32 * MAX_SEQ_LEN,
                 eval_batch_size=8)
 
+# The CPU tier's size by the measured matmul peak of the dtype that trains, at the threads it
+# trains on: (at least this many FLOP/s, size), largest first. Fitted in docs/cpu-tier.md to the
+# sweeps of tools/sweep_cpu_results.tsv: at 0.195 TFLOP/s (fp32, one thread, an Intel Xeon with
+# AMX) depth 2 (val_bpb 1.758) beat depth 4 (1.828); at 0.88 (bf16, the AMD EPYC Zen 4 reference)
+# and 1.48 (bf16, the Xeon) depth 4 was best. The threshold is the geometric mean of 0.195 and
+# 0.88: a CPU with less than ~0.4 TFLOP/s in its training dtype (fp32 on AVX2, a single core)
+# trains a half-width, half-depth model that takes twice the steps.
+CPU_TIER_BY_FLOPS = (
+    (0.4e12, dict(depth=4, aspect_ratio=64)),
+    (0.0, dict(depth=2, aspect_ratio=64)),
+)
+
 
 def current_profile():
     """$AUTORESEARCH_PROFILE: "standard" (default) or "smoke"; anything else raises ValueError."""
@@ -104,11 +118,22 @@ def is_h100_class(info):
     return info.get("generation") in ("Hopper", "Blackwell") and (info.get("gpu_memory_gb") or 0) >= 70
 
 
-def suggest_hyperparameters(info, backend=None):
+def cpu_tier(flops):
+    """The CPU tier's configuration for a measured matmul peak of `flops` FLOP/s (in the dtype that
+    trains): the largest CPU_TIER_BY_FLOPS entry whose threshold it reaches; None: CPU_TIER."""
+    if flops is None:
+        return dict(CPU_TIER)
+    sized = next(size for threshold, size in CPU_TIER_BY_FLOPS if flops >= threshold)
+    return {**CPU_TIER, **sized}
+
+
+def suggest_hyperparameters(info, backend=None, flops=None):
     """Default configuration for this hardware and backend: a dict with KEYS.
 
     backend defaults to detect_backend(). The CPU tier covers the cpu backend anywhere and MLX off
-    Apple Silicon; AUTORESEARCH_PROFILE=smoke returns SMOKE whatever the hardware.
+    Apple Silicon; its model size follows `flops`, the measured peak of the dtype that trains
+    (cpu_tier; None: the reference machine's CPU_TIER). AUTORESEARCH_PROFILE=smoke returns SMOKE
+    whatever the hardware.
     """
     if current_profile() == "smoke":
         return dict(SMOKE)
@@ -122,7 +147,7 @@ def suggest_hyperparameters(info, backend=None):
             return dict(NVIDIA_H100)
         small_memory = (info.get("gpu_memory_gb") or 0) < 20
         return _halve_batches(NVIDIA_SMALL) if small_memory else dict(NVIDIA_SMALL)
-    return dict(CPU_TIER)
+    return cpu_tier(flops)
 
 
 def eval_tokens(info, backend=None):

@@ -73,3 +73,41 @@ def tiny_env(tiny_dataset, monkeypatch):
     for key, value in tiny_dataset.env.items():
         monkeypatch.setenv(key, value)
     return dict(tiny_dataset.env)
+
+
+def write_calibration(cache_dir, library, bf16, fp32):
+    """Make cache_dir/calibration.json hold a trusted calibration of this machine's CPU for
+    library ("torch" or "mlx") at every thread count a run may use, with these FLOP/s, so a
+    training script started on cache_dir takes them as measured: tests choose the machine."""
+    import importlib.metadata
+    import json
+    import os
+    import time
+
+    from backends import flops, hardware
+
+    if library == "torch":
+        import torch
+        version = f"torch {torch.__version__}"
+    else:
+        version = f"mlx {importlib.metadata.version('mlx')}"
+    cpu_model = hardware.get_hardware_info()["cpu_model"]
+    record = {"bf16": bf16, "fp32": fp32, "bf16_size": 1024, "fp32_size": 1024, "library": version,
+              "measurements": flops.CALIBRATION_MEASUREMENTS, "measured_at": time.time()}
+    cache = {flops.calibration_key(version, "cpu", cpu_model, threads, flops.CPU_SIZES):
+             {**record, "threads": threads} for threads in range(1, 2 * (os.cpu_count() or 1) + 1)}
+    (Path(cache_dir) / flops.CALIBRATION_FILE).write_text(json.dumps(cache))
+
+
+@pytest.fixture
+def calibrated_dataset(tiny_dataset, tmp_path):
+    """A copy of tiny_dataset's cache (as `env`, like tiny_dataset.env) whose calibration the
+    test writes with calibrated_dataset.calibrate(library, bf16, fp32)."""
+    import shutil
+
+    cache_dir = tmp_path / "calibrated_cache"
+    shutil.copytree(tiny_dataset.cache_dir, cache_dir)
+    env = {**tiny_dataset.env, "AUTORESEARCH_CACHE_DIR": str(cache_dir)}
+    return SimpleNamespace(cache_dir=cache_dir, env=env, vocab_size=tiny_dataset.vocab_size,
+                           calibrate=lambda library, bf16, fp32: write_calibration(cache_dir, library,
+                                                                                   bf16, fp32))

@@ -20,7 +20,8 @@ spec = importlib.util.spec_from_file_location("bench", BENCH)
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
-FIGURES = [field for field, _, _ in bench.COLUMNS] + ["eval_seconds", "overhead_seconds"]
+FIGURES = [field for field, _, _ in bench.COLUMNS if field != "compute_dtype"] + ["eval_seconds",
+                                                                                   "overhead_seconds"]
 
 
 def run_json(**overrides):
@@ -28,7 +29,8 @@ def run_json(**overrides):
     fields = {"val_bpb": 2.5, "training_seconds": 300.0, "total_seconds": 330.0,
               "peak_vram_mb": 900.0, "mfu_percent": 40.0, "num_steps": 50,
               "startup_seconds": 5.0, "untimed_seconds": 20.0, "train_tokens_per_second": 3000.0,
-              "data_wait_percent": 0.5, "eval_seconds": 4.0, "eval_tokens_per_second": 16000.0}
+              "data_wait_percent": 0.5, "eval_seconds": 4.0, "eval_tokens_per_second": 16000.0,
+              "compute_dtype": "fp32", "peak_tflops": 0.38}
     return {**fields, **overrides}
 
 
@@ -45,6 +47,13 @@ def test_figures_are_medians_of_the_runs():
     medians = bench.median_figures(runs)
     assert medians["train_tokens_per_second"] == 2000.0
     assert medians["startup_seconds"] == 6.0
+    assert (medians["compute_dtype"], medians["peak_tflops"]) == ("fp32", 0.38)
+
+
+def test_runs_in_different_dtypes_have_no_median():
+    runs = [bench.run_fields(run_json(compute_dtype=dtype)) for dtype in ("fp32", "bf16")]
+    with pytest.raises(bench.BenchError, match="different dtypes \\(bf16, fp32\\)"):
+        bench.median_figures(runs)
 
 
 def test_cpu_targets_say_which_are_met():
@@ -63,6 +72,7 @@ def test_table_has_a_row_per_backend_and_a_column_per_figure():
     assert lines[0].split(" | ")[0].strip() == "backend"
     assert len(lines[2].split(" | ")) == len(bench.COLUMNS) + 1
     assert lines[2].startswith("cpu ") and "1,500,000" in lines[2] and "3,000" in lines[2]
+    assert [cell.strip() for cell in lines[2].split(" | ")[1:3]] == ["fp32", "0.380"]
 
 
 def test_an_unavailable_backend_is_one_clear_error(monkeypatch):
@@ -100,7 +110,10 @@ def test_smoke_benchmark_runs_every_backend_end_to_end_and_writes_every_field(ti
             assert isinstance(figures[field], (int, float)) and math.isfinite(figures[field]), (name, field)
             assert figures[field] >= 0, (name, field)
         assert figures["train_tokens_per_second"] > 0 and figures["peak_tflops"] > 0
+        assert figures["compute_dtype"] in ("bf16", "fp32")
         assert figures["peak_source"].startswith(("measured", "table"))
+        assert f" {figures['compute_dtype']} matmul " in figures["peak_source"]  # the dtype's peak
+        assert figures["runs"][0]["compute_dtype"] == figures["compute_dtype"]
         assert figures["config"]["tier"] == "smoke"
         assert len(figures["runs"]) == 1 and len(figures["dataloader_runs"]) == 1
         assert "targets" not in figures  # the SPEC targets apply to the standard configuration

@@ -89,3 +89,27 @@ def test_peak_flops_recalibrates_on_request_and_says_of_how_many(rates, monkeypa
     value, how = backends.peak_flops_and_source(info, "cpu", recalibrate=True)
     assert value == IDLE and "best of 2" in how
     assert backends.peak_flops(info, "cpu") == IDLE
+
+
+def test_a_calibration_is_kept_per_library_device_and_thread_count(rates, tmp_path):
+    import torch
+
+    threads_before = torch.get_num_threads()
+    rates.extend([IDLE, BUSY, NOISY])
+    try:
+        torch.set_num_threads(2)
+        assert measure(tmp_path)["bf16"] == IDLE
+        torch.set_num_threads(1)
+        one_thread = measure(tmp_path)  # not the 2-thread entry: measured anew
+        assert (one_thread["bf16"], one_thread["threads"], one_thread["cached"]) == (BUSY, 1, False)
+        other_device = flops.measure_matmul_flops("torch", "another cpu", cache_root=tmp_path)
+        assert other_device["bf16"] == NOISY and rates == []
+        torch.set_num_threads(2)
+        assert measure(tmp_path)["bf16"] == IDLE  # each entry is read back as it was measured
+    finally:
+        torch.set_num_threads(threads_before)
+    keys = sorted(json.loads((tmp_path / flops.CALIBRATION_FILE).read_text()))
+    version = f"torch {torch.__version__}"
+    assert keys == sorted([flops.calibration_key(version, "cpu", "test cpu", 2, flops.CPU_SIZES),
+                           flops.calibration_key(version, "cpu", "test cpu", 1, flops.CPU_SIZES),
+                           flops.calibration_key(version, "cpu", "another cpu", 1, flops.CPU_SIZES)])

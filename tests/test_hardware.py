@@ -245,19 +245,20 @@ def test_hardware_info_of_this_machine_has_every_contract_key_and_is_read_once()
     ("m4", 3.76), ("m4_max", 15.04), ("m5", 15.05),
 ])
 def test_apple_peak_is_gpu_cores_times_the_generations_per_core_rate(slug, tflops):
-    assert backends.peak_flops(apple_info(slug), "mlx") == pytest.approx(tflops * 1e12, rel=0.01)
-    assert backends.peak_flops(apple_info(slug), "mps") == backends.peak_flops(apple_info(slug), "mlx")
+    for dtype in ("bf16", "fp32"):  # M1-M4 run both at the same rate
+        assert backends.peak_flops(apple_info(slug), "mlx", dtype=dtype) == pytest.approx(tflops * 1e12, rel=0.01)
+        assert backends.peak_flops(apple_info(slug), "mps", dtype=dtype) == pytest.approx(tflops * 1e12, rel=0.01)
 
 
 def test_a_future_apple_generation_uses_the_newest_per_core_rate_and_says_so():
-    value, how = backends.peak_flops_and_source(apple_info("m7_max_hypothetical"), "mlx")
+    value, how = backends.peak_flops_and_source(apple_info("m7_max_hypothetical"), "mlx", dtype="bf16")
     assert value == pytest.approx(60 * flops.APPLE_FLOPS_PER_GPU_CORE["M5"])
     assert "M7 is not" in how
 
 
 def test_an_unknown_apple_core_count_assumes_the_tiers_common_configuration():
     info = {**apple_info("m2_pro"), "gpu_cores": None}
-    value, how = backends.peak_flops_and_source(info, "mlx")
+    value, how = backends.peak_flops_and_source(info, "mlx", dtype="bf16")
     assert value == pytest.approx(16 * flops.APPLE_FLOPS_PER_GPU_CORE["M2"])
     assert how.startswith("estimated:")
 
@@ -310,7 +311,7 @@ def test_cpu_backends_measure_with_their_own_library(monkeypatch, backend, libra
     calls = []
     monkeypatch.setattr(flops, "measure_matmul_flops", fake_measurement(calls))
     info = hardware.read_hardware_info(**LINUX, cuda_reader=lambda: None)
-    assert backends.peak_flops(info, backend) == 2e12
+    assert backends.peak_flops(info, backend, dtype="bf16") == 2e12
     assert calls == [(library, info["cpu_model"], "cpu")]
 
 
@@ -318,6 +319,104 @@ def test_a_cpu_without_fast_bf16_reports_its_fp32_peak(monkeypatch):
     monkeypatch.setattr(flops, "measure_matmul_flops", fake_measurement([], bf16=0.05e12, fp32=0.2e12))
     info = hardware.read_hardware_info(**LINUX, cuda_reader=lambda: None)
     assert backends.peak_flops(info, "cpu") == 0.2e12
+
+
+# ---------------------------------------------------------------------------
+# compute dtype and threads
+
+@pytest.mark.parametrize("bf16, fp32, dtype", [
+    (1.5e12, 0.38e12, "bf16"),   # AVX-512 bf16 / AMX: ~4x fp32
+    (0.003e12, 0.05e12, "fp32"),  # AVX2 only: bf16 emulated, 17x slower
+    (0.45e12, 0.40e12, "fp32"),   # bf16 12% faster: less than BF16_MIN_SPEEDUP, not worth it
+])
+@pytest.mark.parametrize("backend", ["cpu", "mlx"])
+def test_a_cpu_trains_in_the_dtype_its_calibration_measured_faster(monkeypatch, backend, bf16, fp32, dtype):
+    calls = []
+    monkeypatch.setattr(flops, "measure_matmul_flops", fake_measurement(calls, bf16=bf16, fp32=fp32))
+    info = hardware.read_hardware_info(**LINUX, cuda_reader=lambda: None)
+    precision = backends.choose_compute_dtype(info, backend)
+    assert (precision["dtype"], precision["bf16"], precision["fp32"]) == (dtype, bf16, fp32)
+    assert f"bf16 {bf16 / 1e12:.3f} / fp32 {fp32 / 1e12:.3f} TFLOP/s" in precision["how"]
+    value, how = backends.peak_flops_and_source(info, backend, dtype=dtype)
+    assert value == {"bf16": bf16, "fp32": fp32}[dtype] and f" {dtype} matmul " in how
+    assert calls[0][0] == ("mlx" if backend == "mlx" else "torch")
+
+
+@pytest.mark.parametrize("name, capability, dtype", [
+    ("NVIDIA A100-SXM4-80GB", (8, 0), "bf16"), ("NVIDIA GeForce RTX 4090", (8, 9), "bf16"),
+    ("Tesla V100-SXM2-16GB", (7, 0), "fp32"), ("Tesla T4", (7, 5), "fp32"),
+])
+def test_a_gpu_trains_in_bf16_only_from_sm80_and_its_fp32_peak_is_measured(monkeypatch, name, capability, dtype):
+    calls = []
+    monkeypatch.setattr(flops, "measure_matmul_flops", fake_measurement(calls, bf16=9e12, fp32=14e12))
+    device = {**H100_DEVICE, "name": name, "capability": capability}
+    info = hardware.read_hardware_info(**LINUX, cuda_reader=lambda: device)
+    precision = backends.choose_compute_dtype(info, "cuda")
+    assert precision["dtype"] == dtype and f"compute capability {capability[0]}.{capability[1]}" in precision["how"]
+    assert calls == []  # the capability decides; nothing is timed
+    if dtype == "bf16":
+        assert backends.peak_flops(info, "cuda", dtype="bf16") == flops.nvidia_gpu_flops(name)
+    # fp32 has no table: it is measured on the GPU (torch), whatever the GPU.
+    assert backends.peak_flops(info, "cuda", dtype="fp32") == 14e12
+    assert calls == [("torch", name, "cuda")]
+
+
+@pytest.mark.parametrize("bf16, dtype", [(2.6e12, "bf16"), (0.9e12, "fp32")])  # a tie keeps bf16
+@pytest.mark.parametrize("backend", ["mlx", "mps"])
+def test_an_apple_gpu_times_both_dtypes_at_the_default_models_shape(monkeypatch, backend, bf16, dtype):
+    calls = []
+
+    def fake_timing(library, device, shape):
+        calls.append((library, device, shape))
+        return {"bf16": bf16, "fp32": 2.6e12}
+    monkeypatch.setattr(flops, "time_dtypes_at_shape", fake_timing)
+    info = apple_info("m1")
+    precision = backends.choose_compute_dtype(info, backend)
+    assert precision["dtype"] == dtype
+    # The base tier: 8 rows of 2048 tokens through depth 4 x 64 = 256 channels and the MLP's 1024.
+    assert calls == [("mlx" if backend == "mlx" else "torch", backend, (8 * 2048, 256, 1024))]
+    assert backends.peak_flops(info, backend, dtype=dtype) == pytest.approx(2.6e12)  # the table
+
+
+def test_a_timed_matmul_at_a_shape_rates_both_dtypes():
+    rates = flops.time_dtypes_at_shape("torch", "cpu", (64, 32, 48))
+    assert sorted(rates) == ["bf16", "fp32"] and all(rate > 0 for rate in rates.values())
+
+
+def test_an_unknown_compute_dtype_is_refused_with_the_choices():
+    info = hardware.read_hardware_info(**LINUX, cuda_reader=lambda: None)
+    with pytest.raises(ValueError, match="'fp16' is not one of bf16, fp32"):
+        backends.peak_flops(info, "cpu", dtype="fp16")
+
+
+@pytest.mark.parametrize("rates, threads", [
+    ({1: 3e9, 2: 2e9}, 1), ({1: 3e9, 2: 2.4e9}, 1),  # one thread 1.5x, 1.25x faster: it trains
+    ({1: 3e9, 2: 2.6e9}, 2),                         # 1.15x: within the probe's noise, all cores
+    ({1: 3e9, 2: 5e9}, 2), ({1: 3e9, 2: 3e9}, 2), ({1: 3e9}, 1),  # a one-core machine
+])
+def test_one_thread_trains_only_where_it_multiplies_the_models_matrices_faster(monkeypatch, rates, threads):
+    shapes = []
+
+    def fake_rates(shape, dtype):
+        shapes.append((shape, dtype))
+        return rates
+    monkeypatch.setattr(flops, "_thread_rates", fake_rates)
+    assert backends.fastest_cpu_threads(2 * 128, 64, "fp32") == threads
+    assert backends.fastest_cpu_threads(32 * 512, 256, "bf16") == threads
+    # The probe keeps the model's width but at most THREAD_PROBE_ROWS rows.
+    assert shapes == [((256, 64, 256), "fp32"), ((flops.THREAD_PROBE_ROWS, 256, 1024), "bf16")]
+
+
+def test_the_thread_probe_times_one_and_all_threads_and_leaves_the_count_and_the_rng_as_they_were():
+    import torch
+    before = torch.get_num_threads()
+    torch.manual_seed(42)
+    expected = torch.rand(4)
+    torch.manual_seed(42)
+    rates = flops._thread_rates((64, 32, 128), "fp32")
+    assert sorted(rates) == sorted({1, before}) and all(rate > 0 for rate in rates.values())
+    assert torch.get_num_threads() == before
+    assert torch.equal(torch.rand(4), expected)  # a seeded run draws the same weights after a probe
 
 
 def test_peak_flops_rejects_unknown_backends_and_mps_off_a_mac():
@@ -462,6 +561,25 @@ def test_cpu_training_gets_the_cpu_tier_with_a_small_eval_budget(info, backend):
     assert config["eval_tokens"] == 32 * 2048
 
 
+@pytest.mark.parametrize("flops, depth", [
+    (0.05e12, 2), (0.195e12, 2), (0.39e12, 2),  # fp32 on AVX2, one AVX-512 thread, a busy CPU
+    (0.4e12, 4), (0.88e12, 4), (1.5e12, 4), (20e12, 4),  # bf16 on AVX-512 bf16 / AMX
+])
+@pytest.mark.parametrize("backend", ["cpu", "mlx"])
+def test_the_cpu_tier_is_sized_by_the_measured_peak_of_its_dtype(flops, depth, backend):
+    config = backends.suggest_hyperparameters(CPU_INFO, backend, flops=flops)
+    assert (config["tier"], config["depth"], config["aspect_ratio"]) == ("cpu", depth, 64)
+    assert {k: v for k, v in config.items() if k not in ("depth", "aspect_ratio")} == {
+        k: v for k, v in tiers.CPU_TIER.items() if k not in ("depth", "aspect_ratio")}
+    assert backends.eval_tokens(CPU_INFO, backend) == 32 * 2048  # evaluation does not follow the peak
+
+
+def test_the_measured_peak_sizes_only_the_cpu_tier():
+    h100 = nvidia_info("NVIDIA H100 80GB HBM3", 80, (9, 0))
+    assert backends.suggest_hyperparameters(h100, "cuda", flops=0.1e12) == tiers.NVIDIA_H100
+    assert backends.suggest_hyperparameters(apple_info("m4_max"), "mlx", flops=0.1e12) == tiers.APPLE_TIERS["Max"]
+
+
 def test_the_backend_defaults_to_detection(monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_BACKEND", "cpu")
     assert backends.suggest_hyperparameters(apple_info("m4_max"))["tier"] == "cpu"
@@ -469,6 +587,7 @@ def test_the_backend_defaults_to_detection(monkeypatch):
 
 
 ALL_CONFIGS = ([tiers.SMOKE, tiers.NVIDIA_H100, tiers.NVIDIA_SMALL, tiers.CPU_TIER]
+               + [tiers.cpu_tier(threshold) for threshold, _ in tiers.CPU_TIER_BY_FLOPS]
                + list(tiers.APPLE_TIERS.values())
                + [tiers._halve_batches(c) for c in (tiers.NVIDIA_SMALL, *tiers.APPLE_TIERS.values())])
 
@@ -585,14 +704,16 @@ def test_backend_lines_show_backend_peak_source_and_configuration():
     ]
 
 
-def test_print_summary_on_this_machine_prints_seven_lines(monkeypatch, capsys):
+def test_print_summary_on_this_machine_prints_eight_lines(monkeypatch, capsys):
     monkeypatch.setenv("AUTORESEARCH_BACKEND", "cpu")
-    monkeypatch.setattr(flops, "measure_matmul_flops", fake_measurement([]))
+    monkeypatch.setattr(flops, "measure_matmul_flops", fake_measurement([], bf16=0.1e12, fp32=0.4e12))
     backends.print_summary()
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["os", "chip", "cores", "memory", "backend", "peak", "config"]
+    assert [line.split(":")[0] for line in lines] == ["os", "chip", "cores", "memory", "backend", "dtype",
+                                                       "peak", "config"]
     assert lines[4] == "backend: cpu (AUTORESEARCH_BACKEND=cpu)"
-    assert lines[5].startswith("peak:    2.000 TFLOP/s, measured: torch 0.0 2048x2048 matmul on 2 CPU threads")
+    assert lines[5] == "dtype:   fp32 (calibration on 2 CPU threads, bf16 0.100 / fp32 0.400 TFLOP/s)"
+    assert lines[6].startswith("peak:    0.400 TFLOP/s, measured: torch 0.0 2048x2048 fp32 matmul on 2 CPU threads")
 
 
 def test_python_m_backends_ends_a_bad_request_with_one_line_and_no_traceback(tmp_path):

@@ -322,8 +322,30 @@ def test_torch_optimizer_steps_the_parameters_of_a_compiled_model():
     model = torch.compile(Tiny(), backend="eager")
     named = dict(model.named_parameters())
     shapes = {name: tuple(p.shape) for name, p in named.items()}
-    optimizer = TorchMuonAdamW(named, param_groups(shapes, MODEL_DIM, **HYPERPARAMETERS))
+    optimizer = TorchMuonAdamW(named, param_groups(shapes, MODEL_DIM, **HYPERPARAMETERS),
+                               orth_dtype=torch.float32)
     before = {name: p.detach().clone() for name, p in named.items()}
     model(torch.randn(4, 16)).square().mean().backward()
     optimizer.step()
     assert all(not torch.equal(before[name], p) for name, p in named.items())
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_polar_express_runs_in_the_dtype_the_optimizer_is_given(monkeypatch, dtype):
+    import backends.muon_mlx
+    import backends.muon_torch
+
+    seen = []
+
+    def recording(X, ns_steps):
+        seen.append(str(X.dtype))
+        return polar_express(X, ns_steps)
+    monkeypatch.setattr(backends.muon_torch, "polar_express", recording)
+    monkeypatch.setattr(backends.muon_mlx, "polar_express", recording)
+    params, grads = random_arrays(0), random_arrays(1)
+    run_torch(params, [grads], [{}], orth_dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    run_mlx(params, [grads], [{}], orth_dtype={"bf16": mx.bfloat16, "fp32": mx.float32}[dtype])
+    muon_groups = sum(group["kind"] == "muon" for group in make_groups())
+    torch_dtype, mlx_dtype = {"bf16": ("torch.bfloat16", "mlx.core.bfloat16"),
+                              "fp32": ("torch.float32", "mlx.core.float32")}[dtype]
+    assert seen == [torch_dtype] * muon_groups + [mlx_dtype] * muon_groups

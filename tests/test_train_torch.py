@@ -13,7 +13,8 @@ import torch
 
 import train
 from backends.optim import param_groups
-from backends.report import BUDGET_KEYS, CONTEXT_KEYS, RUN_EXTRA_KEYS, SUMMARY_KEYS, TIMING_KEYS, parse_summary
+from backends.report import (BUDGET_KEYS, CONTEXT_KEYS, PRECISION_KEYS, RUN_EXTRA_KEYS, SUMMARY_KEYS,
+                            TIMING_KEYS, parse_summary)
 from tools import budget
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -425,7 +426,7 @@ def summary_keys(stdout):
 
 def check_finished_run(result, runs_dir, backend):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    expected = list(SUMMARY_KEYS + CONTEXT_KEYS + RUN_EXTRA_KEYS + TIMING_KEYS + BUDGET_KEYS)
+    expected = list(SUMMARY_KEYS + CONTEXT_KEYS + RUN_EXTRA_KEYS + TIMING_KEYS + PRECISION_KEYS + BUDGET_KEYS)
     assert summary_keys(result.stdout) == expected
     fields = parse_summary(result.stdout)
     assert math.isfinite(fields["val_bpb"]) and 0 < fields["val_bpb"] < 20
@@ -511,3 +512,66 @@ def test_mlx_backend_hands_the_run_to_train_mlx(tiny_dataset, tmp_path):
         first_line = process.stdout.readline()
         process.kill()
     assert first_line.startswith("backend mlx ")  # train_mlx.py's first line; train.py has none
+
+
+# The precision of a run follows the calibration it finds (faked here, so the machine running the
+# tests does not matter): the model, its autocast and Muon's Polar Express all compute in it, and
+# MFU counts against that dtype's peak. A driver imports the script, records the dtype every
+# Polar Express call receives, then runs main() as `uv run train.py` would.
+PRECISION_DRIVER = """
+import backends.muon_{library} as muon
+seen = set()
+original = muon.polar_express
+
+
+def recording(X, ns_steps):
+    seen.add(str(X.dtype))
+    return original(X, ns_steps)
+
+
+muon.polar_express = recording
+import {script}
+{script}.main()
+print("polar express dtypes:", sorted(seen))
+"""
+
+
+def run_with_calibration(dataset, tmp_path, script, library, bf16, fp32, forced=None):
+    """A smoke run of script (train or train_mlx; COMPUTE_DTYPE replaced by the literal forced)
+    on a machine calibrated at bf16 / fp32 FLOP/s: (result, the run's JSON)."""
+    dataset.calibrate(library, bf16, fp32)
+    source = (REPO_ROOT / f"{script}.py").read_text()
+    assert '\nCOMPUTE_DTYPE = PRECISION["dtype"]\n' in source
+    if forced:
+        source = source.replace('\nCOMPUTE_DTYPE = PRECISION["dtype"]\n', f"\nCOMPUTE_DTYPE = {forced!r}\n")
+    (tmp_path / f"{script}.py").write_text(source)
+    driver = tmp_path / "driver.py"
+    driver.write_text(PRECISION_DRIVER.format(library=library, script=script))
+    result = run_script(driver, {**dataset.env, "AUTORESEARCH_BACKEND": "cpu" if library == "torch" else "mlx",
+                                 "AUTORESEARCH_TIME_BUDGET": "1",
+                                 "AUTORESEARCH_RUNS_DIR": str(tmp_path / "runs")}, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result, json.loads((tmp_path / "runs" / "last_run.json").read_text())
+
+
+@pytest.mark.parametrize("bf16, fp32, forced, dtype", [
+    (0.05e12, 0.2e12, None, "fp32"),  # bf16 emulated (AVX2): fp32 trains
+    (2e12, 0.5e12, None, "bf16"),     # AVX-512 bf16 / AMX: bf16 trains
+    (2e12, 0.5e12, "fp32", "fp32"),   # the constant overrides the measurement
+])
+def test_a_run_computes_in_the_dtype_its_calibration_measured_faster(calibrated_dataset, tmp_path,
+                                                                     bf16, fp32, forced, dtype):
+    result, saved = run_with_calibration(calibrated_dataset, tmp_path, "train", "torch", bf16, fp32, forced)
+    torch_dtype = {"bf16": "torch.bfloat16", "fp32": "torch.float32"}[dtype]
+    assert f"polar express dtypes: ['{torch_dtype}']" in result.stdout
+    assert saved["compute_dtype"] == dtype
+    peak = {"bf16": bf16, "fp32": fp32}[dtype]
+    assert saved["peak_tflops"] == pytest.approx(peak / 1e12)
+    smoke = train.GPTConfig(sequence_len=128, vocab_size=calibrated_dataset.vocab_size, n_layer=2,
+                            n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
+    flops_per_token = train.GPT(smoke).num_flops_per_token(128)
+    assert saved["mfu_percent"] == pytest.approx(
+        100 * flops_per_token * saved["train_tokens_per_second"] / peak, rel=1e-6)
+    precision_line = next(line for line in result.stdout.splitlines() if line.startswith("precision:"))
+    assert precision_line.startswith(f"precision: {dtype}{' (forced)' if forced else ''}, chosen from calibration")
+    assert f"mfu against {peak / 1e12:.3f} TFLOP/s" in precision_line

@@ -14,8 +14,9 @@ median of every figure. The dataloader is timed on its own in this process with 
 shape. Each run uses the active dataset (`uv run prepare.py` first) and the default configuration
 of the machine's tier, or the tiny smoke one.
 
-Figures per backend (all medians): training tok/s and MFU (against backends.peak_flops, the
-measured matmul peak on a CPU), time from process start to the first training step, time of the
+Figures per backend (all medians): the dtype the runs computed in and the peak FLOP/s of that
+dtype their MFU counts against (the run's own: measured on a CPU, a table on most GPUs), training
+tok/s and MFU, time from process start to the first training step, time of the
 untimed warm-up steps (compilation, allocator warm-up), evaluation tok/s, dataloader tok/s, the
 share of training step time spent waiting for data, peak memory, and the time outside training
 (start-up, warm-up, evaluation, summary) as a share of the standard 300 s budget.
@@ -55,12 +56,14 @@ RUN_TIMEOUT_EXTRA = 1800   # seconds a run may take beyond its budget (start-up,
 STANDARD_BUDGET = 300      # = prepare.STANDARD_TIME_BUDGET: the overhead target is 15% of it
 # SPEC §10 targets for the torch CPU backend at the default configuration: (field, test, label).
 CPU_TARGETS = (
-    ("mfu_percent", lambda value: value >= 50, ">= 50% of the measured bf16 matmul peak"),
+    ("mfu_percent", lambda value: value >= 50, ">= 50% of the measured matmul peak of the dtype in use"),
     ("data_wait_percent", lambda value: value < 2, "< 2% of step time waiting for data"),
     ("overhead_percent", lambda value: value <= 15, "start-up + compile + eval + summary <= 15% of 300 s"),
 )
 # Table columns: (field, heading, format).
 COLUMNS = (
+    ("compute_dtype", "dtype", "{}"),
+    ("peak_tflops", "peak TFLOP/s", "{:.3f}"),
     ("train_tokens_per_second", "train tok/s", "{:,.0f}"),
     ("mfu_percent", "MFU %", "{:.1f}"),
     ("startup_seconds", "start s", "{:.1f}"),
@@ -75,7 +78,7 @@ COLUMNS = (
 RUN_FIELDS = ("train_tokens_per_second", "mfu_percent", "startup_seconds", "untimed_seconds",
               "eval_seconds", "eval_tokens_per_second", "data_wait_percent", "peak_memory_mb",
               "overhead_seconds", "overhead_percent", "training_seconds", "total_seconds",
-              "num_steps", "val_bpb")
+              "num_steps", "val_bpb", "peak_tflops")
 
 
 class BenchError(RuntimeError):
@@ -101,13 +104,13 @@ def chosen_backends(requested):
 
 
 def run_fields(fields):
-    """One run's figures from its JSON: the summary and timing fields under bench's names, plus the
-    time outside training (start-up, compile, evaluation, summary) in seconds and as a share of
-    the standard budget."""
+    """One run's figures from its JSON: the summary, timing and precision fields under bench's
+    names, plus the time outside training (start-up, compile, evaluation, summary) in seconds and
+    as a share of the standard budget."""
     overhead = fields["total_seconds"] - fields["training_seconds"]
     figures = {**fields, "peak_memory_mb": fields["peak_vram_mb"], "overhead_seconds": overhead,
                "overhead_percent": 100 * overhead / STANDARD_BUDGET}
-    return {key: figures[key] for key in RUN_FIELDS}
+    return {key: figures[key] for key in RUN_FIELDS + ("compute_dtype",)}
 
 
 def run_training(backend, seconds, profile, script=REPO_ROOT / "train.py"):
@@ -150,7 +153,13 @@ def loader_rates(batch_size, seq_len, repeats, seconds=LOADER_SECONDS):
 
 
 def median_figures(runs):
-    return {key: statistics.median(run[key] for run in runs) for key in RUN_FIELDS}
+    """The median of every RUN_FIELDS figure, and the runs' compute dtype (one, or a BenchError)."""
+    dtypes = sorted({run["compute_dtype"] for run in runs})
+    if len(dtypes) != 1:
+        raise BenchError(f"the runs computed in different dtypes ({', '.join(dtypes)}): rerun on a "
+                         f"quieter machine, or force COMPUTE_DTYPE in train.py")
+    return {"compute_dtype": dtypes[0],
+            **{key: statistics.median(run[key] for run in runs) for key in RUN_FIELDS}}
 
 
 def target_checks(figures):
@@ -160,10 +169,12 @@ def target_checks(figures):
 
 
 def bench_backend(backend, args, info, loader_cache):
-    """Every figure of one backend: the peak it is measured against, its configuration, the
-    median of args.repeats training runs and of the dataloader measurements, and each run."""
-    peak, peak_source = backends.peak_flops_and_source(info, backend, recalibrate=args.recalibrate)
-    config = backends.suggest_hyperparameters(info, backend)
+    """Every figure of one backend: its configuration, the median of args.repeats training runs
+    (the dtype and peak they measured against among them) and of the dataloader measurements, how
+    that peak was obtained, and each run."""
+    precision = backends.choose_compute_dtype(info, backend, recalibrate=args.recalibrate)
+    peak = backends.peak_flops(info, backend, dtype=precision["dtype"])
+    config = backends.suggest_hyperparameters(info, backend, flops=peak)
     shape = (config["device_batch_size"], config["seq_len"])
     if shape not in loader_cache:
         loader_cache[shape] = loader_rates(*shape, args.repeats)
@@ -176,8 +187,9 @@ def bench_backend(backend, args, info, loader_cache):
               f"warm-up {run['untimed_seconds']:.1f} s, eval {run['eval_seconds']:.1f} s", flush=True)
     figures = {**median_figures(runs),
                "dataloader_tokens_per_second": statistics.median(loader_cache[shape])}
-    result = {**figures, "peak_tflops": peak / 1e12, "peak_source": peak_source, "config": config,
-              "dataloader_runs": loader_cache[shape], "runs": runs}
+    peak_source = backends.peak_flops_and_source(info, backend, dtype=figures["compute_dtype"])[1]
+    result = {**figures, "peak_source": peak_source, "dtype_choice": precision["how"],
+              "config": config, "dataloader_runs": loader_cache[shape], "runs": runs}
     if backend == "cpu" and args.profile == "standard":
         result["targets"] = target_checks(figures)
     return result
@@ -266,7 +278,8 @@ def main(argv=None):
     print()
     print(format_table(results))
     for name, result in results.items():
-        print(f"{name} peak: {result['peak_tflops']:.3f} TFLOP/s ({result['peak_source']})")
+        print(f"{name}: {result['compute_dtype']}, chosen from {result['dtype_choice']}; peak "
+              f"{result['peak_tflops']:.3f} TFLOP/s ({result['peak_source']})")
         for check in result.get("targets", {}).values():
             verdict = "met" if check["met"] else "NOT met"
             print(f"  target {check['target']}: {check['value']:.2f} ({verdict})")
