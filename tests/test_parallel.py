@@ -225,6 +225,10 @@ def test_two_candidates_run_at_once_on_two_slots_and_are_judged_against_their_ba
     best = baseline(repo, env)
     first = submit(repo, env, "a", "--workers", "2")
     second = submit(repo, env, "b", "--workers", "2")
+    status = runner(repo, env, "status")
+    assert status.returncode == 0, status.stderr
+    shown = [line for line in status.stdout.splitlines() if line.startswith(("slot", "queued", "finished"))]
+    assert any(first in line for line in shown) and any(second in line for line in shown), status.stdout
     printed = wait_all(repo, env)
 
     book = candidates(repo)
@@ -314,6 +318,9 @@ def test_a_candidate_runs_on_the_second_node_of_a_two_node_cluster(repo, env, ra
     plan(env, base=BASELINE, a=[1.45])
     baseline(repo, env)
     port = free_port()
+    token = Path(ray_tmp) / "auth_token"  # the cluster's own token, so ~/.ray is left alone
+    token.write_text(os.urandom(32).hex())
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
     ray_cli = str(Path(sys.executable).parent / "ray")
     head = subprocess.run([ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                            "--num-cpus", "1", "--resources", '{"experiment_slot": 0}', "--include-dashboard", "false",

@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -150,19 +151,25 @@ def train_in(tree, request, origin):
     os.environ.update(origin["env"])
     os.environ.update({"OMP_NUM_THREADS": str(threads), "AUTORESEARCH_THREADS": str(threads)})
     os.environ.pop("AUTORESEARCH_RUNS_DIR", None)
+    # This node's kit environment, not `uv run` in the tree (which would build a venv per tree).
+    if "AUTORESEARCH_TRAIN_CMD" not in origin["env"]:
+        os.environ["AUTORESEARCH_TRAIN_CMD"] = f"{shlex.quote(sys.executable)} {shlex.quote(request['script'])}"
     os.chdir(tree)
     import experiment
     import ledger
     kind = ledger.Kind(**request["kind"])
     # The other slots' runs are expected work on this machine, not a disturbance of this one.
     limit = min(1.0, request["max_disturbance"] + request.get("other_slots_share", 0.0))
+    started = time.time()
     try:
         run = experiment.execute(request["script"], request["timeout"], kind, limit)
     except experiment.Refused as error:
         return {"refused": str(error)}
+    ended = time.time()
     log = (tree / experiment.LOG_FILE)
     return {"outcome": vars(run.outcome), "fields": run.fields, "note": run.note, "wall": run.wall,
             "val_bpb": run.val_bpb, "memory_gb": run.memory_gb, "threads": threads,
+            "training_started_at": started, "training_finished_at": ended,
             "other_cpu_share": round(run.load.other_cpu_share, 4) if run.load else None,
             "log": log.read_text(errors="replace") if log.exists() else ""}
 
@@ -219,18 +226,30 @@ def serve(args):
         ray.init(num_cpus=os.cpu_count(), resources={SLOT_RESOURCE: workers}, object_store_memory=OBJECT_STORE_BYTES,
                  include_dashboard=False, log_to_driver=False)
     remote = ray.remote(max_retries=0)(run_on_node)
-    options, slots = task_options(ray)
-    print(f"scheduler {os.getpid()}: {slots} slot(s) {options}", flush=True)
     root = str(Path.cwd())
     origin = {"root": root, "host": socket.gethostname(), "tools": str(TOOLS),
               "env": {k: v for k, v in os.environ.items() if k.startswith(("AUTORESEARCH_", "FAKE_"))}}
-    archives = {}
-    in_flight, idle_since = {}, time.monotonic()
     # A run found in running/ belongs to a scheduler that died: it goes back to the queue.
     for record in scheduler.running():
-        scheduler.enqueue({k: v for k, v in record.items() if k not in ("slot", "submitted_at")})
+        scheduler.enqueue({k: v for k, v in record.items() if k not in ("slot", "claimed_at")})
         (scheduler.RUNNING_DIR / f"{record['run']}.json").unlink(missing_ok=True)
+    try:
+        schedule(ray, remote, origin, root)
+    except (KeyboardInterrupt, SystemExit):
+        print("scheduler: stopped; its unfinished runs go back to the queue when a scheduler starts again", flush=True)
+
+
+def schedule(ray, remote, origin, root):
+    """Hand queued runs to free slots and write each finished record, until idle for long.
+    The slots are counted afresh each round, so a machine that joins the cluster is used."""
+    archives, shown = {}, None
+    in_flight, idle_since = {}, time.monotonic()
     while True:
+        options, slots = task_options(ray)
+        if (options, slots) != shown:
+            shown = (options, slots)
+            print(f"scheduler {os.getpid()}: {slots} slot(s), each {options}" +
+                  ("" if slots else f"; no node offers a GPU or {SLOT_RESOURCE}: see docs/distributed.md"), flush=True)
         for request in scheduler.queued():
             free = [s for s in range(slots) if s not in {r["slot"] for r in in_flight.values()}]
             if not free:

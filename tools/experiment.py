@@ -4,6 +4,8 @@
     uv run tools/experiment.py run "what this tries"   # one experiment -> rows in results.tsv, one verdict
     uv run tools/experiment.py status                  # kind, best (mean, runs), sigma, counts, last verdict
     uv run tools/experiment.py best                    # the best result of this branch as a results.tsv row
+    uv run tools/experiment.py submit "what this tries" # parallel: queue the edit as a candidate, return at once
+    uv run tools/experiment.py wait                    # parallel: judge finished runs, print the next verdict(s)
 
 `run` refuses (exit 2, nothing changed) when another runner holds the lock, when prepare.py or
 backends/ differ from the branch's base (its merge-base with main or master), when results.tsv
@@ -34,6 +36,12 @@ How the pieces stay consistent:
   clean-up before it does anything else. Git and results.tsv changes run with signals held back.
 - Exit status: 0 when a verdict was recorded (crash included), 2 when refused or not judged, 130
   when interrupted.
+
+Parallel experiments (Ray, `uv sync --group parallel`; docs/distributed.md): `submit` commits the
+edit as a candidate on top of the best under refs/autoresearch/candidates/, restores the script
+and queues it; the scheduler (tools/cluster.py) runs queued runs on slots; `wait`, under the same
+lock, is the one writer that judges them (tools/scheduler.py replays them through tools/verdict.py),
+moves or rebases, and writes their rows. `status` adds the slots and the queue.
 
 Environment variables: AUTORESEARCH_TRAIN_CMD replaces `uv run <script>` (tests point it at a fake
 script); AUTORESEARCH_BACKEND, AUTORESEARCH_PROFILE, AUTORESEARCH_DATASET, AUTORESEARCH_TIME_BUDGET
@@ -936,7 +944,7 @@ def judge_record(candidate, record, book):
         row, details = run_row(candidate, record, "keep", number)
         ledger.append([row])
         record_details([details])
-        candidate["confirm"].append(record)
+        candidate["confirm"].append(dict(record, judged_at=time.time()))
         lines = [result_line(record, commit, number).replace("RESULT  ", "CONFIRM ", 1)]
         outcomes = [scheduler.outcome_of(r) for r in candidate["confirm"]]
         done, values = scheduler.confirm_step(candidate["best_values"], outcomes)
@@ -948,7 +956,7 @@ def judge_record(candidate, record, book):
                                                            scheduler.in_flight(candidate))):
                 scheduler.request_run(candidate, "confirm")
         return lines
-    candidate["runs"].append(record)
+    candidate["runs"].append(dict(record, judged_at=time.time()))
     lines = [result_line(record, commit, len(candidate["runs"]))]
     rows = ledger.read()
     best = ledger.values_of(rows, candidate["base"], str(kind))
@@ -1053,13 +1061,13 @@ def queue_status():
     label = lambda r: f"{r['candidate']} {r['commit'][:7]} {book.get(r['candidate'], {}).get('description', '')} ({r['purpose']})"  # noqa: E731
     lines = [f"scheduler    {'running' if cluster.scheduler_running() else 'not running'}"]
     for record in sorted(scheduler.running(), key=lambda r: r["slot"]):
-        since = time.strftime("%H:%M:%S", time.localtime(record["submitted_at"]))
+        since = time.strftime("%H:%M:%S", time.localtime(record["claimed_at"]))
         lines.append(f"slot {record['slot']:<7} {label(record)} since {since}")
     for record in scheduler.queued():
         lines.append(f"queued       {label(record)}")
-    unjudged = len(scheduler.finished())
+    unjudged = [r["run"] for r in scheduler.finished()]
     if unjudged:
-        lines.append(f"finished     {unjudged} run(s) not judged yet: uv run tools/experiment.py wait")
+        lines.append(f"finished     {', '.join(unjudged)} not judged yet: uv run tools/experiment.py wait")
     return lines
 
 

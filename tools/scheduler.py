@@ -104,7 +104,7 @@ def queued():
 
 def claim(request, slot):
     """The scheduler took a queued run onto a slot."""
-    record = dict(request, slot=slot, submitted_at=time.time())
+    record = dict(request, slot=slot, claimed_at=time.time())
     write_json(RUNNING_DIR / f"{request['run']}.json", record)
     for path in QUEUE_DIR.glob(f"*-{request['run']}.json"):
         path.unlink(missing_ok=True)
