@@ -245,8 +245,8 @@ def test_two_candidates_run_at_once_on_two_slots_and_are_judged_against_their_ba
     records = run_records(repo)
     first_a, first_b = records[f"{first}-1"], records[f"{second}-1"]
     assert first_a["slot"] != first_b["slot"]
-    assert first_b["started_at"] < first_a["finished_at"] and first_a["started_at"] < first_b["finished_at"], \
-        "the two candidates' first runs overlapped in time"
+    assert (first_b["training_started_at"] < first_a["training_finished_at"]
+            and first_a["training_started_at"] < first_b["training_finished_at"]), "the two first runs trained at once"
     assert (repo / "runs" / f"{first}-1" / "run.log").read_text().count("val_bpb") == 1
 
 
@@ -342,3 +342,26 @@ def test_a_candidate_runs_on_the_second_node_of_a_two_node_cluster(repo, env, ra
                             "n['Resources'].get('second_node')]))" % port],
                            env=env, capture_output=True, text=True, timeout=180)
     assert json.loads(nodes.stdout.strip().splitlines()[-1]) == [record["node"]]
+
+
+def test_a_win_waits_for_an_uncommitted_edit_instead_of_losing_it(repo, env):
+    plan(env, base=BASELINE, a=WIN)
+    best = baseline(repo, env)
+    first = submit(repo, env, "a", "--workers", "2")
+    edit(repo, "next idea, not submitted yet")
+    edited = (repo / "train.py").read_text()
+    blocked = None
+    for _ in range(30):
+        done = runner(repo, env, "wait", timeout=600)
+        if "BLOCKED" in done.stdout:
+            blocked = done
+            break
+    assert blocked is not None and blocked.returncode == 2
+    assert "uncommitted changes" in blocked.stdout and "wait again" in blocked.stdout
+    assert (repo / "train.py").read_text() == edited, "the edit is untouched"
+    assert git(repo, "rev-parse", "HEAD") == best, "the branch did not move under the edit"
+    git(repo, "stash", "push", "--", "train.py")
+    wait_all(repo, env)
+    assert git(repo, "rev-parse", "HEAD") == candidates(repo)[first]["commit"]
+    assert "+# idea: next idea, not submitted yet" in git(repo, "stash", "show", "-p"), "the edit is safe in the stash"
+

@@ -19,7 +19,8 @@ that `ray start --head` runs on this machine, an address joins that head.
 Each run, on its node: checks that the dataset description (dataset.json in the cache) and the
 harness hash (prepare.py, backends/) match the driver's, else the run is refused (not the idea's
 fault); checks out the candidate commit in a git worktree when the checkout is on that node, else
-unpacks a `git archive` of it; trains through experiment.execute (same timeout, budget and load
+unpacks a `git archive` of it; trains with the driver's AUTORESEARCH_* settings but its own cache
+(AUTORESEARCH_CACHE_DIR of the node's environment); trains through experiment.execute (same timeout, budget and load
 checks as `run`); returns the outcome with run.log, which the scheduler keeps under runs/<run>/.
 A worker process killed or a node lost mid-run: the run is retried once, then recorded as a crash.
 """
@@ -116,6 +117,7 @@ def run_on_node(request, origin, expected, archive):
     import ray
     node = ray.get_runtime_context().get_node_id()
     record = dict(request, host=socket.gethostname(), node=node, started_at=time.time())
+    os.environ.update(origin["env"])
     dataset = request["kind"]["dataset"]
     found = {"dataset": dataset_fingerprint(dataset)}
     local = Path(origin["root"]).is_dir() and origin["host"] == socket.gethostname()
@@ -148,7 +150,6 @@ def train_in(tree, request, origin):
     tools = origin["tools"] if Path(origin["tools"]).is_dir() else str(tree / "tools")
     sys.path.insert(0, tools)
     threads = request.get("threads") or slot_threads(ray)
-    os.environ.update(origin["env"])
     os.environ.update({"OMP_NUM_THREADS": str(threads), "AUTORESEARCH_THREADS": str(threads)})
     os.environ.pop("AUTORESEARCH_RUNS_DIR", None)
     # This node's kit environment, not `uv run` in the tree (which would build a venv per tree).
@@ -228,7 +229,8 @@ def serve(args):
     remote = ray.remote(max_retries=0)(run_on_node)
     root = str(Path.cwd())
     origin = {"root": root, "host": socket.gethostname(), "tools": str(TOOLS),
-              "env": {k: v for k, v in os.environ.items() if k.startswith(("AUTORESEARCH_", "FAKE_"))}}
+              "env": {k: v for k, v in os.environ.items()
+                      if k.startswith(("AUTORESEARCH_", "FAKE_")) and k != "AUTORESEARCH_CACHE_DIR"}}
     # A run found in running/ belongs to a scheduler that died: it goes back to the queue.
     for record in scheduler.running():
         scheduler.enqueue({k: v for k, v in record.items() if k not in ("slot", "claimed_at")})
