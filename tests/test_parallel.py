@@ -344,10 +344,17 @@ def test_a_candidate_runs_on_the_second_node_of_a_two_node_cluster(repo, env, ra
     assert json.loads(nodes.stdout.strip().splitlines()[-1]) == [record["node"]]
 
 
-def test_a_win_waits_for_an_uncommitted_edit_instead_of_losing_it(repo, env):
+def test_a_win_survives_ctrl_c_of_wait_and_waits_for_an_uncommitted_edit(repo, env):
     plan(env, base=BASELINE, a=WIN)
     best = baseline(repo, env)
     first = submit(repo, env, "a", "--workers", "2")
+    interrupted = subprocess.Popen([sys.executable, str(RUNNER), "wait"], cwd=repo, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert interrupted.stdout.readline().startswith("WAITING  for c1")  # a keep needs two runs: not yet
+    interrupted.send_signal(signal.SIGINT)
+    _, stderr = interrupted.communicate(timeout=60)
+    assert interrupted.returncode == 130
+    assert "nothing is lost; the scheduler keeps running" in stderr
     edit(repo, "next idea, not submitted yet")
     edited = (repo / "train.py").read_text()
     blocked = None

@@ -47,6 +47,7 @@ import scheduler  # noqa: E402
 SCHEDULER_LOCK = scheduler.PARALLEL_DIR / "scheduler.lock"
 SCHEDULER_LOG = scheduler.PARALLEL_DIR / "scheduler.log"
 TREES_DIR = scheduler.PARALLEL_DIR / "trees"
+CLUSTER_FILE = scheduler.PARALLEL_DIR / "cluster.json"  # --workers/--address of the last start
 SLOT_RESOURCE = "experiment_slot"
 OBJECT_STORE_BYTES = 100 * 1024 ** 2  # runs pass a log and a small archive: keep Ray's store small
 IDLE_EXIT_SECONDS = 600  # the scheduler leaves when nothing was queued or running this long
@@ -98,6 +99,11 @@ def start_scheduler(workers=None, address=None):
         return False
     import_ray()
     scheduler.PARALLEL_DIR.mkdir(parents=True, exist_ok=True)
+    if workers or address:
+        scheduler.write_json(CLUSTER_FILE, {"workers": workers, "address": address})
+    else:  # a restart (wait found runs but no scheduler): the slots the first submit asked for
+        saved = scheduler.read_json(CLUSTER_FILE) or {}
+        workers, address = saved.get("workers"), saved.get("address")
     command = [sys.executable, str(TOOLS / "cluster.py"), "serve"]
     if workers:
         command += ["--workers", str(workers)]
@@ -305,7 +311,10 @@ def local_slots():
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Run queued experiments on Ray slots (started by experiment.py submit).")
+    parser = argparse.ArgumentParser(
+        description="Run queued experiments on Ray slots (experiment.py submit starts this; no need to call it).",
+        epilog="environment: every AUTORESEARCH_* variable but AUTORESEARCH_CACHE_DIR is passed on to the runs; "
+               "each node reads the dataset from its own AUTORESEARCH_CACHE_DIR (default ~/.cache/autoresearch).")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="run the scheduler of this checkout in the foreground")
     serve_parser.add_argument("--workers", type=int, default=None, help="CPU slices of the local cluster")

@@ -1031,9 +1031,14 @@ def settle(patience=LOCK_PATIENCE_SECONDS):
 def cmd_wait(args):
     import cluster
     import scheduler
+    announced = False
     try:
         while True:
             printed, still_open = settle()
+            if still_open and not announced:
+                announced = True
+                print(f"{'WAITING':<8} for {', '.join(c['id'] for c in still_open)} ({len(scheduler.running())} running, "
+                      f"{len(scheduler.queued())} queued; Ctrl-C stops only this wait)", flush=True)
             if any(not line.startswith(("RESULT", "CONFIRM", "NOTE")) for line in printed):
                 if any(line.startswith("BLOCKED") for line in printed):
                     raise SystemExit(EXIT_REFUSED)
