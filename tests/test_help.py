@@ -16,6 +16,7 @@ COMMANDS = {
                            "AUTORESEARCH_PROFILE", "AUTORESEARCH_BACKEND"),
     "tools/report.py": ("AUTORESEARCH_RUNS_DIR",),
     "tools/plot.py": (),
+    "tools/cluster.py": ("AUTORESEARCH_CACHE_DIR",),
 }
 
 

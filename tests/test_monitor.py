@@ -1,11 +1,13 @@
 """tools/monitor.py: the runner's own measurement of other work on the machine during a run."""
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import monitor  # noqa: E402
 from monitor import Load, LoadMonitor  # noqa: E402
 
 
@@ -39,3 +41,24 @@ def test_disturbance_names_the_share_or_the_gpu_strangers():
     assert Load(0.05, 3.0, 60.0).disturbance(0.1) is None
     assert Load(0.25, 30.0, 60.0).disturbance(0.1) == "disturbed: other processes used 25% of the CPU (limit 10%)"
     assert Load(0.0, 0.0, 60.0, (4242,)).disturbance(0.1) == "disturbed: 1 other process(es) on the GPU (pid 4242)"
+
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+case "$1" in
+  --query-compute-apps=*) printf '101, GPU-aaa\\n202, GPU-bbb\\n303, GPU-bbb\\n' ;;
+  --query-gpu=*) printf '0, GPU-aaa\\n1, GPU-bbb\\n' ;;
+esac
+"""
+
+
+def test_gpu_processes_are_only_those_on_the_visible_gpus_of_a_slot(tmp_path, monkeypatch):
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text(FAKE_NVIDIA_SMI)
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert monitor.gpu_processes() == (101, 202, 303)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert monitor.gpu_processes() == (202, 303)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa")
+    assert monitor.gpu_processes() == (101,)

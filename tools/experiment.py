@@ -4,6 +4,8 @@
     uv run tools/experiment.py run "what this tries"   # one experiment -> rows in results.tsv, one verdict
     uv run tools/experiment.py status                  # kind, best (mean, runs), sigma, counts, last verdict
     uv run tools/experiment.py best                    # the best result of this branch as a results.tsv row
+    uv run tools/experiment.py submit "what this tries" # parallel: queue the edit as a candidate, return at once
+    uv run tools/experiment.py wait                    # parallel: judge finished runs, print the next verdict(s)
 
 `run` refuses (exit 2, nothing changed) when another runner holds the lock, when prepare.py or
 backends/ differ from the branch's base (its merge-base with main or master), when results.tsv
@@ -35,6 +37,12 @@ How the pieces stay consistent:
 - Exit status: 0 when a verdict was recorded (crash included), 2 when refused or not judged, 130
   when interrupted.
 
+Parallel experiments (Ray, `uv sync --group parallel`; docs/distributed.md): `submit` commits the
+edit as a candidate on top of the best under refs/autoresearch/candidates/, restores the script
+and queues it; the scheduler (tools/cluster.py) runs queued runs on slots; `wait`, under the same
+lock, is the one writer that judges them (tools/scheduler.py replays them through tools/verdict.py),
+moves or rebases, and writes their rows. `status` adds the slots and the queue.
+
 Environment variables: AUTORESEARCH_TRAIN_CMD replaces `uv run <script>` (tests point it at a fake
 script); AUTORESEARCH_BACKEND, AUTORESEARCH_PROFILE, AUTORESEARCH_DATASET, AUTORESEARCH_TIME_BUDGET
 and AUTORESEARCH_CACHE_DIR pass through to the training script and decide the result's kind;
@@ -43,6 +51,7 @@ AUTORESEARCH_RUNS_DIR is where the scripts write their JSON (default runs/).
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
@@ -185,18 +194,25 @@ def commit_script(script, message):
 # the runner's own files: lock, state, per-run details
 
 @contextlib.contextmanager
-def exclusive_lock():
-    """Hold .autoresearch/lock for the whole command; a second runner refuses at once."""
+def exclusive_lock(patience=0.0):
+    """Hold .autoresearch/lock for the whole command; a second runner refuses at once (or after
+    `patience` seconds: submit and wait hold it only briefly, so they queue up behind each other)."""
     STATE_DIR.mkdir(exist_ok=True)
     (STATE_DIR / ".gitignore").write_text("*\n")
     fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    give_up = time.monotonic() + patience
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = Path(LOCK_FILE).read_text().strip() or "another process"
-            refuse(f"another experiment is running in this checkout ({holder}); wait for it to finish "
-                   f"(uv run tools/experiment.py status shows it)")
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < give_up:
+                    time.sleep(0.1)
+                    continue
+                holder = Path(LOCK_FILE).read_text().strip() or "another process"
+                refuse(f"another experiment is running in this checkout ({holder}); wait for it to finish "
+                       f"(uv run tools/experiment.py status shows it)")
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}: {shlex.join(sys.argv[1:])}, since {time.strftime('%H:%M:%S')}".encode())
         yield
@@ -777,6 +793,8 @@ def cmd_status(args):
     if holder:
         print(f"running      {holder}")
     print(f"last verdict {state.get('last_verdict', 'none yet')}")
+    for line in queue_status():
+        print(line)
 
 
 def cmd_best(args):
@@ -790,6 +808,303 @@ def cmd_best(args):
         memory = max(r.memory_gb for r in rows if r.commit == best and r.kind == kind and r.is_evidence)
         print(ledger.format_row(best, verdict.mean(values), memory, "keep",
                                 f"{first_description(rows, best, kind, '')} [mean of {len(values)} runs] [{kind}]"))
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel experiments: submit, wait (the one writer), and the queue in status
+
+LOCK_PATIENCE_SECONDS = 30  # submit and wait hold the lock for moments; they wait for each other
+WAIT_POLL_SECONDS = 0.5
+
+
+def git_quiet(*args, env=None):
+    """(exit code, output) of a git command that may fail as part of the plan (a conflict)."""
+    result = subprocess.run(["git", *args], capture_output=True, text=True, start_new_session=True,
+                            env=dict(os.environ, **(env or {})))
+    return result.returncode, (result.stdout + result.stderr).strip()
+
+
+def candidate_commit(script, description, parent):
+    """A commit of the script as it is in the working tree on top of `parent`, made with a private
+    index, so neither HEAD nor the index moves."""
+    index = STATE_DIR / "candidate.index"
+    env = {"GIT_INDEX_FILE": str(index.resolve())}
+    try:
+        for args in (("read-tree", parent), ("add", "--", script)):
+            code, out = git_quiet(*args, env=env)
+            if code:
+                raise SystemExit(f"git {args[0]} failed: {out}")
+        code, tree = git_quiet("write-tree", env=env)
+        if code:
+            raise SystemExit(f"git write-tree failed: {tree}")
+    finally:
+        index.unlink(missing_ok=True)
+    return git("commit-tree", tree, "-p", parent, "-m", description)
+
+
+def cmd_submit(args):
+    import cluster
+    import scheduler
+    cluster.import_ray()
+    description = ledger.clean_description(args.description)
+    if not description:
+        refuse("give the experiment a description: what does this change try?")
+    with exclusive_lock(LOCK_PATIENCE_SECONDS):
+        recover_interrupted()
+        require_clean_harness()
+        script = args.script or training_script()
+        require_script(script)
+        rows = ready_ledger()
+        kind = expected_kind()
+        best = head()
+        if not ledger.values_of(rows, best, str(kind)):
+            refuse(f"the best commit {best[:7]} has no results of kind {kind} yet: measure it first with "
+                   f"uv run tools/experiment.py baseline (it runs the current code {verdict.BEST_RUNS} times)")
+        if not git("status", "--porcelain", "--", script):
+            refuse(f"{script} has no changes since {best[:7]}: edit it, then submit")
+        settings = {"timeout": args.timeout or default_timeout(kind), "max_disturbance": args.max_disturbance,
+                    "threshold": args.threshold}
+        with signals_held():
+            commit = candidate_commit(script, description, best)
+            book = scheduler.load_candidates()
+            candidate = scheduler.new_candidate(book, commit, best, description, script, dataclasses.asdict(kind), settings)
+            git("update-ref", scheduler.CANDIDATE_REF + candidate["id"], commit)
+            scheduler.request_run(candidate, "judge")
+            scheduler.save_candidates(book)
+            git("checkout", best, "--", script)
+    cluster.start_scheduler(args.workers, args.address)
+    print(f"{'SUBMIT':<8} {candidate['id']} {commit[:7]} {description} (on {best[:7]}; {script} is back at the best; "
+          f"verdicts: uv run tools/experiment.py wait)", flush=True)
+
+
+def run_of(record):
+    """A finished run's record as the Run the verdict lines are made of."""
+    outcome = verdict.Outcome(**record["outcome"])
+    return Run(outcome, record.get("fields"), record.get("note"), None, record.get("wall", 0.0))
+
+
+def run_row(candidate, record, status, number, note=None):
+    """One results.tsv row and its details entry (slot and host included) for a finished run."""
+    kind = ledger.Kind(**candidate["kind"])
+    run = run_of(record)
+    if run.outcome.crash is not None:
+        status, note = "crash", crash_note(run.outcome.crash)
+    elif run.outcome.value is None:
+        status, note = "discard", run.note
+    row = ledger.format_row(candidate["commit"], run.val_bpb, run.memory_gb, status,
+                            ledger.describe(candidate["description"], kind, number, note))
+    details = dict(run.details(candidate["commit"], kind, number), status=status, run_id=record["run"],
+                   slot=record.get("slot"), host=record.get("host"), node=record.get("node"))
+    return row, details
+
+
+def result_line(record, commit, number):
+    run = run_of(record)
+    where = f" slot {record.get('slot')} on {record.get('host')}"
+    if run.outcome.value is not None:
+        return f"{'RESULT':<8} {run.val_bpb:.6f}{run_summary(run)} {commit[:7]} [run {number}]{where}"
+    if run.outcome.crash is not None:
+        return f"{'NOTE':<8} crashed: {run.outcome.crash} {commit[:7]} [run {number}]{where}"
+    return f"{'NOTE':<8} {run.val_bpb:.6f} {run.note} {commit[:7]} [run {number}]{where}"
+
+
+def rebase_onto(candidate, onto):
+    """(new commit, None) with the candidate's change on top of `onto`, or (None, why not)."""
+    import scheduler
+    tree = scheduler.PARALLEL_DIR / "rebase" / candidate["id"]
+    git("worktree", "add", "--quiet", "--force", "--detach", str(tree), onto)
+    try:
+        code, out = git_quiet("-C", str(tree), "cherry-pick", "--allow-empty", candidate["commit"])
+        if code:
+            conflicted = git_quiet("-C", str(tree), "diff", "--name-only", "--diff-filter=U")[1].split()
+            git_quiet("-C", str(tree), "cherry-pick", "--abort")
+            return None, f"conflict in {', '.join(conflicted) or out.splitlines()[-1]}"
+        return git_quiet("-C", str(tree), "rev-parse", "HEAD")[1], None
+    finally:
+        git_quiet("worktree", "remove", "--force", str(tree))
+
+
+def advance_to(candidate):
+    """Move the branch to a won candidate; None when done, else the fix (an uncommitted edit)."""
+    script = candidate["script"]
+    if git("status", "--porcelain", "--", script):
+        return (f"the branch cannot move to {candidate['commit'][:7]} while {script} has uncommitted changes: "
+                f"submit them or stash them (git stash), then run wait again")
+    code, out = git_quiet("reset", "--quiet", "--keep", candidate["commit"])
+    return f"git reset --keep {candidate['commit'][:7]} failed: {out}" if code else None
+
+
+def settle_win(candidate, book, result, lines):
+    """A keep: fast-forward when its base is still the best, else rebase and rerun it."""
+    import scheduler
+    kind = ledger.Kind(**candidate["kind"])
+    best_now = head()
+    if best_now != candidate["base"]:
+        rebased, conflict = rebase_onto(candidate, best_now)
+        candidate["phase"] = "done"
+        if conflict:
+            return "discard", f"won against {candidate['base'][:7]} but does not rebase onto the new best {best_now[:7]}: {conflict}"
+        newer = scheduler.new_candidate(book, rebased, best_now, candidate["description"], candidate["script"],
+                                        candidate["kind"], candidate["settings"])
+        git("update-ref", scheduler.CANDIDATE_REF + newer["id"], rebased)
+        scheduler.request_run(newer, "judge")
+        return "discard", f"won against {candidate['base'][:7]}; rebased onto the new best {best_now[:7]} as {newer['id']} {rebased[:7]}, rerun"
+    blocked = advance_to(candidate)
+    candidate["best_values"] = list(result.values)
+    candidate["phase"] = "advance" if blocked else "confirming"
+    if blocked:
+        lines.append(f"{'BLOCKED':<8} {blocked}")
+    else:
+        for _ in range(scheduler.confirm_runs_to_queue(result.values, [], 0)):
+            scheduler.request_run(candidate, "confirm")
+    return "keep", None
+
+
+def judge_record(candidate, record, book):
+    """Book one finished run of a candidate: its rows, its verdict when due, the next runs.
+    Returns the lines to print; the rows are written here."""
+    import scheduler
+    kind = ledger.Kind(**candidate["kind"])
+    commit, label = candidate["commit"], f"{candidate['commit'][:7]} {candidate['description']}"
+    if record.get("refused"):
+        candidate["phase"] = "done"
+        return [f"{'REFUSED':<8} {candidate['id']} {label}: {record['refused']}; nothing recorded, the edit is kept "
+                f"at {scheduler.CANDIDATE_REF}{candidate['id']} (git cherry-pick --no-commit {commit[:7]} brings it back)"]
+    if record["purpose"] == "confirm":
+        number = ledger.next_run_number(ledger.read(), commit, str(kind))
+        row, details = run_row(candidate, record, "keep", number)
+        ledger.append([row])
+        record_details([details])
+        candidate["confirm"].append(dict(record, judged_at=time.time()))
+        lines = [result_line(record, commit, number).replace("RESULT  ", "CONFIRM ", 1)]
+        outcomes = [scheduler.outcome_of(r) for r in candidate["confirm"]]
+        done, values = scheduler.confirm_step(candidate["best_values"], outcomes)
+        if done:
+            candidate["phase"] = "done"
+            lines.append(f"{'BEST':<8} {verdict.mean(values):.6f} mean of {len(values)} runs {label}")
+        else:
+            for _ in range(scheduler.confirm_runs_to_queue(candidate["best_values"], outcomes,
+                                                           scheduler.in_flight(candidate))):
+                scheduler.request_run(candidate, "confirm")
+        return lines
+    candidate["runs"].append(dict(record, judged_at=time.time()))
+    lines = [result_line(record, commit, len(candidate["runs"]))]
+    rows = ledger.read()
+    best = ledger.values_of(rows, candidate["base"], str(kind))
+    groups = ledger.repeat_groups(rows, str(kind), exclude={candidate["base"][:7], commit[:7]})
+    outcomes = [scheduler.outcome_of(r) for r in candidate["runs"]]
+    result = scheduler.judge_step(outcomes, best, groups, candidate["settings"].get("threshold"))
+    if result is None:
+        scheduler.request_run(candidate, "judge")
+        return lines
+    status, note = (result.status if result.status != "void" else "discard"), None
+    if result.status == "keep":
+        status, note = settle_win(candidate, book, result, lines)
+    else:
+        candidate["phase"] = "done"
+    made = [run_row(candidate, r, status, number, note) for number, r in enumerate(candidate["runs"], start=1)]
+    ledger.append([row for row, _ in made])
+    record_details([details for _, details in made])
+    runs = [run_of(r) for r in candidate["runs"]]
+    if result.status == "void":
+        line = f"{'VOID':<8} not judged: {result.reason} {label}"
+    elif status == "keep":
+        extra = f"best now {verdict.mean(result.values):.6f} mean of {len(result.values)}, confirming"
+        line = verdict_line(result, commit, candidate["description"], kind, candidate["base"], best, runs, extra)
+    elif note:
+        line = verdict_line(result, commit, candidate["description"], kind, candidate["base"], best, runs, note)
+        line = line.replace("KEEP    ", "REBASED " if "rebased" in note else "DISCARD ", 1)
+    else:
+        line = verdict_line(result, commit, candidate["description"], kind, candidate["base"], best, runs)
+    remember(line)
+    lines.insert(len(lines) - (1 if lines[-1].startswith("BLOCKED") else 0), line)
+    return lines
+
+
+def settle(patience=LOCK_PATIENCE_SECONDS):
+    """Judge every finished run under the lock; returns (lines printed, candidates still open)."""
+    import scheduler
+    printed = []
+    with exclusive_lock(patience):
+        recover_interrupted()
+        ready_ledger()
+        book = scheduler.load_candidates()
+        for candidate in [c for c in book["candidates"].values() if c["phase"] == "advance"]:
+            with signals_held():
+                if head() != candidate["base"]:
+                    candidate["phase"] = "done"
+                    printed.append(f"{'NOTE':<8} {candidate['id']} {candidate['commit'][:7]} was kept against "
+                                   f"{candidate['base'][:7]}, but the branch moved on meanwhile: resubmit its change "
+                                   f"(git cherry-pick --no-commit {candidate['commit'][:7]}) to test it on the new best")
+                else:
+                    blocked = advance_to(candidate)
+                    if blocked:
+                        printed.append(f"{'BLOCKED':<8} {blocked}")
+                    else:
+                        candidate["phase"] = "confirming"
+                        printed.append(f"{'ADVANCE':<8} the branch is at {candidate['commit'][:7]} {candidate['description']}")
+                        for _ in range(scheduler.confirm_runs_to_queue(candidate["best_values"], [], 0)):
+                            scheduler.request_run(candidate, "confirm")
+                scheduler.save_candidates(book)
+        for record in scheduler.finished():
+            candidate = book["candidates"].get(record.get("candidate"))
+            with signals_held():
+                if candidate is not None and candidate["phase"] != "done":
+                    printed += judge_record(candidate, record, book)
+                    scheduler.save_candidates(book)
+                scheduler.mark_judged(record)
+        still_open = scheduler.open_candidates(book)
+    for line in printed:
+        print(line, flush=True)
+    return printed, still_open
+
+
+def cmd_wait(args):
+    import cluster
+    import scheduler
+    announced = False
+    try:
+        while True:
+            printed, still_open = settle()
+            if still_open and not announced:
+                announced = True
+                print(f"{'WAITING':<8} for {', '.join(c['id'] for c in still_open)} ({len(scheduler.running())} running, "
+                      f"{len(scheduler.queued())} queued; Ctrl-C stops only this wait)", flush=True)
+            if any(not line.startswith(("RESULT", "CONFIRM", "NOTE")) for line in printed):
+                if any(line.startswith("BLOCKED") for line in printed):
+                    raise SystemExit(EXIT_REFUSED)
+                return
+            if not still_open:
+                if not printed:
+                    print("nothing to wait for: no submitted candidate is open (submit one first)")
+                return
+            if not cluster.scheduler_running() and (scheduler.queued() or scheduler.running()):
+                cluster.start_scheduler(args.workers, args.address)
+            time.sleep(WAIT_POLL_SECONDS)
+    except Interrupted:
+        print("interrupted: nothing is lost; the scheduler keeps running the queued candidates, "
+              "run wait again to collect their verdicts", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED)
+
+
+def queue_status():
+    """Lines for status: the scheduler, running runs per slot, queued runs."""
+    import cluster
+    import scheduler
+    if not scheduler.PARALLEL_DIR.exists():
+        return []
+    book = scheduler.load_candidates()["candidates"]
+    label = lambda r: f"{r['candidate']} {r['commit'][:7]} {book.get(r['candidate'], {}).get('description', '')} ({r['purpose']})"  # noqa: E731
+    lines = [f"scheduler    {'running' if cluster.scheduler_running() else 'not running'}"]
+    for record in sorted(scheduler.running(), key=lambda r: r["slot"]):
+        since = time.strftime("%H:%M:%S", time.localtime(record["claimed_at"]))
+        lines.append(f"slot {record['slot']:<7} {label(record)} since {since}")
+    for record in scheduler.queued():
+        lines.append(f"queued       {label(record)}")
+    unjudged = [r["run"] for r in scheduler.finished()]
+    if unjudged:
+        lines.append(f"finished     {', '.join(unjudged)} not judged yet: uv run tools/experiment.py wait")
+    return lines
 
 
 def positive_seconds(text):
@@ -846,7 +1161,23 @@ def main():
                      help=f"how much more or less of the CPU a winner's runs may have had than the best's "
                           f"(other processes' load) before the win is not judged, as a fraction "
                           f"(default {monitor.DISTURBED_SHARE:g}: 10%%)")
-    commands.add_parser("status", help="kind, best (mean of its runs), sigma, counts, last verdict")
+    submit = commands.add_parser("submit", help="queue the training-script change as a candidate for the "
+                                                "parallel scheduler and return at once")
+    submit.add_argument("description", help="what this experiment tries (the commit message and results.tsv text)")
+    submit.add_argument("--threshold", type=finite_number, default=None,
+                        help="keep when the mean beats the best's mean by more than this (replaces the rule)")
+    submit.add_argument("--timeout", type=positive_seconds, default=None,
+                        help="seconds before a run is killed (default: time budget x 2 + 120)")
+    submit.add_argument("--script", default=None, help="training script to submit (default: by the detected backend)")
+    submit.add_argument("--max-disturbance", type=share, default=monitor.DISTURBED_SHARE,
+                        help=f"share of the CPU other work may use, besides the other slots (default {monitor.DISTURBED_SHARE:g})")
+    wait = commands.add_parser("wait", help="judge finished parallel runs; block until the next verdict(s)")
+    for sub in (submit, wait):
+        sub.add_argument("--workers", type=at_least_one, default=None,
+                         help="CPU slots of the embedded local Ray cluster (default: one per GPU, else one)")
+        sub.add_argument("--address", default=None,
+                         help="join a Ray cluster instead: auto (ray start --head on this machine) or HOST:PORT")
+    commands.add_parser("status", help="kind, best (mean of its runs), sigma, counts, last verdict, queue")
     commands.add_parser("best", help="print the best result as a results.tsv row (its mean)")
     args = parser.parse_args()
 
@@ -856,7 +1187,8 @@ def main():
     for sig in HANDLED_SIGNALS:
         signal.signal(sig, _raise_interrupted)
     try:
-        {"run": cmd_run, "baseline": cmd_baseline, "status": cmd_status, "best": cmd_best}[args.command](args)
+        {"run": cmd_run, "baseline": cmd_baseline, "status": cmd_status, "best": cmd_best,
+         "submit": cmd_submit, "wait": cmd_wait}[args.command](args)
     except Interrupted:
         print("interrupted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED)

@@ -54,16 +54,30 @@ def own_seconds(usage):
 
 
 def gpu_processes():
-    """PIDs nvidia-smi lists as compute processes, or () when there is no nvidia-smi."""
+    """PIDs nvidia-smi lists as compute processes, or () when there is no nvidia-smi. With
+    CUDA_VISIBLE_DEVICES set (a parallel slot: one GPU each), only those on the visible GPUs."""
     tool = shutil.which("nvidia-smi")
     if tool is None:
         return ()
     try:
-        out = subprocess.run([tool, "--query-compute-apps=pid", "--format=csv,noheader"],
+        out = subprocess.run([tool, "--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10).stdout
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+        mine = None
+        if visible:
+            gpus = subprocess.run([tool, "--query-gpu=index,uuid", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=10).stdout
+            wanted = {v.strip() for v in visible.split(",")}
+            mine = {uuid.strip() for index, _, uuid in (line.partition(",") for line in gpus.splitlines())
+                    if index.strip() in wanted or uuid.strip() in wanted}
     except (OSError, subprocess.TimeoutExpired):
         return ()
-    return tuple(int(word) for word in out.split() if word.strip().isdigit())
+    found = []
+    for line in out.splitlines():
+        pid, _, uuid = line.partition(",")
+        if pid.strip().isdigit() and (mine is None or uuid.strip() in mine):
+            found.append(int(pid))
+    return tuple(found)
 
 
 def process_tree(pid):
