@@ -89,7 +89,11 @@ def test_a_failing_or_late_step_is_recorded_and_the_report_shows_every_figure(tm
 
 
 def test_a_step_past_its_timeout_is_ended_and_recorded(tmp_path, monkeypatch):
-    # The dry-run mlx_windows step takes seconds: a 1 s timeout ends it (and what it started).
+    # A step that would run for a minute (a stand-in for the step's subprocess): the 1 s timeout
+    # ends it (and what it started), whatever the speed of the machine.
+    hanging = tmp_path / "hanging_step.py"
+    hanging.write_text("import time\ntime.sleep(60)\n")
+    monkeypatch.setattr(gpu_check, "__file__", str(hanging))
     monkeypatch.setattr(gpu_check, "PARTS", {"mlx": [("mlx_windows", gpu_check.step_mlx_windows, 1)]})
     args = SimpleNamespace(part_of={"mlx_windows": "mlx"}, dry_run=True, seconds=60,
                            ends_at=gpu_check.time.perf_counter() + 120)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_experiment import STAND_IN_BACKENDS, STAND_IN_PREPARE, STAND_IN_TIERS, git
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
@@ -60,32 +61,6 @@ fields = {
 print(format_summary(fields))
 write_run_json(fields)
 '''
-
-STAND_IN_PREPARE = '''"""Stand-in for the locked harness: the time budget, the kind of run, the dataset."""
-import os
-TIME_BUDGET = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))
-def is_standard_run():
-    return "AUTORESEARCH_TIME_BUDGET" not in os.environ
-def active_dataset():
-    return os.environ.get("AUTORESEARCH_DATASET", "pystdlib")
-'''
-
-STAND_IN_BACKENDS = '''"""Stand-in for the locked backends package: one CPU tier."""
-def get_hardware_info():
-    return {"kind": "cpu"}
-def suggest_hyperparameters(info, backend=None):
-    return {"tier": "cpu"}
-'''
-
-STAND_IN_TIERS = '''import os
-def current_profile():
-    return os.environ.get("AUTORESEARCH_PROFILE", "standard")
-'''
-
-
-def git(repo, *args):
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
-
 
 @pytest.fixture
 def ray_tmp():

@@ -587,23 +587,30 @@ def first_description(rows, commit, kind, default):
     return default
 
 
+def experiment_setup(args):
+    """The checks an experiment makes under the lock before it commits anything: (script, rows,
+    kind, best commit, the best's values of that kind). Refuses when the best has no such values."""
+    recover_interrupted()
+    require_clean_harness()
+    script = args.script or training_script()
+    require_script(script)
+    rows = ready_ledger()
+    kind = expected_kind()
+    best = head()
+    values = ledger.values_of(rows, best, str(kind))
+    if not values:
+        refuse(f"the best commit {best[:7]} has no results of kind {kind} yet: measure it first with "
+               f"uv run tools/experiment.py baseline (it runs the current code {verdict.BEST_RUNS} times)")
+    return script, rows, kind, best, values
+
+
 def cmd_run(args):
     description = ledger.clean_description(args.description)
     if not description:
         refuse("give the experiment a description: what does this change try?")
     with exclusive_lock():
-        recover_interrupted()
-        require_clean_harness()
-        script = args.script or training_script()
-        require_script(script)
-        rows = ready_ledger()
-        kind = expected_kind()
+        script, rows, kind, kept, best = experiment_setup(args)
         timeout = args.timeout or default_timeout(kind)
-        kept = head()
-        best = ledger.values_of(rows, kept, str(kind))
-        if not best:
-            refuse(f"the best commit {kept[:7]} has no results of kind {kind} yet: measure it first with "
-                   f"uv run tools/experiment.py baseline (it runs the current code {verdict.BEST_RUNS} times)")
         if not git("status", "--porcelain", "--", script):
             print(f"note: {script} has no changes since {kept[:7]}; rerunning the best to refine its mean")
             baseline_runs(args, script, kind, timeout, kept, rows, repeat=1)
@@ -850,16 +857,7 @@ def cmd_submit(args):
     if not description:
         refuse("give the experiment a description: what does this change try?")
     with exclusive_lock(LOCK_PATIENCE_SECONDS):
-        recover_interrupted()
-        require_clean_harness()
-        script = args.script or training_script()
-        require_script(script)
-        rows = ready_ledger()
-        kind = expected_kind()
-        best = head()
-        if not ledger.values_of(rows, best, str(kind)):
-            refuse(f"the best commit {best[:7]} has no results of kind {kind} yet: measure it first with "
-                   f"uv run tools/experiment.py baseline (it runs the current code {verdict.BEST_RUNS} times)")
+        script, rows, kind, best, _ = experiment_setup(args)
         if not git("status", "--porcelain", "--", script):
             refuse(f"{script} has no changes since {best[:7]}: edit it, then submit")
         settings = {"timeout": args.timeout or default_timeout(kind), "max_disturbance": args.max_disturbance,
