@@ -81,16 +81,7 @@ def harness_of(tree):
 
 def scheduler_running():
     """True when a scheduler holds this checkout's scheduler lock."""
-    if not SCHEDULER_LOCK.exists():
-        return False
-    fd = os.open(SCHEDULER_LOCK, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return scheduler.lock_is_held(SCHEDULER_LOCK)
 
 
 def start_scheduler(workers=None, address=None):

@@ -69,6 +69,7 @@ sys.path.insert(0, str(TOOLS))
 import budget  # noqa: E402
 import ledger  # noqa: E402
 import monitor  # noqa: E402
+import scheduler  # noqa: E402
 import verdict  # noqa: E402
 from backends.report import LOCKED_PATHS, parse_summary, read_run_json, runs_dir  # noqa: E402
 
@@ -222,16 +223,7 @@ def exclusive_lock(patience=0.0):
 
 def lock_holder():
     """What holds the lock now, or None."""
-    if not LOCK_FILE.exists():
-        return None
-    fd = os.open(LOCK_FILE, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        return LOCK_FILE.read_text().strip() or "another process"
-    finally:
-        os.close(fd)
+    return (LOCK_FILE.read_text().strip() or "another process") if scheduler.lock_is_held(LOCK_FILE) else None
 
 
 def load_state():
@@ -851,7 +843,6 @@ def candidate_commit(script, description, parent):
 
 def cmd_submit(args):
     import cluster
-    import scheduler
     cluster.import_ray()
     description = ledger.clean_description(args.description)
     if not description:
@@ -908,7 +899,6 @@ def result_line(record, commit, number):
 
 def rebase_onto(candidate, onto):
     """(new commit, None) with the candidate's change on top of `onto`, or (None, why not)."""
-    import scheduler
     tree = scheduler.PARALLEL_DIR / "rebase" / candidate["id"]
     git("worktree", "add", "--quiet", "--force", "--detach", str(tree), onto)
     try:
@@ -934,7 +924,6 @@ def advance_to(candidate):
 
 def settle_win(candidate, book, result, lines):
     """A keep: fast-forward when its base is still the best, else rebase and rerun it."""
-    import scheduler
     kind = ledger.Kind(**candidate["kind"])
     best_now = head()
     if best_now != candidate["base"]:
@@ -961,7 +950,6 @@ def settle_win(candidate, book, result, lines):
 def judge_record(candidate, record, book):
     """Book one finished run of a candidate: its rows, its verdict when due, the next runs.
     Returns the lines to print; the rows are written here."""
-    import scheduler
     kind = ledger.Kind(**candidate["kind"])
     commit, label = candidate["commit"], f"{candidate['commit'][:7]} {candidate['description']}"
     if record.get("refused"):
@@ -1021,7 +1009,6 @@ def judge_record(candidate, record, book):
 
 def settle(patience=LOCK_PATIENCE_SECONDS):
     """Judge every finished run under the lock; returns (lines printed, candidates still open)."""
-    import scheduler
     printed = []
     with exclusive_lock(patience):
         recover_interrupted()
@@ -1059,7 +1046,6 @@ def settle(patience=LOCK_PATIENCE_SECONDS):
 
 def cmd_wait(args):
     import cluster
-    import scheduler
     announced = False
     try:
         while True:
@@ -1088,7 +1074,6 @@ def cmd_wait(args):
 def queue_status():
     """Lines for status: the scheduler, running runs per slot, queued runs."""
     import cluster
-    import scheduler
     if not scheduler.PARALLEL_DIR.exists():
         return []
     book = scheduler.load_candidates()["candidates"]

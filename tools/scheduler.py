@@ -16,12 +16,28 @@ When the loop asks for a run that has not happened yet, the answer is "run it" (
 parallel verdicts follow the serial rule exactly, one run at a time.
 """
 
+import fcntl
 import json
 import os
 import time
 from pathlib import Path
 
 import verdict
+
+
+def lock_is_held(path):
+    """True when some process holds an exclusive flock on this file (the runner's or the
+    scheduler's lock); False when the file is missing or free."""
+    if not Path(path).exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 PARALLEL_DIR = Path(".autoresearch") / "parallel"
 QUEUE_DIR = PARALLEL_DIR / "queue"
