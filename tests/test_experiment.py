@@ -403,6 +403,22 @@ def test_results_of_another_kind_are_never_compared(repo, env):
     assert all(r[3] != "keep" for r in rows(repo)[6:])
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a machine with two CPU threads or more")
+def test_runs_on_part_of_the_cores_are_a_kind_of_their_own_never_compared_with_the_whole_machine(repo, env):
+    """A run on one thread of a multi-core CPU trains fewer tokens in the budget: a best measured
+    that way must never be the bar for a run with all the cores (a free win), nor the other way."""
+    env["OMP_NUM_THREADS"] = "1"
+    baseline(repo, env)
+    assert all(r[4].endswith("/pystdlib/cpu/cpu-1t/x1]") for r in rows(repo))
+    env.pop("OMP_NUM_THREADS")
+    edit(repo, "idea")
+    plan(env, 1.0)
+    done = runner(repo, env, "run", "idea")
+    assert done.returncode == 2
+    assert "no results of kind standard 300s/standard/pystdlib/cpu/cpu/x1" in done.stderr
+    assert len(rows(repo)) == 6
+
+
 # ---------------------------------------------------------------------------------------------
 # nothing breaks it
 

@@ -143,9 +143,13 @@ def runner(repo, env, command, *args, timeout=300):
                           cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def baseline(repo, env):
-    done = runner(repo, env, "baseline")
-    assert done.returncode == 0, done.stderr
+def baseline(repo, env, *options):
+    """The best's six runs: on the whole machine, or with slot options on the scheduler's slots
+    (then wait records them), so that they are the kind the candidates will be."""
+    done = runner(repo, env, "baseline", *options)
+    assert done.returncode == 0, done.stdout + done.stderr
+    if options:
+        assert "BASELINE" in wait_all(repo, env)
     return git(repo, "rev-parse", "HEAD")
 
 
@@ -196,8 +200,10 @@ def run_records(repo):
 
 
 def test_two_candidates_run_at_once_on_two_slots_and_are_judged_against_their_base(repo, env):
-    plan(env, base=BASELINE, a=[dict(val_bpb=v, seconds=3) for v in WIN], b=[{"val_bpb": 1.45, "seconds": 3}])
-    best = baseline(repo, env)
+    # The first runs last long enough to overlap however long a submit takes to return.
+    plan(env, base=BASELINE, a=[dict(val_bpb=v, seconds=10 if i == 0 else 0) for i, v in enumerate(WIN)],
+         b=[{"val_bpb": 1.45, "seconds": 10}])
+    best = baseline(repo, env, "--workers", "2")
     first = submit(repo, env, "a", "--workers", "2")
     second = submit(repo, env, "b", "--workers", "2")
     status = runner(repo, env, "status")
@@ -227,14 +233,14 @@ def test_two_candidates_run_at_once_on_two_slots_and_are_judged_against_their_ba
 
 def test_a_win_on_a_stale_base_is_rebased_onto_the_new_best_and_rerun(repo, env):
     plan(env, base=BASELINE, a=WIN, b=WIN, **{"a+b": [1.100, 1.101, 1.099, 1.100, 1.102, 1.098]})
-    baseline(repo, env)
+    baseline(repo, env, "--workers", "2")
     first = submit(repo, env, "a", "--workers", "2", at_top=True)
     second = submit(repo, env, "b", "--workers", "2")
     printed = wait_all(repo, env)
 
     book = candidates(repo)
     assert "REBASED" in printed, printed
-    combined = [c for c in book.values() if c["id"] not in (first, second)]
+    combined = [c for c in book.values() if c["id"] not in (first, second) and c["commit"] != c["base"]]
     assert len(combined) == 1
     winner = next(c for c in (book[first], book[second]) if c["commit"] == combined[0]["base"])
     assert git(repo, "rev-parse", "HEAD") == combined[0]["commit"]
@@ -250,13 +256,14 @@ def test_a_win_on_a_stale_base_is_rebased_onto_the_new_best_and_rerun(repo, env)
 
 def test_a_win_that_does_not_rebase_is_a_discard_naming_the_conflict(repo, env):
     plan(env, base=BASELINE, a=WIN, b=WIN)
-    baseline(repo, env)
+    baseline(repo, env, "--workers", "2")
     first = submit(repo, env, "a", "--workers", "2")
     second = submit(repo, env, "b", "--workers", "2")
     printed = wait_all(repo, env)
 
     book = candidates(repo)
-    assert len(book) == 2, "a conflicting rebase makes no new candidate"
+    assert [c["id"] for c in book.values() if c["commit"] != c["base"]] == [first, second], \
+        "a conflicting rebase makes no new candidate"
     kept = [c for c in book.values() if git(repo, "rev-parse", "HEAD") == c["commit"]]
     assert len(kept) == 1
     lost = book[second] if kept[0] is book[first] else book[first]
@@ -269,7 +276,7 @@ def test_a_win_that_does_not_rebase_is_a_discard_naming_the_conflict(repo, env):
 def test_a_killed_worker_is_rerun_once_then_recorded_as_a_crash(repo, env):
     kill = {"mode": "kill-worker"}
     plan(env, base=BASELINE, a=[kill, 1.45], b=[kill, kill])
-    baseline(repo, env)
+    baseline(repo, env, "--workers", "2")
     first = submit(repo, env, "a", "--workers", "2")
     second = submit(repo, env, "b", "--workers", "2")
     printed = wait_all(repo, env)
@@ -281,6 +288,33 @@ def test_a_killed_worker_is_rerun_once_then_recorded_as_a_crash(repo, env):
     assert [r[3] for r in b_rows] == ["crash"]
     assert "worker lost mid-run" in b_rows[0][4] and "twice" in b_rows[0][4]
     assert "CRASH" in printed
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a machine with two CPU threads or more")
+def test_slots_with_part_of_the_cores_need_their_own_baseline_and_refuse_another_kind(repo, env):
+    plan(env, base=BASELINE)
+    baseline(repo, env)
+    edit(repo, "a")
+    refused = runner(repo, env, "submit", "a", "--workers", "2")
+    assert refused.returncode == 2
+    assert "no results of kind" in refused.stderr and "-1t/x1" in refused.stderr
+    assert "baseline --workers 2" in refused.stderr
+    git(repo, "checkout", "--", "train.py")
+    # A node whose slot is another kind than the run was queued as refuses it before training.
+    assert rows(repo)[0][4].endswith("[standard 300s/standard/pystdlib/cpu/cpu/x1]")
+    whole_machine = {"time_budget": 300.0, "profile": "standard", "dataset": "pystdlib", "backend": "cpu",
+                     "tier": "cpu", "world_size": 1, "standard": True}
+    request = {"kind": whole_machine, "threads": 1, "script": "train.py", "timeout": 60, "max_disturbance": 1}
+    origin = {"tools": str(KIT / "tools"), "env": {}}
+    on_slot = subprocess.run(
+        [sys.executable, "-c", "import sys, json; sys.path.insert(0, sys.argv[1]); import cluster; "
+         "print(json.dumps(cluster.train_in(sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]))))",
+         str(KIT / "tools"), str(repo), json.dumps(request), json.dumps(origin)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert on_slot.returncode == 0, on_slot.stderr
+    refusal = json.loads(on_slot.stdout.strip().splitlines()[-1])["refused"]
+    assert "this slot (1 threads on" in refusal and "cpu-1t/x1" in refusal and "queued as kind" in refusal
+    assert len(rows(repo)) == 6, "nothing was recorded"
 
 
 def free_port():
@@ -303,7 +337,7 @@ def test_a_candidate_runs_on_the_second_node_of_a_two_node_cluster(repo, env, ra
                           env=env, capture_output=True, text=True, timeout=180)
     assert head.returncode == 0, head.stderr
     second = subprocess.run([ray_cli, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
-                             "--num-cpus", "1", "--resources", '{"experiment_slot": 1, "second_node": 1}',
+                             "--num-cpus", str(len(os.sched_getaffinity(0))), "--resources", '{"experiment_slot": 1, "second_node": 1}',
                              "--object-store-memory", str(100 * 1024 ** 2), "--disable-usage-stats"],
                             env=env, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr
@@ -320,12 +354,12 @@ def test_a_candidate_runs_on_the_second_node_of_a_two_node_cluster(repo, env, ra
 
 
 def test_a_win_survives_ctrl_c_of_wait_and_waits_for_an_uncommitted_edit(repo, env):
-    plan(env, base=BASELINE, a=WIN)
-    best = baseline(repo, env)
+    plan(env, base=BASELINE, a=[dict(val_bpb=v, seconds=10 if i == 0 else 0) for i, v in enumerate(WIN)])
+    best = baseline(repo, env, "--workers", "2")
     first = submit(repo, env, "a", "--workers", "2")
     interrupted = subprocess.Popen([sys.executable, str(RUNNER), "wait"], cwd=repo, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert interrupted.stdout.readline().startswith("WAITING  for c1")  # a keep needs two runs: not yet
+    assert interrupted.stdout.readline().startswith(f"WAITING  for {first}")  # a keep needs two runs: not yet
     interrupted.send_signal(signal.SIGINT)
     _, stderr = interrupted.communicate(timeout=60)
     assert interrupted.returncode == 130

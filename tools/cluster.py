@@ -156,6 +156,14 @@ def train_in(tree, request, origin):
     import experiment
     import ledger
     kind = ledger.Kind(**request["kind"])
+    sys.path.insert(0, str(tree))  # the run's prepare.py and backends/, for the kind of this slot
+    try:
+        here = experiment.expected_kind(threads)
+    except SystemExit:  # expected_kind refused: its one line is in the scheduler's log
+        return {"refused": f"set-up error on {socket.gethostname()} (see {SCHEDULER_LOG})"}
+    if here != kind:
+        return {"refused": f"this slot ({threads} threads on {socket.gethostname()}) trains as kind {here}, "
+                           f"the run was queued as kind {kind}: every slot of one scheduler must be that kind"}
     # The other slots' runs are expected work on this machine, not a disturbance of this one.
     limit = min(1.0, request["max_disturbance"] + request.get("other_slots_share", 0.0))
     started = time.time()
@@ -178,7 +186,7 @@ def slot_threads(ray):
     for entry in ray.nodes():
         if entry["NodeID"] == node:
             slots = entry["Resources"].get(SLOT_RESOURCE) or entry["Resources"].get("GPU") or 1
-            return max(1, int(entry["Resources"].get("CPU", os.cpu_count() or 1) // slots))
+            return max(1, int(entry["Resources"].get("CPU", scheduler.machine_threads()) // slots))
     return 1
 
 
@@ -221,7 +229,7 @@ def serve(args):
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     else:
         workers = args.workers or local_slots()
-        ray.init(num_cpus=os.cpu_count(), resources={SLOT_RESOURCE: workers}, object_store_memory=OBJECT_STORE_BYTES,
+        ray.init(num_cpus=scheduler.machine_threads(), resources={SLOT_RESOURCE: workers}, object_store_memory=OBJECT_STORE_BYTES,
                  include_dashboard=False, log_to_driver=False)
     remote = ray.remote(max_retries=0)(run_on_node)
     root = str(Path.cwd())

@@ -6,6 +6,7 @@
     uv run tools/experiment.py best                    # the best result of this branch as a results.tsv row
     uv run tools/experiment.py submit "what this tries" # parallel: queue the edit as a candidate, return at once
     uv run tools/experiment.py wait                    # parallel: judge finished runs, print the next verdict(s)
+    uv run tools/experiment.py baseline --workers 2    # parallel: the best's runs on the slots (their own kind)
 
 `run` refuses (exit 2, nothing changed) when another runner holds the lock, when prepare.py or
 backends/ differ from the branch's base (its merge-base with main or master), when results.tsv
@@ -278,14 +279,29 @@ def planned_backend():
     return detect_backend()
 
 
-def expected_kind():
-    """The Kind a run started now will have, from the harness and the machine (not the script)."""
+def allotted_threads():
+    """CPU threads a run started now gets: OMP_NUM_THREADS when set (a parallel slot sets it), else all."""
+    text = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else scheduler.machine_threads()
+
+
+def expected_kind(threads=None):
+    """The Kind a run started now (on `threads` CPU threads; default allotted_threads()) will have,
+    from the harness and the machine, not the script. A run that trains on the CPU with fewer
+    threads than the machine has (a slot of `submit --workers N`) is a kind of its own, tier
+    suffix -Nt: its runs train fewer tokens in the budget, so they are never compared with runs
+    that had the whole machine."""
     try:
         import prepare
         from backends import get_hardware_info, suggest_hyperparameters
         from backends.tiers import current_profile
         backend = planned_backend()
-        tier = suggest_hyperparameters(get_hardware_info(), backend)["tier"]
+        info = get_hardware_info()
+        tier = suggest_hyperparameters(info, backend)["tier"]
+        threads = threads or allotted_threads()
+        on_cpu = backend == "cpu" or (backend == "mlx" and info.get("kind") != "apple")
+        if on_cpu and threads < scheduler.machine_threads():
+            tier = f"{tier}-{threads}t"
         return ledger.Kind(float(prepare.TIME_BUDGET), current_profile(), prepare.active_dataset(), backend,
                            tier, 1, bool(prepare.is_standard_run()))
     except SystemExit:
@@ -579,7 +595,7 @@ def first_description(rows, commit, kind, default):
     return default
 
 
-def experiment_setup(args):
+def experiment_setup(args, threads=None, baseline_command="baseline"):
     """The checks an experiment makes under the lock before it commits anything: (script, rows,
     kind, best commit, the best's values of that kind). Refuses when the best has no such values."""
     recover_interrupted()
@@ -587,13 +603,30 @@ def experiment_setup(args):
     script = args.script or training_script()
     require_script(script)
     rows = ready_ledger()
-    kind = expected_kind()
+    kind = expected_kind(threads)
     best = head()
     values = ledger.values_of(rows, best, str(kind))
     if not values:
         refuse(f"the best commit {best[:7]} has no results of kind {kind} yet: measure it first with "
-               f"uv run tools/experiment.py baseline (it runs the current code {verdict.BEST_RUNS} times)")
+               f"uv run tools/experiment.py {baseline_command} (it runs the current code {verdict.BEST_RUNS} times)")
     return script, rows, kind, best, values
+
+
+def slot_threads(args):
+    """CPU threads of each slot `submit`/`baseline` will run on: the machine's cores over the
+    embedded cluster's slots (--workers, or those of the scheduler already running); None on a
+    cluster joined by --address, whose nodes check their own kind before training."""
+    import cluster
+    saved = (scheduler.read_json(cluster.CLUSTER_FILE) or {}) if cluster.scheduler_running() else {}
+    workers, address = (saved.get("workers"), saved.get("address")) if saved else (args.workers, args.address)
+    if address:
+        return None
+    return max(1, scheduler.machine_threads() // (workers or 1))
+
+
+def slot_options(args):
+    """The --workers/--address options a refusal should repeat."""
+    return "".join(f" --{name} {value}" for name, value in (("workers", args.workers), ("address", args.address)) if value)
 
 
 def cmd_run(args):
@@ -763,8 +796,38 @@ def cmd_baseline(args):
             refuse(f"{script} has uncommitted changes and the baseline runs the committed script; "
                    f"commit them or drop them (git checkout -- {script})")
         rows = ready_ledger()
+        if args.workers or args.address:
+            queue_baseline(args, script, rows)
+            return
         kind = expected_kind()
         baseline_runs(args, script, kind, args.timeout or default_timeout(kind), head(), rows, args.repeat)
+
+
+def queue_baseline(args, script, rows):
+    """baseline --workers N / --address: the best's runs go to the scheduler's slots, all at once,
+    so that the best is measured as the kind its candidates will be; wait records them."""
+    import cluster
+    cluster.import_ray()
+    kind = expected_kind(slot_threads(args))
+    best = head()
+    values = ledger.values_of(rows, best, str(kind))
+    target = len(values) + args.repeat if args.repeat else verdict.BEST_RUNS
+    if len(values) >= target:
+        print(f"note: {best[:7]} already has {len(values)} runs of kind {kind}; add more with --repeat N")
+        return
+    settings = {"timeout": args.timeout or default_timeout(kind), "max_disturbance": args.max_disturbance,
+                "threshold": None}
+    with signals_held():
+        book = scheduler.load_candidates()
+        candidate = scheduler.new_candidate(book, best, best, first_description(rows, best, kind, "baseline"),
+                                            script, dataclasses.asdict(kind), settings)
+        candidate.update(phase="confirming", best_values=list(values), target=target)
+        for _ in range(target - len(values)):
+            scheduler.request_run(candidate, "confirm")
+        scheduler.save_candidates(book)
+    cluster.start_scheduler(args.workers, args.address)
+    print(f"{'BASELINE':<8} {candidate['id']} queued {target - len(values)} runs of {best[:7]} as kind {kind} "
+          f"(results: uv run tools/experiment.py wait)", flush=True)
 
 
 def cmd_status(args):
@@ -848,7 +911,7 @@ def cmd_submit(args):
     if not description:
         refuse("give the experiment a description: what does this change try?")
     with exclusive_lock(LOCK_PATIENCE_SECONDS):
-        script, rows, kind, best, _ = experiment_setup(args)
+        script, rows, kind, best, _ = experiment_setup(args, slot_threads(args), f"baseline{slot_options(args)}")
         if not git("status", "--porcelain", "--", script):
             refuse(f"{script} has no changes since {best[:7]}: edit it, then submit")
         settings = {"timeout": args.timeout or default_timeout(kind), "max_disturbance": args.max_disturbance,
@@ -964,13 +1027,15 @@ def judge_record(candidate, record, book):
         candidate["confirm"].append(dict(record, judged_at=time.time()))
         lines = [result_line(record, commit, number).replace("RESULT  ", "CONFIRM ", 1)]
         outcomes = [scheduler.outcome_of(r) for r in candidate["confirm"]]
-        done, values = scheduler.confirm_step(candidate["best_values"], outcomes)
+        target = candidate.get("target", verdict.BEST_RUNS)
+        done, values = scheduler.confirm_step(candidate["best_values"], outcomes, target)
         if done:
             candidate["phase"] = "done"
-            lines.append(f"{'BEST':<8} {verdict.mean(values):.6f} mean of {len(values)} runs {label}")
+            what = "BASELINE" if candidate["base"] == commit else "BEST"
+            lines.append(f"{what:<8} {verdict.mean(values):.6f} mean of {len(values)} runs {label} [{kind}]")
         else:
             for _ in range(scheduler.confirm_runs_to_queue(candidate["best_values"], outcomes,
-                                                           scheduler.in_flight(candidate))):
+                                                           scheduler.in_flight(candidate), target)):
                 scheduler.request_run(candidate, "confirm")
         return lines
     candidate["runs"].append(dict(record, judged_at=time.time()))
@@ -1155,7 +1220,7 @@ def main():
     submit.add_argument("--max-disturbance", type=share, default=monitor.DISTURBED_SHARE,
                         help=f"share of the CPU other work may use, besides the other slots (default {monitor.DISTURBED_SHARE:g})")
     wait = commands.add_parser("wait", help="judge finished parallel runs; block until the next verdict(s)")
-    for sub in (submit, wait):
+    for sub in (submit, wait, baseline):
         sub.add_argument("--workers", type=at_least_one, default=None,
                          help="CPU slots of the embedded local Ray cluster (default: one per GPU, else one)")
         sub.add_argument("--address", default=None,

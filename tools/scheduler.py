@@ -39,6 +39,13 @@ def lock_is_held(path):
     finally:
         os.close(fd)
 
+
+def machine_threads():
+    """CPU threads this process may run on (its affinity): what a run gets alone, and what the
+    embedded cluster's CPU slots divide."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 PARALLEL_DIR = Path(".autoresearch") / "parallel"
 QUEUE_DIR = PARALLEL_DIR / "queue"
 RUNNING_DIR = PARALLEL_DIR / "running"
