@@ -76,13 +76,14 @@ CPU_TIER = dict(tier="cpu", depth=4, aspect_ratio=64, head_dim=64, seq_len=512, 
 
 # The CPU tier's size by the measured matmul peak of the dtype that trains, at the threads it
 # trains on: (at least this many FLOP/s, size), largest first. Fitted in docs/cpu-tier.md to the
-# sweeps of tools/sweep_cpu_results.tsv: at 0.195 TFLOP/s (fp32, one thread, an Intel Xeon with
-# AMX) depth 2 (val_bpb 1.758) beat depth 4 (1.828); at 0.88 (bf16, the AMD EPYC Zen 4 reference)
-# and 1.48 (bf16, the Xeon) depth 4 was best. The threshold is the geometric mean of 0.195 and
-# 0.88: a CPU with less than ~0.4 TFLOP/s in its training dtype (fp32 on AVX2, a single core)
-# trains a half-width, half-depth model that takes twice the steps.
+# sweeps of tools/sweep_cpu_results.tsv. On an idle Intel Xeon with AMX (2 vCPUs): at 0.38 TFLOP/s
+# (fp32, 2 threads) depth 3 (val_bpb 1.407) beat depth 2 (1.427) and depth 4 (1.530); at 1.52
+# (bf16) depth 4 (1.339) beat depth 3, 6 and a wider depth 4. At 0.88 (bf16, the AMD EPYC Zen 4
+# reference) depth 4 was best; at 0.195 (fp32 on one busy thread) depth 2 and 3 tied ahead of 4.
+# Each threshold is the geometric mean of the two measured peaks where the winner changes.
 CPU_TIER_BY_FLOPS = (
-    (0.4e12, dict(depth=4, aspect_ratio=64)),
+    (0.58e12, dict(depth=4, aspect_ratio=64)),
+    (0.27e12, dict(depth=3, aspect_ratio=64)),
     (0.0, dict(depth=2, aspect_ratio=64)),
 )
 

@@ -562,8 +562,9 @@ def test_cpu_training_gets_the_cpu_tier_with_a_small_eval_budget(info, backend):
 
 
 @pytest.mark.parametrize("flops, depth", [
-    (0.05e12, 2), (0.195e12, 2), (0.39e12, 2),  # fp32 on AVX2, one AVX-512 thread, a busy CPU
-    (0.4e12, 4), (0.88e12, 4), (1.5e12, 4), (20e12, 4),  # bf16 on AVX-512 bf16 / AMX
+    (0.05e12, 2), (0.195e12, 2), (0.26e12, 2),  # fp32 on AVX2, one AVX-512 thread
+    (0.27e12, 3), (0.38e12, 3), (0.57e12, 3),   # fp32 on two AVX-512 cores
+    (0.58e12, 4), (0.88e12, 4), (1.5e12, 4), (20e12, 4),  # bf16 on AVX-512 bf16 / AMX
 ])
 @pytest.mark.parametrize("backend", ["cpu", "mlx"])
 def test_the_cpu_tier_is_sized_by_the_measured_peak_of_its_dtype(flops, depth, backend):
