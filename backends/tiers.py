@@ -77,8 +77,9 @@ CPU_TIER = dict(tier="cpu", depth=4, aspect_ratio=64, head_dim=64, seq_len=512, 
 # The CPU tier's size by the measured matmul peak of the dtype that trains, at the threads it
 # trains on: (at least this many FLOP/s, size), largest first. Fitted in docs/cpu-tier.md to the
 # sweeps of tools/sweep_cpu_results.tsv. On an idle Intel Xeon with AMX (2 vCPUs): at 0.38 TFLOP/s
-# (fp32, 2 threads) depth 3 (val_bpb 1.407) beat depth 2 (1.427) and depth 4 (1.530); at 1.52
-# (bf16) depth 4 (1.339) beat depth 3, 6 and a wider depth 4. At 0.88 (bf16, the AMD EPYC Zen 4
+# (fp32, 2 threads) depth 3 (val_bpb 1.407) beat depth 4 (1.530) and depth 2 (1.427; its 228
+# steps reached the codec tables of pystdlib's train stream, so that one is unsettled); at
+# 1.52 (bf16) depth 4 (1.339) beat depth 3, 6 and a wider depth 4. At 0.88 (bf16, the AMD EPYC Zen 4
 # reference) depth 4 was best; at 0.195 (fp32 on one busy thread) depth 2 and 3 tied ahead of 4.
 # Each threshold is the geometric mean of the two measured peaks where the winner changes.
 CPU_TIER_BY_FLOPS = (
