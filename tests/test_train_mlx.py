@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 import train_mlx
 from backends.muon_mlx import MuonAdamW
 from backends.optim import param_groups
-from test_train_torch import REPO_ROOT, check_finished_run, run_script, run_with_calibration
+from test_train_torch import REPO_ROOT, check_finished_run, check_trained_in, run_script, run_with_calibration
 
 SMALL = dict(sequence_len=16, vocab_size=96, n_layer=4, n_head=2, n_kv_head=2, n_embd=64,
              window_pattern="SSSL")
@@ -160,14 +160,5 @@ def test_a_diverged_loss_fails_fast(loss, capsys):
 def test_a_run_computes_in_the_dtype_its_calibration_measured_faster(calibrated_dataset, tmp_path,
                                                                      bf16, fp32, forced, dtype):
     result, saved = run_with_calibration(calibrated_dataset, tmp_path, "train_mlx", "mlx", bf16, fp32, forced)
-    mlx_dtype = {"bf16": "mlx.core.bfloat16", "fp32": "mlx.core.float32"}[dtype]
-    assert f"polar express dtypes: ['{mlx_dtype}']" in result.stdout
-    peak = {"bf16": bf16, "fp32": fp32}[dtype]
-    assert saved["compute_dtype"] == dtype and saved["peak_tflops"] == pytest.approx(peak / 1e12)
-    smoke = train_mlx.GPTConfig(sequence_len=128, vocab_size=calibrated_dataset.vocab_size, n_layer=2,
-                                n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
-    flops_per_token = train_mlx.GPT(smoke).num_flops_per_token(128)
-    assert saved["mfu_percent"] == pytest.approx(
-        100 * flops_per_token * saved["train_tokens_per_second"] / peak, rel=1e-6)
-    precision_line = next(line for line in result.stdout.splitlines() if line.startswith("precision:"))
-    assert precision_line.startswith(f"precision: {dtype}{' (forced)' if forced else ''}, chosen from calibration")
+    check_trained_in(dtype, result, saved, {"bf16": bf16, "fp32": fp32}, forced, train_mlx,
+                     calibrated_dataset.vocab_size)

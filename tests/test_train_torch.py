@@ -554,6 +554,26 @@ def run_with_calibration(dataset, tmp_path, script, library, bf16, fp32, forced=
     return result, json.loads((tmp_path / "runs" / "last_run.json").read_text())
 
 
+def check_trained_in(dtype, result, saved, peaks, forced, module, vocab_size):
+    """The run trained in dtype ("bf16" or "fp32") throughout: every Polar Express call, the
+    summary, and MFU against that dtype's peak (peaks: the faked {"bf16": .., "fp32": ..} FLOP/s)
+    for the smoke model of module (train or train_mlx), as its precision line says."""
+    names = {"train": {"bf16": "torch.bfloat16", "fp32": "torch.float32"},
+             "train_mlx": {"bf16": "mlx.core.bfloat16", "fp32": "mlx.core.float32"}}[module.__name__]
+    assert f"polar express dtypes: ['{names[dtype]}']" in result.stdout
+    assert saved["compute_dtype"] == dtype
+    peak = peaks[dtype]
+    assert saved["peak_tflops"] == pytest.approx(peak / 1e12)
+    smoke = module.GPTConfig(sequence_len=128, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2,
+                             n_embd=64, window_pattern="SL")
+    flops_per_token = module.GPT(smoke).num_flops_per_token(128)
+    assert saved["mfu_percent"] == pytest.approx(
+        100 * flops_per_token * saved["train_tokens_per_second"] / peak, rel=1e-6)
+    precision_line = next(line for line in result.stdout.splitlines() if line.startswith("precision:"))
+    assert precision_line.startswith(f"precision: {dtype}{' (forced)' if forced else ''}, chosen from calibration")
+    assert f"mfu against {peak / 1e12:.3f} TFLOP/s" in precision_line
+
+
 @pytest.mark.parametrize("bf16, fp32, forced, dtype", [
     (0.05e12, 0.2e12, None, "fp32"),  # bf16 emulated (AVX2): fp32 trains
     (2e12, 0.5e12, None, "bf16"),     # AVX-512 bf16 / AMX: bf16 trains
@@ -562,16 +582,4 @@ def run_with_calibration(dataset, tmp_path, script, library, bf16, fp32, forced=
 def test_a_run_computes_in_the_dtype_its_calibration_measured_faster(calibrated_dataset, tmp_path,
                                                                      bf16, fp32, forced, dtype):
     result, saved = run_with_calibration(calibrated_dataset, tmp_path, "train", "torch", bf16, fp32, forced)
-    torch_dtype = {"bf16": "torch.bfloat16", "fp32": "torch.float32"}[dtype]
-    assert f"polar express dtypes: ['{torch_dtype}']" in result.stdout
-    assert saved["compute_dtype"] == dtype
-    peak = {"bf16": bf16, "fp32": fp32}[dtype]
-    assert saved["peak_tflops"] == pytest.approx(peak / 1e12)
-    smoke = train.GPTConfig(sequence_len=128, vocab_size=calibrated_dataset.vocab_size, n_layer=2,
-                            n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
-    flops_per_token = train.GPT(smoke).num_flops_per_token(128)
-    assert saved["mfu_percent"] == pytest.approx(
-        100 * flops_per_token * saved["train_tokens_per_second"] / peak, rel=1e-6)
-    precision_line = next(line for line in result.stdout.splitlines() if line.startswith("precision:"))
-    assert precision_line.startswith(f"precision: {dtype}{' (forced)' if forced else ''}, chosen from calibration")
-    assert f"mfu against {peak / 1e12:.3f} TFLOP/s" in precision_line
+    check_trained_in(dtype, result, saved, {"bf16": bf16, "fp32": fp32}, forced, train, calibrated_dataset.vocab_size)
