@@ -97,16 +97,15 @@ def git(repo, *args):
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
 
 
-@pytest.fixture
-def repo(tmp_path):
-    """A miniature kit on branch autoresearch/test: stand-in harness, fake train.py, header-only results."""
-    root = tmp_path / "kit"
+def make_kit(root, fake_train):
+    """A miniature kit in root on branch autoresearch/test: stand-in harness, the fake train.py
+    given, header-only results."""
     (root / "backends").mkdir(parents=True)
     (root / "backends" / "report.py").write_text((KIT / "backends" / "report.py").read_text())
     (root / "backends" / "__init__.py").write_text(STAND_IN_BACKENDS)
     (root / "backends" / "tiers.py").write_text(STAND_IN_TIERS)
     (root / "prepare.py").write_text(STAND_IN_PREPARE)
-    (root / "train.py").write_text(FAKE_TRAIN)
+    (root / "train.py").write_text(fake_train)
     (root / "results.tsv").write_text(HEADER + "\n")
     (root / ".gitignore").write_text("run.log\nruns/\n__pycache__/\n")
     git(root, "init", "--quiet", "-b", "main")
@@ -114,6 +113,11 @@ def repo(tmp_path):
     git(root, "commit", "--quiet", "-m", "kit")
     git(root, "checkout", "--quiet", "-b", "autoresearch/test")
     return root
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return make_kit(tmp_path / "kit", FAKE_TRAIN)
 
 
 @pytest.fixture

@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_experiment import STAND_IN_BACKENDS, STAND_IN_PREPARE, STAND_IN_TIERS, git
+from test_experiment import HEADER, git, make_kit
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 KIT = Path(__file__).resolve().parent.parent
 RUNNER = KIT / "tools" / "experiment.py"
-HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 BASELINE = [1.300, 1.310, 1.290, 1.300, 1.305, 1.295]
 WIN = [1.200, 1.202, 1.198, 1.201, 1.199, 1.200]
 
@@ -90,19 +89,7 @@ def stop_processes_naming(text):
 @pytest.fixture
 def repo(tmp_path, ray_tmp):
     """A miniature kit on branch autoresearch/test; its scheduler is stopped at the end."""
-    root = tmp_path / "kit"
-    (root / "backends").mkdir(parents=True)
-    (root / "backends" / "report.py").write_text((KIT / "backends" / "report.py").read_text())
-    (root / "backends" / "__init__.py").write_text(STAND_IN_BACKENDS)
-    (root / "backends" / "tiers.py").write_text(STAND_IN_TIERS)
-    (root / "prepare.py").write_text(STAND_IN_PREPARE)
-    (root / "train.py").write_text(FAKE_TRAIN)
-    (root / "results.tsv").write_text(HEADER + "\n")
-    (root / ".gitignore").write_text("run.log\nruns/\n__pycache__/\n")
-    git(root, "init", "--quiet", "-b", "main")
-    git(root, "add", ".")
-    git(root, "commit", "--quiet", "-m", "kit")
-    git(root, "checkout", "--quiet", "-b", "autoresearch/test")
+    root = make_kit(tmp_path / "kit", FAKE_TRAIN)
     yield root
     lock = root / ".autoresearch" / "parallel" / "scheduler.lock"
     if lock.exists() and lock.read_text().strip().isdigit():
