@@ -144,18 +144,17 @@ def _matmul_rate(make_product, sizes):
     """
     best_rate, best_n = 0.0, None
     for n in sizes:
-        product = make_product(n)
-        product()  # warm-up: allocation, kernel choice, thread-pool start
-        seconds = min(_seconds(product) for _ in range(REPEATS))
-        if 2 * n**3 / seconds >= best_rate:
-            best_rate, best_n = 2 * n**3 / seconds, n
-        if 8 * seconds > MAX_PRODUCT_S:
+        rate = _timed_rate(make_product(n), 2 * n**3)
+        if rate >= best_rate:
+            best_rate, best_n = rate, n
+        if 8 * 2 * n**3 / rate > MAX_PRODUCT_S:
             break
     return best_rate, best_n
 
 
 def _timed_rate(product, flop):
-    """FLOP/s of one product of `flop` FLOPs: the best of REPEATS timings after a warm-up."""
+    """FLOP/s of one product of `flop` FLOPs: the best of REPEATS timings after a warm-up
+    (allocation, kernel choice, thread-pool start)."""
     product()
     return flop / min(_seconds(product) for _ in range(REPEATS))
 
@@ -164,25 +163,14 @@ def _torch_products(device):
     import torch
 
     def products(dtype_name):
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-
-        def make(n):
-            generator = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
-            a = torch.randn(n, n, device=device, generator=generator).to(dtype)
-            b = torch.randn(n, n, device=device, generator=generator).to(dtype)
-
-            def product():
-                a @ b
-                if device == "cuda":
-                    torch.cuda.synchronize()  # kernels are asynchronous: wait before stopping the clock
-            return product
-        return make
+        return lambda n: _shaped_product("torch", device, dtype_name, (n, n, n))
     return products, f"torch {torch.__version__}", torch.get_num_threads()
 
 
 def _shaped_product(library, device, dtype_name, shape):
     """One [m, k] @ [k, n] product in dtype_name on `device` (torch) or MLX's default device,
-    waiting for the result; shape is (m, k, n)."""
+    waiting for the result (a GPU's kernels are asynchronous: the clock must not stop before
+    them); shape is (m, k, n)."""
     m, k, n = shape
     if library == "mlx":
         import mlx.core as mx
@@ -222,18 +210,9 @@ def time_dtypes_at_shape(library, device, shape):
 
 def _mlx_products():
     import importlib.metadata
-    import mlx.core as mx
 
     def products(dtype_name):
-        dtype = {"bf16": mx.bfloat16, "fp32": mx.float32}[dtype_name]
-
-        def make(n):
-            key_a, key_b = mx.random.split(mx.random.key(0))  # leave the global RNG alone
-            a = mx.random.normal((n, n), key=key_a).astype(dtype)
-            b = mx.random.normal((n, n), key=key_b).astype(dtype)
-            mx.eval(a, b)
-            return lambda: mx.eval(a @ b)
-        return make
+        return lambda n: _shaped_product("mlx", None, dtype_name, (n, n, n))
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return products, f"mlx {importlib.metadata.version('mlx')}", threads
 
