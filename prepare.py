@@ -18,7 +18,14 @@ standard library: offline), local (--source DIR). Each has the same layout in ca
     tokenizer/token_bytes.npy  UTF-8 byte length of every token id, 0 for special tokens
     tokenizer/train_split.key  the train shards and vocabulary size the tokenizer was trained on
     tokens/<shard>.npz         BOS-prefixed token ids per document, valid for one tokenizer+shard
-    dataset.json               what was built, from where, and how big it is
+    dataset.json               what was built, from where, how big it is, and its DATASET_FORMAT
+
+Converted datasets (pystdlib, local, tinystories) are read file by file in an order hashed from
+the file names, and each shard's documents (val.parquet's too) are shuffled with a seed taken
+from the shard's name. In path order, a run would train on one package after another (pystdlib:
+3.5M tokens in, ~100 near-identical codec tables) and be evaluated on the val split's first
+files alphabetically; shuffled, both the stream and the evaluated start of val are fair samples,
+and still the same on every machine.
 
 cache_root()/active_dataset names the dataset prepared last; AUTORESEARCH_DATASET overrides it.
 """
@@ -104,6 +111,8 @@ LOCAL_DOC_CHARS = 100_000  # local: a longer text is a concatenation; it is cut 
 VAL_ONE_IN = 20            # pystdlib and local: about 1 document in 20 goes to validation
 SHARD_CHARS = 50_000_000   # converted datasets: start a new train shard after this many chars
 ROW_GROUP_DOCS = 1024      # documents per parquet row group (the loader reads one group at a time)
+DATASET_FORMAT = 2         # dataset.json "format"; the loader refuses a folder built by another one.
+                           # 2: converted shards hold their documents in a seeded random order
 
 TOKENIZER_MAX_CHARS = 1_000_000_000  # the tokenizer sees at most this much of the train split
 TOKENIZER_DOC_CHARS = 10_000         # ... and at most this much of any one document
@@ -513,36 +522,52 @@ def _write_parquet(path, texts):
         raise
 
 
+def _write_shuffled(path, texts):
+    """Write a shard with its documents in a random order seeded by the shard's file name."""
+    order = np.random.default_rng(_name_hash(path.name)).permutation(len(texts))
+    _write_parquet(path, [texts[index] for index in order])
+
+
 def _write_splits(directory, train_texts, val_texts, shard_chars, what, skipped=()):
     """Write train shards of about shard_chars each, then val.parquet (val_texts is read only
-    after train_texts is exhausted), and delete train shards left from a bigger earlier corpus.
-    `what` names the corpus and `skipped` its unreadable inputs in the empty-corpus error."""
+    after train_texts is exhausted), each shuffled (_write_shuffled), and delete train shards
+    left from a bigger earlier corpus. `what` names the corpus and `skipped` its unreadable inputs
+    in the empty-corpus error."""
     directory.mkdir(parents=True, exist_ok=True)
     shard, chars, count = [], 0, 0
     for text in train_texts:
         shard.append(text)
         chars += len(text)
         if chars >= shard_chars:
-            _write_parquet(directory / TRAIN_SHARD.format(count), shard)
+            _write_shuffled(directory / TRAIN_SHARD.format(count), shard)
             shard, chars, count = [], 0, count + 1
     if shard:
-        _write_parquet(directory / TRAIN_SHARD.format(count), shard)
+        _write_shuffled(directory / TRAIN_SHARD.format(count), shard)
         count += 1
     if not count or not val_texts:
         unread = (f"; {len(skipped)} input(s) were skipped as non-UTF-8 or unreadable, e.g. "
-                  f"{skipped[0]}: convert them to UTF-8 text" if skipped else "")
+                  f"{min(skipped)}: convert them to UTF-8 text" if skipped else "")
         raise DataError(f"empty corpus: {what} gave {count} train shard(s) and {len(val_texts)} "
                         "validation document(s); at least 2 non-empty documents are needed "
                         f"(one to train on, one to validate){unread}")
     for stale in _train_shards(directory)[count:]:
         stale.unlink()
-    _write_parquet(directory / VAL_SHARD, val_texts)
+    _write_shuffled(directory / VAL_SHARD, val_texts)
+
+
+def _name_hash(name):
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
 
 
 def _is_val_document(doc_id):
     """Deterministic split by name: the same document lands in the same split on every machine."""
-    digest = hashlib.sha256(doc_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") % VAL_ONE_IN == 0
+    return _name_hash(doc_id) % VAL_ONE_IN == 0
+
+
+def _in_hashed_order(paths, root):
+    """The files under root in an order hashed from their relative paths: a package's files
+    scatter over the shards instead of filling one (the same order on every machine)."""
+    return sorted(paths, key=lambda path: (_name_hash(path.relative_to(root).as_posix()), path))
 
 
 def _split_documents(documents, val_texts):
@@ -634,7 +659,7 @@ def _running_stdlib_dir():
 def stdlib_documents(stdlib_dir, skipped):
     """(relative path, source) for every .py file of the standard library, site/dist-packages
     excluded. Files that are not UTF-8 are appended to skipped."""
-    paths = sorted(stdlib_dir.rglob("*.py"))
+    paths = _in_hashed_order(stdlib_dir.rglob("*.py"), stdlib_dir)
     progress = Progress("reading the standard library", len(paths), "files")
     for path in paths:
         progress.update(1)
@@ -684,9 +709,10 @@ def local_documents(source, skipped):
     longer than LOCAL_DOC_CHARS becomes several documents (id#0, id#1, ...), and every file is
     streamed, so one huge file fits in memory. Hidden files are ignored; inputs that are not
     UTF-8 or cannot be read are appended to skipped."""
-    paths = sorted(path for path in source.rglob("*")
-                   if path.suffix.lower() in LOCAL_SUFFIXES and path.is_file()
-                   and not any(part.startswith(".") for part in path.relative_to(source).parts))
+    paths = _in_hashed_order((path for path in source.rglob("*")
+                              if path.suffix.lower() in LOCAL_SUFFIXES and path.is_file()
+                              and not any(part.startswith(".")
+                                          for part in path.relative_to(source).parts)), source)
     progress = Progress(f"reading {source}", len(paths), "files")
     for path in paths:
         progress.update(1)
@@ -1079,6 +1105,11 @@ def make_dataloader(tokenizer, B, T, split, *, rank=0, world_size=1, buffer_size
         raise ValueError(f"bad loader shape: B={B} T={T} buffer_size={buffer_size} "
                          f"rank={rank} world_size={world_size}")
     name = active_dataset()
+    built = _read_dataset_info(dataset_dir(name)).get("format")
+    if built != DATASET_FORMAT:
+        raise DataError(f"dataset {name!r} in {dataset_dir(name)} was built by another version of "
+                        f"prepare.py (format {built}, this one reads {DATASET_FORMAT}): run "
+                        f"`{_prepare_command(name)}`")
     shards = _split_shards(dataset_dir(name), split)
     documents = sum(_shard_document_count(shard, name) for shard in shards)
     if not documents:
@@ -1231,8 +1262,9 @@ def prepare(name, *, source=None, num_shards=None, vocab_size=VOCAB_SIZE, shard_
     tokenizer = Tokenizer.from_directory(tokenizer_dir)
     build_token_cache(directory, tokenizer)
 
-    info = {"dataset": name, "source": origin, "vocab_size": tokenizer.get_vocab_size(),
-            "skipped": skipped, **_describe(directory, tokenizer)}
+    info = {"dataset": name, "format": DATASET_FORMAT, "source": origin,
+            "vocab_size": tokenizer.get_vocab_size(),
+            "skipped": sorted(skipped), **_describe(directory, tokenizer)}
     _atomic_write_bytes(directory / "dataset.json", json.dumps(info, indent=2).encode())
     _atomic_write_bytes(cache_root() / ACTIVE_DATASET_FILE, f"{name}\n".encode())
     info["seconds"] = time.perf_counter() - started

@@ -4,7 +4,8 @@ Each configuration runs a copy of train.py whose size/batch constants (and, with
 COMPUTE_DTYPE) are replaced by literals, on the active dataset (prepare pystdlib first), one after
 another. Every finished run appends one row to tools/sweep_cpu_results.tsv: the configuration,
 the CPU, its thread count, the dtype the run computed in and the peak FLOP/s of that dtype it
-measured, the load average before and after the run, and the run's results. The best
+measured, the load average before and after the run, the dataset format it trained on
+(prepare.DATASET_FORMAT: rows of format 1 trained on pystdlib in path order), and the run's results. The best
 configuration at each measured peak is what the rule in backends/tiers.py (CPU_TIER_BY_FLOPS,
 docs/cpu-tier.md) is fitted to.
 
@@ -28,6 +29,9 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+import prepare  # noqa: E402  (the repo root is on the path only now)
+
 RESULTS_PATH = REPO_ROOT / "tools" / "sweep_cpu_results.tsv"
 ENVIRONMENT = """environment:
   AUTORESEARCH_CACHE_DIR    the data and the cached matmul peak (default ~/.cache/autoresearch)
@@ -51,7 +55,7 @@ CONSTANT_NAMES = {"depth": "DEPTH", "aspect_ratio": "ASPECT_RATIO", "head_dim": 
 COLUMNS = list(BASE) + ["val_bpb", "num_steps", "num_params_M", "total_tokens_M", "mfu_percent",
                         "training_seconds", "total_seconds", "peak_vram_mb", "standard", "date",
                         "chip", "threads", "compute_dtype", "peak_tflops", "train_tokens_per_second",
-                        "load_before", "load_after"]
+                        "load_before", "load_after", "dataset_format"]
 
 
 def script_with_config(source, config, dtype=None):
@@ -105,8 +109,10 @@ def append_row(config, result, threads, loads):
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         if new_file:
             writer.writerow(COLUMNS)
+        # The loader refuses a dataset of another format, so a finished run trained on this one.
         row = dict(config, date=time.strftime("%Y-%m-%d %H:%M"), threads=threads,
-                   load_before=f"{loads[0]:.2f}", load_after=f"{loads[1]:.2f}")
+                   load_before=f"{loads[0]:.2f}", load_after=f"{loads[1]:.2f}",
+                   dataset_format=prepare.DATASET_FORMAT)
         row.update({k: result.get(k) for k in COLUMNS if k in result})
         writer.writerow([row.get(c, "") for c in COLUMNS])
 
