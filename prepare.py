@@ -70,7 +70,8 @@ SPLIT_PATTERN = (
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 SPECIAL_TOKENS = ["<|bos|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>"]
-BOS_TOKEN = SPECIAL_TOKENS[0]  # starts every document, so every row begins at a document boundary
+BOS_TOKEN = SPECIAL_TOKENS[0]  # starts every document and every cropped document's rest, so every
+                               # row begins at a BOS
 
 SMOKE_EVAL_TOKENS = 4 * MAX_SEQ_LEN  # evaluation budget under AUTORESEARCH_PROFILE=smoke
 
@@ -1057,13 +1058,17 @@ def _document_stream(shards, tokenizer, name):
 
 
 class _BestFitPacker:
-    """Upstream's packing rule. To fill a row: top the buffer up to buffer_size documents, place
-    the largest buffered document that fits the space left; when none fits, crop the shortest one
-    to fill the row exactly (its remainder is dropped). Ties go to the document buffered first.
-    The buffer is kept sorted by (length, arrival) so each choice is a binary search."""
+    """Upstream's packing rule, except that nothing is dropped. To fill a row: top the buffer up
+    to buffer_size documents, place the largest buffered document that fits the space left; when
+    none fits, crop the shortest one to fill the row exactly, and its rest goes back to the buffer
+    behind a BOS, as a document of its own. Ties go to the document buffered first. The buffer is
+    kept sorted by (length, arrival) so each choice is a binary search.
 
-    def __init__(self, documents, row_len, buffer_size):
-        self.documents, self.row_len, self.buffer_size = documents, row_len, buffer_size
+    Upstream drops the rest. With rows of 512 tokens that would train on 9% of pystdlib's tokens
+    (the first 513 of each file, again every 43 steps of 16,384 tokens), and on 27% at 2048."""
+
+    def __init__(self, documents, row_len, buffer_size, bos):
+        self.documents, self.row_len, self.buffer_size, self.bos = documents, row_len, buffer_size, bos
         self.keys = []       # sorted (length, arrival) of the buffered documents
         self.buffered = {}   # arrival -> (tokens, epoch)
         self.arrivals = 0
@@ -1089,13 +1094,18 @@ class _BestFitPacker:
             row[position:position + take] = tokens[:take]
             position += take
             self.epoch = max(self.epoch, epoch)
+            if take < length:
+                rest = np.concatenate(([self.bos], tokens[take:]))
+                bisect.insort(self.keys, (len(rest), self.arrivals))
+                self.buffered[self.arrivals] = (rest, epoch)
+                self.arrivals += 1
 
 
 def make_dataloader(tokenizer, B, T, split, *, rank=0, world_size=1, buffer_size=1000):
     """Endless (inputs int64 [B, T], targets int64 [B, T], epoch) from the active dataset.
 
-    Rows of T+1 tokens are packed from the split's documents (BOS-aligned best fit, no padding)
-    in a stream that depends on neither B nor world_size: each step takes the next B*world_size
+    Rows of T+1 tokens are packed from the split's documents (BOS-aligned best fit, no padding,
+    every token of the split once per epoch) in a stream that depends on neither B nor world_size: each step takes the next B*world_size
     rows and this rank gets rows [rank*B, (rank+1)*B). inputs = row[:-1], targets = row[1:].
     epoch: the latest pass over the split (1, 2, ...) that any document placed so far came from.
     """
@@ -1129,7 +1139,8 @@ def make_dataloader(tokenizer, B, T, split, *, rank=0, world_size=1, buffer_size
     # A buffer larger than the split would hold several copies of each document (the stream
     # wraps to fill it), so a small split (e.g. pystdlib's val) is buffered exactly once.
     buffer_size = min(buffer_size, documents)
-    packer = _BestFitPacker(_document_stream(shards, tokenizer, name), T + 1, buffer_size)
+    packer = _BestFitPacker(_document_stream(shards, tokenizer, name), T + 1, buffer_size,
+                            tokenizer.get_bos_token_id())
 
     def batches():
         while True:

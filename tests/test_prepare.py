@@ -37,11 +37,12 @@ def reference_documents(directory, split, tokenizer):
     return documents
 
 
-def reference_rows(documents, row_len, buffer_size):
+def reference_rows(documents, row_len, buffer_size, bos):
     """Yield (row, epoch). To fill a row: top the buffer up to buffer_size documents (the stream of
     documents repeats forever, numbering its passes), put in the largest document that fits, and
-    when none fits, the beginning of the shortest one, cut to fill the row. epoch: the latest pass
-    that a document put in a row so far came from."""
+    when none fits, the beginning of the shortest one, cut to fill the row; the rest of it, behind
+    a bos, joins the end of the buffer. epoch: the latest pass that a document put in a row so far
+    came from."""
     buffer_size = min(buffer_size, len(documents))
     buffer, next_document, epoch = [], 0, 1
     while True:
@@ -57,13 +58,14 @@ def reference_rows(documents, row_len, buffer_size):
                 document, document_pass = buffer.pop(max(fitting, key=lambda i: len(buffer[i][0])))
             else:
                 document, document_pass = buffer.pop(min(range(len(buffer)), key=lambda i: len(buffer[i][0])))
+                buffer.append(([bos] + document[space:], document_pass))
             row += document[:space]
             epoch = max(epoch, document_pass)
         yield row, epoch
 
 
-def reference_batches(documents, B, T, buffer_size, world_size=1):
-    rows = reference_rows(documents, T + 1, buffer_size)
+def reference_batches(documents, B, T, buffer_size, bos, world_size=1):
+    rows = reference_rows(documents, T + 1, buffer_size, bos)
     while True:
         batch = [next(rows) for _ in range(B * world_size)]
         array = np.array([row for row, _ in batch], dtype=np.int64)
@@ -338,7 +340,8 @@ def test_tokenizer_is_trained_on_the_train_split_only(tmp_path, monkeypatch):
 def test_loader_matches_the_reference_rule_batch_for_batch(tiny_env, dataset_path, tokenizer,
                                                            B, T, buffer_size, steps):
     loader = prepare.make_dataloader(tokenizer, B, T, "train", buffer_size=buffer_size)
-    reference = reference_batches(reference_documents(dataset_path, "train", tokenizer), B, T, buffer_size)
+    reference = reference_batches(reference_documents(dataset_path, "train", tokenizer), B, T, buffer_size,
+                                  tokenizer.get_bos_token_id())
     epochs = []
     for _ in range(steps):
         inputs, targets, epoch = next(loader)
@@ -351,6 +354,17 @@ def test_loader_matches_the_reference_rule_batch_for_batch(tiny_env, dataset_pat
     assert epochs == sorted(epochs)
     if steps == 70:
         assert epochs[-1] >= 2
+
+
+def test_a_cropped_document_goes_on_in_later_rows_so_no_token_is_dropped(tiny_env, dataset_path, tokenizer):
+    bos = tokenizer.get_bos_token_id()
+    documents = reference_documents(dataset_path, "train", tokenizer)
+    loader = prepare.make_dataloader(tokenizer, 4, 31, "train", buffer_size=1)
+    rows = [np.concatenate([inputs, targets[:, -1:]], axis=1).ravel() for inputs, targets, _ in
+            (next(loader) for _ in range(300))]
+    placed = [token for token in np.concatenate(rows).tolist() if token != bos]
+    text = [token for document in documents for token in document if token != bos]
+    assert len(placed) > 30_000 and placed == text[:len(placed)]  # in order, every token, once
 
 
 def test_loader_rows_start_with_bos_and_targets_are_inputs_shifted(tiny_env, tokenizer):
@@ -456,7 +470,7 @@ def test_corrupt_shard_names_the_file_and_the_command(tiny_env, copied_dataset, 
 
 def _val_rows(dataset_path, tokenizer, rows):
     reference = reference_rows(reference_documents(dataset_path, "val", tokenizer),
-                               prepare.MAX_SEQ_LEN + 1, 1000)
+                               prepare.MAX_SEQ_LEN + 1, 1000, tokenizer.get_bos_token_id())
     return np.array([next(reference)[0] for _ in range(rows)], dtype=np.int64)
 
 
