@@ -31,6 +31,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 import prepare  # noqa: E402  (the repo root is on the path only now)
+from backends.tiers import CPU_TIER  # noqa: E402
 
 RESULTS_PATH = REPO_ROOT / "tools" / "sweep_cpu_results.tsv"
 ENVIRONMENT = """environment:
@@ -41,13 +42,16 @@ ENVIRONMENT = """environment:
   AUTORESEARCH_PROFILE      passed to every run; leave it unset (smoke replaces the swept sizes)
   AUTORESEARCH_BACKEND      not read: every run is set to cpu (and AUTORESEARCH_RUNS_DIR to a
                             temporary folder)"""
-BASE = {"depth": 4, "aspect_ratio": 64, "head_dim": 64, "window_pattern": "L", "seq_len": 2048,
-        "device_batch_size": 8, "total_batch_size": 2**14}
+# A configuration's keys not given default to the CPU tier's (backends/tiers.py).
+BASE = {key: CPU_TIER[key] for key in ("depth", "aspect_ratio", "head_dim", "window_pattern", "seq_len",
+                                       "device_batch_size", "total_batch_size")}
 GRID = [
-    {"depth": 2, "aspect_ratio": 96, "seq_len": 512, "device_batch_size": 32},
-    {"depth": 4, "seq_len": 512, "device_batch_size": 32},
+    {"depth": 2},
+    {"depth": 3},
+    {"depth": 4},
+    {"depth": 4, "aspect_ratio": 96},
+    {"depth": 6},
     {"depth": 4, "seq_len": 2048, "device_batch_size": 8},
-    {"depth": 6, "seq_len": 512, "device_batch_size": 32},
 ]
 CONSTANT_NAMES = {"depth": "DEPTH", "aspect_ratio": "ASPECT_RATIO", "head_dim": "HEAD_DIM",
                   "window_pattern": "WINDOW_PATTERN", "seq_len": "SEQ_LEN",
