@@ -146,7 +146,7 @@ def train_in(tree, request, origin):
     import ray
     tools = origin["tools"] if Path(origin["tools"]).is_dir() else str(tree / "tools")
     sys.path.insert(0, tools)
-    threads = request.get("threads") or slot_threads(ray)
+    threads = request.get("threads") or node_slot_threads(ray)
     os.environ.update({"OMP_NUM_THREADS": str(threads), "AUTORESEARCH_THREADS": str(threads)})
     os.environ.pop("AUTORESEARCH_RUNS_DIR", None)
     # This node's kit environment, not `uv run` in the tree (which would build a venv per tree).
@@ -180,7 +180,7 @@ def train_in(tree, request, origin):
             "log": log.read_text(errors="replace") if log.exists() else ""}
 
 
-def slot_threads(ray):
+def node_slot_threads(ray):
     """Cores of this node per experiment slot on it."""
     node = ray.get_runtime_context().get_node_id()
     for entry in ray.nodes():

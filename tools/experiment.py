@@ -612,7 +612,7 @@ def experiment_setup(args, threads=None, baseline_command="baseline"):
     return script, rows, kind, best, values
 
 
-def slot_threads(args):
+def planned_slot_threads(args):
     """CPU threads of each slot `submit`/`baseline` will run on: the machine's cores over the
     embedded cluster's slots (--workers, or those of the scheduler already running); None on a
     cluster joined by --address, whose nodes check their own kind before training."""
@@ -808,7 +808,7 @@ def queue_baseline(args, script, rows):
     so that the best is measured as the kind its candidates will be; wait records them."""
     import cluster
     cluster.import_ray()
-    kind = expected_kind(slot_threads(args))
+    kind = expected_kind(planned_slot_threads(args))
     best = head()
     values = ledger.values_of(rows, best, str(kind))
     target = len(values) + args.repeat if args.repeat else verdict.BEST_RUNS
@@ -911,7 +911,7 @@ def cmd_submit(args):
     if not description:
         refuse("give the experiment a description: what does this change try?")
     with exclusive_lock(LOCK_PATIENCE_SECONDS):
-        script, rows, kind, best, _ = experiment_setup(args, slot_threads(args), f"baseline{slot_options(args)}")
+        script, rows, kind, best, _ = experiment_setup(args, planned_slot_threads(args), f"baseline{slot_options(args)}")
         if not git("status", "--porcelain", "--", script):
             refuse(f"{script} has no changes since {best[:7]}: edit it, then submit")
         settings = {"timeout": args.timeout or default_timeout(kind), "max_disturbance": args.max_disturbance,
