@@ -3,7 +3,8 @@
 A tier is a class of machine that shares one configuration (model size, batches, evaluation
 budget). The values come from published runs (cited per table), except the CPU tier's, which come
 from sweeps on 2-core machines (tools/sweep_cpu.py) at several measured throughputs: its model size
-follows the measured matmul peak of the dtype that trains (CPU_TIER_BY_FLOPS, docs/cpu-tier.md).
+and batch follow the measured matmul peak of the dtype that trains (CPU_TIER_BY_FLOPS,
+docs/cpu-tier.md).
 AUTORESEARCH_PROFILE=smoke replaces everything with a tiny configuration that trains and evaluates
 in seconds (tests, quick tries).
 """
@@ -61,31 +62,30 @@ APPLE_TIERS = {
 # A tier name Apple has not used yet is placed by GPU cores: at least this many -> that tier.
 APPLE_TIER_BY_GPU_CORES = ((60, "Ultra"), (30, "Max"), (14, "Pro"), (0, "base"))
 
-# CPU (torch CPU, and MLX's CPU build on Linux): the winner of tools/sweep_cpu.py, whose results
-# table is tools/sweep_cpu_results.tsv. Swept on the 2-core AMD EPYC reference machine (torch CPU,
-# pystdlib, standard 300 s budget, 2026-11-22): depth 4 / dim 256 with 512-token rows (val_bpb 1.512)
-# beat depth 2 / dim 192 (1.654), depth 4 with 2048-token rows (1.691) and depth 6 (1.806): on two
-# cores more steps beat a bigger model, and short rows keep attention a small share of each step.
-# After the CPU speed-ups of train.py, 4 heads of 64 still beat 2 heads of 128 at dim 256 (val_bpb
-# 1.346 in 183 steps vs 1.361 in 222), though the wider heads trained 21% more tokens per second.
-# The window is "L" (full row) because a banded mask saves nothing without a windowed kernel. The
-# evaluation reads 32 rows of 2048, a few seconds, so start-up + eval stay within 15% of 300 s.
-CPU_TIER = dict(tier="cpu", depth=4, aspect_ratio=64, head_dim=64, seq_len=512, window_pattern="L",
+# CPU (torch CPU, and MLX's CPU build on Linux): the winner of tools/sweep_cpu.py (results in
+# tools/sweep_cpu_results.tsv, docs/cpu-tier.md) at the fastest CPU measured, an idle 2-vCPU Intel
+# Xeon with AMX in bf16 (1.52 TFLOP/s; pystdlib, 300 s, dataset format 2, 2026-12-02): depth 2 /
+# dim 192 (val_bpb 1.192 in 363 steps) tied dim 128 (1.191 in 448) and beat depth 3 (1.218),
+# 4 (1.243) and 6 (1.395): in 300 s on two cores, more steps beat a bigger model. Heads of 64,
+# rows of 512 (short rows keep attention a small share of each step) and the window "L" (a banded
+# mask saves nothing without a windowed kernel). The evaluation reads 32 rows of 2048, a few
+# seconds, so start-up + eval stay within 15% of 300 s.
+CPU_TIER = dict(tier="cpu", depth=2, aspect_ratio=96, head_dim=64, seq_len=512, window_pattern="L",
                 device_batch_size=32, total_batch_size=2**14, eval_tokens=32 * MAX_SEQ_LEN,
                 eval_batch_size=8)
 
-# The CPU tier's size by the measured matmul peak of the dtype that trains, at the threads it
-# trains on: (at least this many FLOP/s, size), largest first. Fitted in docs/cpu-tier.md to the
-# sweeps of tools/sweep_cpu_results.tsv. On an idle Intel Xeon with AMX (2 vCPUs): at 0.38 TFLOP/s
-# (fp32, 2 threads) depth 3 (val_bpb 1.407) beat depth 4 (1.530) and depth 2 (1.427; its 228
-# steps reached the codec tables of pystdlib's train stream, so that one is unsettled); at
-# 1.52 (bf16) depth 4 (1.339) beat depth 3, 6 and a wider depth 4. At 0.88 (bf16, the AMD EPYC Zen 4
-# reference) depth 4 was best; at 0.195 (fp32 on one busy thread) depth 2 and 3 tied ahead of 4.
-# Each threshold is the geometric mean of the two measured peaks where the winner changes.
+# The CPU tier's size and batch by the measured matmul peak of the dtype that trains, at the
+# threads it trains on: (at least this many FLOP/s, what differs from CPU_TIER), largest first.
+# Fitted in docs/cpu-tier.md to the same sweep. At 1.52 TFLOP/s (bf16, 2 threads) 16,384 tokens a
+# step beat 8,192 (1.191 against 1.241 at dim 128); at 0.38 (fp32 forced, 2 threads) 8,192 beat
+# 16,384 (dim 192: 1.309 against 1.326; dim 128: 1.315 against 1.339): fewer steps a second want
+# smaller ones. At 0.195 (fp32, 1 thread) dim 128 beat dim 192 (1.421 against 1.434 at 16,384)
+# and 8,192 tokens a step beat 16,384 (1.396 against 1.421). Each threshold is the geometric mean
+# of the two measured peaks where the winner changes.
 CPU_TIER_BY_FLOPS = (
-    (0.58e12, dict(depth=4, aspect_ratio=64)),
-    (0.27e12, dict(depth=3, aspect_ratio=64)),
-    (0.0, dict(depth=2, aspect_ratio=64)),
+    (0.76e12, dict(depth=2, aspect_ratio=96)),
+    (0.27e12, dict(depth=2, aspect_ratio=96, device_batch_size=16, total_batch_size=2**13)),
+    (0.0, dict(depth=2, aspect_ratio=64, device_batch_size=16, total_batch_size=2**13)),
 )
 
 

@@ -561,17 +561,18 @@ def test_cpu_training_gets_the_cpu_tier_with_a_small_eval_budget(info, backend):
     assert config["eval_tokens"] == 32 * 2048
 
 
-@pytest.mark.parametrize("flops, depth", [
-    (0.05e12, 2), (0.195e12, 2), (0.26e12, 2),  # fp32 on AVX2, one AVX-512 thread
-    (0.27e12, 3), (0.38e12, 3), (0.57e12, 3),   # fp32 on two AVX-512 cores
-    (0.58e12, 4), (0.88e12, 4), (1.5e12, 4), (20e12, 4),  # bf16 on AVX-512 bf16 / AMX
+@pytest.mark.parametrize("flops, size", [
+    (0.05e12, (2, 64, 16, 2**13)), (0.195e12, (2, 64, 16, 2**13)), (0.26e12, (2, 64, 16, 2**13)),  # fp32: AVX2, 1 core
+    (0.27e12, (2, 96, 16, 2**13)), (0.38e12, (2, 96, 16, 2**13)), (0.75e12, (2, 96, 16, 2**13)),  # fp32: 2 AVX-512 cores
+    (0.76e12, (2, 96, 32, 2**14)), (1.5e12, (2, 96, 32, 2**14)), (20e12, (2, 96, 32, 2**14)),  # bf16, AMX
 ])
 @pytest.mark.parametrize("backend", ["cpu", "mlx"])
-def test_the_cpu_tier_is_sized_by_the_measured_peak_of_its_dtype(flops, depth, backend):
+def test_the_cpu_tier_is_sized_by_the_measured_peak_of_its_dtype(flops, size, backend):
     config = backends.suggest_hyperparameters(CPU_INFO, backend, flops=flops)
-    assert (config["tier"], config["depth"], config["aspect_ratio"]) == ("cpu", depth, 64)
-    assert {k: v for k, v in config.items() if k not in ("depth", "aspect_ratio")} == {
-        k: v for k, v in tiers.CPU_TIER.items() if k not in ("depth", "aspect_ratio")}
+    sized = ("depth", "aspect_ratio", "device_batch_size", "total_batch_size")
+    assert config["tier"] == "cpu" and tuple(config[key] for key in sized) == size
+    assert {k: v for k, v in config.items() if k not in sized} == {
+        k: v for k, v in tiers.CPU_TIER.items() if k not in sized}
     assert backends.eval_tokens(CPU_INFO, backend) == 32 * 2048  # evaluation does not follow the peak
 
 

@@ -45,13 +45,15 @@ ENVIRONMENT = """environment:
 # A configuration's keys not given default to the CPU tier's (backends/tiers.py).
 BASE = {key: CPU_TIER[key] for key in ("depth", "aspect_ratio", "head_dim", "window_pattern", "seq_len",
                                        "device_batch_size", "total_batch_size")}
+# The 2026-12-02 sweep of docs/cpu-tier.md (run per dtype and thread count with --dtype/--threads).
 GRID = [
-    {"depth": 2},
-    {"depth": 3},
-    {"depth": 4},
-    {"depth": 4, "aspect_ratio": 96},
-    {"depth": 6},
-    {"depth": 4, "seq_len": 2048, "device_batch_size": 8},
+    {"depth": 2, "aspect_ratio": 64},
+    {"depth": 2, "aspect_ratio": 96},
+    {"depth": 3, "aspect_ratio": 64},
+    {"depth": 4, "aspect_ratio": 64},
+    {"depth": 6, "aspect_ratio": 64},
+    {"depth": 2, "aspect_ratio": 64, "device_batch_size": 16, "total_batch_size": 2**13},
+    {"depth": 2, "aspect_ratio": 96, "device_batch_size": 16, "total_batch_size": 2**13},
 ]
 CONSTANT_NAMES = {"depth": "DEPTH", "aspect_ratio": "ASPECT_RATIO", "head_dim": "HEAD_DIM",
                   "window_pattern": "WINDOW_PATTERN", "seq_len": "SEQ_LEN",
