@@ -66,7 +66,7 @@ HARDWARE = backends.get_hardware_info()
 # Precision: the dtype the model and Muon's orthogonalisation compute in, "bf16" or "fp32". The
 # default is measured on this machine (bf16 only where its matmuls really beat fp32's: the CPU
 # calibration, a timed matmul on an Apple GPU); replace it by a literal to force one. MFU counts
-# against this dtype's peak, and the CPU tier's size follows it.
+# against this dtype's peak, and the CPU tier's batch follows it.
 PRECISION = backends.choose_compute_dtype(HARDWARE, BACKEND)
 COMPUTE_DTYPE = PRECISION["dtype"]
 PEAK_FLOPS, PEAK_SOURCE = backends.peak_flops_and_source(HARDWARE, BACKEND, dtype=COMPUTE_DTYPE)

@@ -2,9 +2,8 @@
 
 A tier is a class of machine that shares one configuration (model size, batches, evaluation
 budget). The values come from published runs (cited per table), except the CPU tier's, which come
-from sweeps on 2-core machines (tools/sweep_cpu.py) at several measured throughputs: its model size
-and batch follow the measured matmul peak of the dtype that trains (CPU_TIER_BY_FLOPS,
-docs/cpu-tier.md).
+from sweeps on 2-core machines (tools/sweep_cpu.py) at several measured throughputs: its batch
+follows the measured matmul peak of the dtype that trains (CPU_TIER_BY_FLOPS, docs/cpu-tier.md).
 AUTORESEARCH_PROFILE=smoke replaces everything with a tiny configuration that trains and evaluates
 in seconds (tests, quick tries).
 """
@@ -74,18 +73,17 @@ CPU_TIER = dict(tier="cpu", depth=2, aspect_ratio=96, head_dim=64, seq_len=512, 
                 device_batch_size=32, total_batch_size=2**14, eval_tokens=32 * MAX_SEQ_LEN,
                 eval_batch_size=8)
 
-# The CPU tier's size and batch by the measured matmul peak of the dtype that trains, at the
-# threads it trains on: (at least this many FLOP/s, what differs from CPU_TIER), largest first.
-# Fitted in docs/cpu-tier.md to the same sweep. At 1.52 TFLOP/s (bf16, 2 threads) 16,384 tokens a
-# step beat 8,192 (1.191 against 1.241 at dim 128); at 0.38 (fp32 forced, 2 threads) 8,192 beat
-# 16,384 (dim 192: 1.309 against 1.326; dim 128: 1.315 against 1.339): fewer steps a second want
-# smaller ones. At 0.195 (fp32, 1 thread) dim 128 beat dim 192 (1.421 against 1.434 at 16,384)
-# and 8,192 tokens a step beat 16,384 (1.396 against 1.421). Each threshold is the geometric mean
-# of the two measured peaks where the winner changes.
+# The CPU tier's batch by the measured matmul peak of the dtype that trains, at the threads it
+# trains on: (at least this many FLOP/s, what differs from CPU_TIER), largest first. Fitted in
+# docs/cpu-tier.md to the same sweep. At 1.52 TFLOP/s (bf16, 2 threads) 16,384 tokens a step beat
+# 8,192 (1.191 against 1.241 at dim 128). At 0.38 (fp32 forced, 2 threads) 8,192 beat 16,384
+# (dim 192: 1.309 against 1.326; dim 128: 1.315 against 1.339), and at 0.195 (fp32, 1 thread)
+# dim 192 at 8,192 (1.396) beat both dims at 16,384 (128: 1.421, 192: 1.434): fewer steps a
+# second want smaller ones. The threshold is the geometric mean of the two measured peaks where
+# the winner changes (0.38 and 1.52).
 CPU_TIER_BY_FLOPS = (
-    (0.76e12, dict(depth=2, aspect_ratio=96)),
-    (0.27e12, dict(depth=2, aspect_ratio=96, device_batch_size=16, total_batch_size=2**13)),
-    (0.0, dict(depth=2, aspect_ratio=64, device_batch_size=16, total_batch_size=2**13)),
+    (0.76e12, dict()),
+    (0.0, dict(device_batch_size=16, total_batch_size=2**13)),
 )
 
 
@@ -133,8 +131,8 @@ def suggest_hyperparameters(info, backend=None, flops=None):
     """Default configuration for this hardware and backend: a dict with KEYS.
 
     backend defaults to detect_backend(). The CPU tier covers the cpu backend anywhere and MLX off
-    Apple Silicon; its model size follows `flops`, the measured peak of the dtype that trains
-    (cpu_tier; None: the reference machine's CPU_TIER). AUTORESEARCH_PROFILE=smoke returns SMOKE
+    Apple Silicon; its batch follows `flops`, the measured peak of the dtype that trains
+    (cpu_tier; None: CPU_TIER, the fastest CPU's). AUTORESEARCH_PROFILE=smoke returns SMOKE
     whatever the hardware.
     """
     if current_profile() == "smoke":
