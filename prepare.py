@@ -22,10 +22,10 @@ standard library: offline), local (--source DIR). Each has the same layout in ca
 
 Converted datasets (pystdlib, local, tinystories) are read file by file in an order hashed from
 the file names, and each shard's documents (val.parquet's too) are shuffled with a seed taken
-from the shard's name. In path order, a run would train on one package after another (pystdlib:
-3.5M tokens in, ~100 near-identical codec tables) and be evaluated on the val split's first
-files alphabetically; shuffled, both the stream and the evaluated start of val are fair samples,
-and still the same on every machine.
+from the shard's name. In path order, a run would train on one package after another and be
+evaluated on the val split's alphabetically first files (pystdlib: asyncio to encodings);
+shuffled, both the stream and the evaluated start of val are fair samples, and still the same on
+every machine.
 
 cache_root()/active_dataset names the dataset prepared last; AUTORESEARCH_DATASET overrides it.
 """
@@ -112,7 +112,7 @@ LOCAL_DOC_CHARS = 100_000  # local: a longer text is a concatenation; it is cut 
 VAL_ONE_IN = 20            # pystdlib and local: about 1 document in 20 goes to validation
 SHARD_CHARS = 50_000_000   # converted datasets: start a new train shard after this many chars
 ROW_GROUP_DOCS = 1024      # documents per parquet row group (the loader reads one group at a time)
-DATASET_FORMAT = 2         # dataset.json "format"; the loader refuses a folder built by another one.
+DATASET_FORMAT = 2         # dataset.json "format"; the loader refuses a folder of another format.
                            # 2: converted shards hold their documents in a seeded random order
 
 TOKENIZER_MAX_CHARS = 1_000_000_000  # the tokenizer sees at most this much of the train split
@@ -1068,7 +1068,8 @@ class _BestFitPacker:
     (the first 513 of each file, again every 43 steps of 16,384 tokens), and on 27% at 2048."""
 
     def __init__(self, documents, row_len, buffer_size, bos):
-        self.documents, self.row_len, self.buffer_size, self.bos = documents, row_len, buffer_size, bos
+        self.documents, self.row_len, self.buffer_size = documents, row_len, buffer_size
+        self.bos = bos       # put in front of a cropped document's rest
         self.keys = []       # sorted (length, arrival) of the buffered documents
         self.buffered = {}   # arrival -> (tokens, epoch)
         self.arrivals = 0
@@ -1105,8 +1106,9 @@ def make_dataloader(tokenizer, B, T, split, *, rank=0, world_size=1, buffer_size
     """Endless (inputs int64 [B, T], targets int64 [B, T], epoch) from the active dataset.
 
     Rows of T+1 tokens are packed from the split's documents (BOS-aligned best fit, no padding,
-    every token of the split once per epoch) in a stream that depends on neither B nor world_size: each step takes the next B*world_size
-    rows and this rank gets rows [rank*B, (rank+1)*B). inputs = row[:-1], targets = row[1:].
+    every token of the split once per epoch; _BestFitPacker) in a stream that depends on neither
+    B nor world_size: each step takes the next B*world_size rows and this rank gets rows
+    [rank*B, (rank+1)*B). inputs = row[:-1], targets = row[1:].
     epoch: the latest pass over the split (1, 2, ...) that any document placed so far came from.
     """
     if split not in ("train", "val"):
