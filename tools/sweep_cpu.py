@@ -5,7 +5,8 @@ COMPUTE_DTYPE) are replaced by literals, on the active dataset (prepare pystdlib
 another. Every finished run appends one row to tools/sweep_cpu_results.tsv: the configuration,
 the CPU, its thread count, the dtype the run computed in and the peak FLOP/s of that dtype it
 measured, the load average before and after the run, the dataset format it trained on
-(prepare.DATASET_FORMAT: rows of format 1 trained on pystdlib in path order), and the run's results. The best
+(prepare.DATASET_FORMAT: rows of format 1 trained on pystdlib in path order, each file's first
+row only), and the run's results. The best
 configuration at each measured peak is what the rule in backends/tiers.py (CPU_TIER_BY_FLOPS,
 docs/cpu-tier.md) is fitted to.
 
@@ -42,9 +43,11 @@ ENVIRONMENT = """environment:
   AUTORESEARCH_PROFILE      passed to every run; leave it unset (smoke replaces the swept sizes)
   AUTORESEARCH_BACKEND      not read: every run is set to cpu (and AUTORESEARCH_RUNS_DIR to a
                             temporary folder)"""
+CONSTANT_NAMES = {"depth": "DEPTH", "aspect_ratio": "ASPECT_RATIO", "head_dim": "HEAD_DIM",
+                  "window_pattern": "WINDOW_PATTERN", "seq_len": "SEQ_LEN",
+                  "device_batch_size": "DEVICE_BATCH_SIZE", "total_batch_size": "TOTAL_BATCH_SIZE"}
 # A configuration's keys not given default to the CPU tier's (backends/tiers.py).
-BASE = {key: CPU_TIER[key] for key in ("depth", "aspect_ratio", "head_dim", "window_pattern", "seq_len",
-                                       "device_batch_size", "total_batch_size")}
+BASE = {key: CPU_TIER[key] for key in CONSTANT_NAMES}
 # The 2026-12-02 sweep of docs/cpu-tier.md (run per dtype and thread count with --dtype/--threads).
 GRID = [
     {"depth": 2, "aspect_ratio": 64},
@@ -55,9 +58,6 @@ GRID = [
     {"depth": 2, "aspect_ratio": 64, "device_batch_size": 16, "total_batch_size": 2**13},
     {"depth": 2, "aspect_ratio": 96, "device_batch_size": 16, "total_batch_size": 2**13},
 ]
-CONSTANT_NAMES = {"depth": "DEPTH", "aspect_ratio": "ASPECT_RATIO", "head_dim": "HEAD_DIM",
-                  "window_pattern": "WINDOW_PATTERN", "seq_len": "SEQ_LEN",
-                  "device_batch_size": "DEVICE_BATCH_SIZE", "total_batch_size": "TOTAL_BATCH_SIZE"}
 COLUMNS = list(BASE) + ["val_bpb", "num_steps", "num_params_M", "total_tokens_M", "mfu_percent",
                         "training_seconds", "total_seconds", "peak_vram_mb", "standard", "date",
                         "chip", "threads", "compute_dtype", "peak_tflops", "train_tokens_per_second",
