@@ -121,7 +121,9 @@ EVAL_EAGER = BACKEND == "cpu"
 
 ROPE_BASE = 10000.0
 SOFTCAP = 15.0
-LOSS_CHUNK_ROWS = 128   # rows of logits alive at once in the loss: a chunk fits in the CPU's cache
+LOSS_CHUNK_ROWS = 256   # rows of logits alive at once in the loss: made and consumed in cache. 256
+                        # rather than 128 halves the calls per step: the CPU tier's bf16 step 5% faster
+                        # on 2 AMX cores (paired medians of 12 steps), fp32's unchanged
 LOSS_GROUP_ROWS = 2048  # rows per backward matmul of the loss (their logit gradients: 32 MB in bf16)
 NORM_EPS = 1e-6
 ATTENTION_BLOCKS = 4    # query blocks of matmul_attention (CPU): each skips the keys after it
