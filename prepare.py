@@ -1079,10 +1079,7 @@ class _BestFitPacker:
         position = 0
         while position < self.row_len:
             while len(self.keys) < self.buffer_size:
-                tokens, epoch = next(self.documents)
-                bisect.insort(self.keys, (len(tokens), self.arrivals))
-                self.buffered[self.arrivals] = (tokens, epoch)
-                self.arrivals += 1
+                self._buffer(*next(self.documents))
             space = self.row_len - position
             fitting = bisect.bisect_right(self.keys, (space, math.inf))
             if fitting:
@@ -1096,10 +1093,12 @@ class _BestFitPacker:
             position += take
             self.epoch = max(self.epoch, epoch)
             if take < length:
-                rest = np.concatenate(([self.bos], tokens[take:]))
-                bisect.insort(self.keys, (len(rest), self.arrivals))
-                self.buffered[self.arrivals] = (rest, epoch)
-                self.arrivals += 1
+                self._buffer(np.concatenate(([self.bos], tokens[take:])), epoch)
+
+    def _buffer(self, tokens, epoch):
+        bisect.insort(self.keys, (len(tokens), self.arrivals))
+        self.buffered[self.arrivals] = (tokens, epoch)
+        self.arrivals += 1
 
 
 def make_dataloader(tokenizer, B, T, split, *, rank=0, world_size=1, buffer_size=1000):
@@ -1117,15 +1116,16 @@ def make_dataloader(tokenizer, B, T, split, *, rank=0, world_size=1, buffer_size
         raise ValueError(f"bad loader shape: B={B} T={T} buffer_size={buffer_size} "
                          f"rank={rank} world_size={world_size}")
     name = active_dataset()
-    built = _read_dataset_info(dataset_dir(name)).get("format")
+    directory = dataset_dir(name)
+    built = _read_dataset_info(directory).get("format")
     if built != DATASET_FORMAT:
-        raise DataError(f"dataset {name!r} in {dataset_dir(name)} was built by another version of "
+        raise DataError(f"dataset {name!r} in {directory} was built by another version of "
                         f"prepare.py (format {built}, this one reads {DATASET_FORMAT}): run "
                         f"`{_prepare_command(name)}`")
-    shards = _split_shards(dataset_dir(name), split)
+    shards = _split_shards(directory, split)
     documents = sum(_shard_document_count(shard, name) for shard in shards)
     if not documents:
-        raise DataError(f"no {split} documents for dataset {name!r} in {dataset_dir(name)}: "
+        raise DataError(f"no {split} documents for dataset {name!r} in {directory}: "
                         f"run `{_prepare_command(name)}`")
     stale = _stale_token_caches(shards, tokenizer) if tokenizer.fingerprint else []
     if stale:
