@@ -10,7 +10,7 @@ in seconds (tests, quick tries).
 
 import os
 
-from backends.flops import nvidia_gpu_flops
+from backends.gpu_specs import nvidia_gpu_flops
 from backends.hardware import detect_backend
 
 MAX_SEQ_LEN = 2048  # = prepare.MAX_SEQ_LEN; evaluation reads rows of this length (prepare imports us)

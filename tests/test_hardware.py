@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import backends
-from backends import apple, flops, hardware, summary, tiers
+from backends import apple, flops, gpu_specs, hardware, summary, tiers
 from backends.hardware import BackendUnavailable, detect_backend
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -252,14 +252,14 @@ def test_apple_peak_is_gpu_cores_times_the_generations_per_core_rate(slug, tflop
 
 def test_a_future_apple_generation_uses_the_newest_per_core_rate_and_says_so():
     value, how = backends.peak_flops_and_source(apple_info("m7_max_hypothetical"), "mlx", dtype="bf16")
-    assert value == pytest.approx(60 * flops.APPLE_FLOPS_PER_GPU_CORE["M5"])
+    assert value == pytest.approx(60 * gpu_specs.APPLE_FLOPS_PER_GPU_CORE["M5"])
     assert "M7 is not" in how
 
 
 def test_an_unknown_apple_core_count_assumes_the_tiers_common_configuration():
     info = {**apple_info("m2_pro"), "gpu_cores": None}
     value, how = backends.peak_flops_and_source(info, "mlx", dtype="bf16")
-    assert value == pytest.approx(16 * flops.APPLE_FLOPS_PER_GPU_CORE["M2"])
+    assert value == pytest.approx(16 * gpu_specs.APPLE_FLOPS_PER_GPU_CORE["M2"])
     assert how.startswith("estimated:")
 
 
@@ -275,7 +275,7 @@ def test_an_unknown_apple_core_count_assumes_the_tiers_common_configuration():
 ])
 def test_nvidia_table_matches_torch_device_names(name, tflops):
     expected = None if tflops is None else pytest.approx(tflops * 1e12)
-    assert flops.nvidia_gpu_flops(name) == expected
+    assert gpu_specs.nvidia_gpu_flops(name) == expected
 
 
 def fake_measurement(calls, bf16=2e12, fp32=1e12):
@@ -355,7 +355,7 @@ def test_a_gpu_trains_in_bf16_only_from_sm80_and_its_fp32_peak_is_measured(monke
     assert precision["dtype"] == dtype and f"compute capability {capability[0]}.{capability[1]}" in precision["how"]
     assert calls == []  # the capability decides; nothing is timed
     if dtype == "bf16":
-        assert backends.peak_flops(info, "cuda", dtype="bf16") == flops.nvidia_gpu_flops(name)
+        assert backends.peak_flops(info, "cuda", dtype="bf16") == gpu_specs.nvidia_gpu_flops(name)
     # fp32 has no table: it is measured on the GPU (torch), whatever the GPU.
     assert backends.peak_flops(info, "cuda", dtype="fp32") == 14e12
     assert calls == [("torch", name, "cuda")]
