@@ -1,10 +1,6 @@
 """tools/budget.py: what counts as training outside the budget."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from budget import allowance_seconds, over_budget  # noqa: E402
+from tools.budget import allowance_seconds, over_budget
 
 
 def accounting(steps=200, untimed=2, batch=16384):

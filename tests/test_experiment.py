@@ -6,7 +6,6 @@ agent would, and checks git, results.tsv and the verdict afterwards. The verdict
 tested (and simulated) in test_verdict.py; here the values are chosen far from its boundaries.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -232,8 +231,8 @@ def test_clear_win_is_confirmed_kept_and_the_branch_advances(repo, env):
     assert [r[0] for r in new] == [head[:7]] * 6 and [r[3] for r in new] == ["keep"] * 6
     assert new[1][4] == f"wider mlp [run 2] {KIND}"
     last = done.stdout.splitlines()[-1]
-    assert last.startswith(f"KEEP     1.205000 (mean of 2, 20 steps, 1,000 tok/s; best 1.300000 mean of 6, 20 steps, "
-                           f"1,000 tok/s; -0.095000; sigma")
+    assert last.startswith("KEEP     1.205000 (mean of 2, 20 steps, 1,000 tok/s; best 1.300000 mean of 6, 20 steps, "
+                           "1,000 tok/s; -0.095000; sigma")
     assert last.endswith(f"; best now 1.203333 mean of 6) {head[:7]} wider mlp")
     assert runner(repo, env, "best").stdout.strip() == (
         f"{head[:7]}\t1.203333\t2.0\tkeep\twider mlp [mean of 6 runs] [{KIND[1:-1]}]")
@@ -334,31 +333,20 @@ def test_untimed_steps_that_carry_most_tokens_are_over_budget_and_never_kept(rep
     assert done.stdout.splitlines()[-1].startswith("DISCARD  1.000000 (over budget")
 
 
-def load_runner_module():
-    spec = importlib.util.spec_from_file_location("experiment_under_test", RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_run_that_spends_too_long_outside_its_timed_steps_is_over_budget(repo, env, monkeypatch, capsys):
     kept = baseline(repo, env)
     edit(repo, "slow start")
     plan(env, {"val_bpb": 1.0, "mode": "spin", "seconds": 1.0})
-    experiment = load_runner_module()
+    from tools import budget, experiment, monitor
     # The allowance is 60 s + 20% of the budget; shrink it here instead of waiting for minutes.
-    monkeypatch.setattr(experiment.budget, "ALLOWANCE_SECONDS", 0.0)
-    monkeypatch.setattr(experiment.budget, "ALLOWANCE_FRACTION", 0.0)
-    monkeypatch.setattr(experiment.monitor, "DISTURBED_SHARE", 1.0)  # other tests may share the machine
+    monkeypatch.setattr(budget, "ALLOWANCE_SECONDS", 0.0)
+    monkeypatch.setattr(budget, "ALLOWANCE_FRACTION", 0.0)
+    monkeypatch.setattr(monitor, "DISTURBED_SHARE", 1.0)  # other tests may share the machine
     monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "0.5")
     for key, value in env.items():
         if key != "AUTORESEARCH_TIME_BUDGET":
             monkeypatch.setenv(key, value)
-    monkeypatch.chdir(repo)
-    # The runner imports the checkout's stand-in harness, not the kit's that other tests loaded.
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    for name in [n for n in sys.modules if n == "prepare" or n == "backends" or n.startswith("backends.")]:
-        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.chdir(repo)  # the runner asks this checkout's stand-in harness for the kind
     monkeypatch.setattr(sys, "argv", ["experiment.py", "run", "slow start", "--script", "train.py",
                                       "--max-disturbance", "1"])
     with pytest.raises(SystemExit) as refused:  # no baseline of the 0.5 s kind yet

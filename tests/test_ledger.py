@@ -1,12 +1,9 @@
 """tools/ledger.py: results.tsv rows, their tags and kinds, and the checks before a run."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import ledger  # noqa: E402
+from tools import ledger
 
 KIND = ledger.Kind(300.0, "standard", "pystdlib", "cpu", "cpu", 1, True)
 SMOKE = ledger.Kind(10.0, "smoke", "local", "cpu", "smoke", 2, False)

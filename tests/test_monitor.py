@@ -4,11 +4,9 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import monitor  # noqa: E402
-from monitor import Load, LoadMonitor  # noqa: E402
+from tools import monitor
+from tools.monitor import Load, LoadMonitor
 
 
 def spin(seconds):

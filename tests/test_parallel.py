@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -292,11 +291,11 @@ def test_slots_with_part_of_the_cores_need_their_own_baseline_and_refuse_another
     whole_machine = {"time_budget": 300.0, "profile": "standard", "dataset": "pystdlib", "backend": "cpu",
                      "tier": "cpu", "world_size": 1, "standard": True}
     request = {"kind": whole_machine, "threads": 1, "script": "train.py", "timeout": 60, "max_disturbance": 1}
-    origin = {"tools": str(KIT / "tools"), "env": {}}
+    origin = {"env": {}}
     on_slot = subprocess.run(
-        [sys.executable, "-c", "import sys, json; sys.path.insert(0, sys.argv[1]); import cluster; "
-         "print(json.dumps(cluster.train_in(sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]))))",
-         str(KIT / "tools"), str(repo), json.dumps(request), json.dumps(origin)],
+        [sys.executable, "-c", "import sys, json; from tools import cluster; "
+         "print(json.dumps(cluster.train_in(sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]))))",
+         str(repo), json.dumps(request), json.dumps(origin)],
         cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert on_slot.returncode == 0, on_slot.stderr
     refusal = json.loads(on_slot.stdout.strip().splitlines()[-1])["refused"]

@@ -448,7 +448,7 @@ def test_no_tokenizer_names_the_command_to_run(tiny_env, copied_dataset, tiny_da
         prepare.get_tokenizer()
     shutil.rmtree(copied_dataset / "tokenizer")
     command = f"uv run prepare.py --dataset local --source {tiny_dataset.source}"
-    with pytest.raises(prepare.DataError, match=re.escape(f"no tokenizer for dataset 'local'")) as error:
+    with pytest.raises(prepare.DataError, match=re.escape("no tokenizer for dataset 'local'")) as error:
         prepare.get_tokenizer()
     assert command in str(error.value)
     with pytest.raises(prepare.DataError, match=re.escape(command)):

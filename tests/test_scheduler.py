@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tools import scheduler, verdict
+
 KIT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(KIT / "tools"))
-import scheduler  # noqa: E402
-import verdict  # noqa: E402
 
 BEST = [1.300, 1.310, 1.290, 1.300, 1.305, 1.295]
 WIN = verdict.Outcome(value=1.200)

@@ -2,15 +2,11 @@
 seeded simulation through the same functions the runner calls (tools/simulate_verdicts.py)."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import simulate_verdicts  # noqa: E402
-import verdict  # noqa: E402
-from verdict import Outcome, decide, judge_candidate, pooled_noise, student_t_quantile  # noqa: E402
+from tools import simulate_verdicts, verdict
+from tools.verdict import Outcome, decide, judge_candidate, pooled_noise, student_t_quantile
 
 
 @pytest.mark.parametrize("p, dof, expected", [(0.95, 2, 2.919986), (0.95, 10, 1.812461), (0.99, 5, 3.364930),

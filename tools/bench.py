@@ -35,12 +35,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import backends
+import prepare
+from backends import hardware
+from backends.report import harness_hash, read_run_json
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-import backends  # noqa: E402
-import prepare  # noqa: E402
-from backends import hardware  # noqa: E402
-from backends.report import harness_hash, read_run_json  # noqa: E402
 
 ENVIRONMENT = """environment:
   AUTORESEARCH_CACHE_DIR  the data and the cached matmul peak (default ~/.cache/autoresearch)

@@ -20,8 +20,8 @@ Each run, on its node: checks that the dataset description (dataset.json in the 
 harness hash (prepare.py, backends/) match the driver's, else the run is refused (not the idea's
 fault); checks out the candidate commit in a git worktree when the checkout is on that node, else
 unpacks a `git archive` of it; trains with the driver's AUTORESEARCH_* settings but its own cache
-(AUTORESEARCH_CACHE_DIR of the node's environment); trains through experiment.execute (same timeout, budget and load
-checks as `run`); returns the outcome with run.log, which the scheduler keeps under runs/<run>/.
+(AUTORESEARCH_CACHE_DIR of the node's environment); trains through tools/training_run.py (same
+timeout, budget and load checks as `run`); returns the outcome with run.log, which the scheduler keeps under runs/<run>/.
 A worker process killed or a node lost mid-run: the run is retried once, then recorded as a crash.
 """
 
@@ -29,7 +29,6 @@ import argparse
 import fcntl
 import hashlib
 import io
-import json
 import os
 import shlex
 import socket
@@ -40,9 +39,11 @@ import tempfile
 import time
 from pathlib import Path
 
-TOOLS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TOOLS))
-import scheduler  # noqa: E402
+from backends.report import harness_hash
+from tools import ledger, scheduler
+from tools.kind import expected_kind
+from tools.runner_state import Refused
+from tools.training_run import LOG_FILE, RunPlan, execute
 
 SCHEDULER_LOCK = scheduler.PARALLEL_DIR / "scheduler.lock"
 SCHEDULER_LOG = scheduler.PARALLEL_DIR / "scheduler.log"
@@ -73,12 +74,6 @@ def dataset_fingerprint(dataset):
     return hashlib.sha256(description.read_bytes()).hexdigest()[:12] if description.exists() else "missing"
 
 
-def harness_of(tree):
-    sys.path.insert(0, str(tree))
-    from backends.report import harness_hash
-    return harness_hash(tree)
-
-
 def scheduler_running():
     """True when a scheduler holds this checkout's scheduler lock."""
     return scheduler.lock_is_held(SCHEDULER_LOCK)
@@ -95,7 +90,7 @@ def start_scheduler(workers=None, address=None):
     else:  # a restart (wait found runs but no scheduler): the slots the first submit asked for
         saved = scheduler.read_json(CLUSTER_FILE) or {}
         workers, address = saved.get("workers"), saved.get("address")
-    command = [sys.executable, str(TOOLS / "cluster.py"), "serve"]
+    command = [sys.executable, str(Path(__file__).resolve()), "serve"]
     if workers:
         command += ["--workers", str(workers)]
     if address:
@@ -129,7 +124,7 @@ def run_on_node(request, origin, expected, archive):
                 return dict(record, refused=f"no tree for the run: git worktree add failed: {added.stderr.strip()}")
         else:
             tarfile.open(fileobj=io.BytesIO(archive)).extractall(tree)
-        found["harness"] = harness_of(tree)
+        found["harness"] = harness_hash(tree)
         mismatch = [f"{key} {found[key]} here, {expected[key]} on the driver" for key in expected if found[key] != expected[key]]
         if mismatch:
             return dict(record, refused=f"{socket.gethostname()} does not match the driver: {'; '.join(mismatch)}")
@@ -142,10 +137,9 @@ def run_on_node(request, origin, expected, archive):
 
 
 def train_in(tree, request, origin):
-    """experiment.execute in the run's tree, with the driver's AUTORESEARCH_* settings."""
+    """training_run.execute in the run's tree, with the driver's AUTORESEARCH_* settings; the kind
+    of this slot comes from the tree's own harness (tools/kind.py asks it in the tree)."""
     import ray
-    tools = origin["tools"] if Path(origin["tools"]).is_dir() else str(tree / "tools")
-    sys.path.insert(0, tools)
     threads = request.get("threads") or node_slot_threads(ray)
     os.environ.update({"OMP_NUM_THREADS": str(threads), "AUTORESEARCH_THREADS": str(threads)})
     os.environ.pop("AUTORESEARCH_RUNS_DIR", None)
@@ -153,12 +147,9 @@ def train_in(tree, request, origin):
     if "AUTORESEARCH_TRAIN_CMD" not in origin["env"]:
         os.environ["AUTORESEARCH_TRAIN_CMD"] = f"{shlex.quote(sys.executable)} {shlex.quote(request['script'])}"
     os.chdir(tree)
-    import experiment
-    import ledger
     kind = ledger.Kind(**request["kind"])
-    sys.path.insert(0, str(tree))  # the run's prepare.py and backends/, for the kind of this slot
     try:
-        here = experiment.expected_kind(threads)
+        here = expected_kind(threads)
     except SystemExit:  # expected_kind refused: its one line is in the scheduler's log
         return {"refused": f"set-up error on {socket.gethostname()} (see {SCHEDULER_LOG})"}
     if here != kind:
@@ -168,11 +159,11 @@ def train_in(tree, request, origin):
     limit = min(1.0, request["max_disturbance"] + request.get("other_slots_share", 0.0))
     started = time.time()
     try:
-        run = experiment.execute(request["script"], request["timeout"], kind, limit)
-    except experiment.Refused as error:
+        run = execute(RunPlan(request["script"], kind, request["timeout"], limit))
+    except Refused as error:
         return {"refused": str(error)}
     ended = time.time()
-    log = (tree / experiment.LOG_FILE)
+    log = Path(tree) / LOG_FILE
     return {"outcome": vars(run.outcome), "fields": run.fields, "note": run.note, "wall": run.wall,
             "val_bpb": run.val_bpb, "memory_gb": run.memory_gb, "threads": threads,
             "training_started_at": started, "training_finished_at": ended,
@@ -233,7 +224,7 @@ def serve(args):
                  include_dashboard=False, log_to_driver=False)
     remote = ray.remote(max_retries=0)(run_on_node)
     root = str(Path.cwd())
-    origin = {"root": root, "host": socket.gethostname(), "tools": str(TOOLS),
+    origin = {"root": root, "host": socket.gethostname(),
               "env": {k: v for k, v in os.environ.items()
                       if k.startswith(("AUTORESEARCH_", "FAKE_")) and k != "AUTORESEARCH_CACHE_DIR"}}
     # A run found in running/ belongs to a scheduler that died: it goes back to the queue.
@@ -265,7 +256,7 @@ def schedule(ray, remote, origin, root):
             if record["commit"] not in archives:
                 tar = subprocess.run(["git", "archive", record["commit"]], capture_output=True, check=True).stdout
                 archives[record["commit"]] = ray.put(tar)
-            expected = {"dataset": dataset_fingerprint(record["kind"]["dataset"]), "harness": harness_of(Path(root))}
+            expected = {"dataset": dataset_fingerprint(record["kind"]["dataset"]), "harness": harness_hash(root)}
             ref = remote.options(**options).remote(record, origin, expected, archives[record["commit"]])
             in_flight[ref] = dict(record, expected=expected)
         if in_flight:

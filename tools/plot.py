@@ -18,20 +18,18 @@ Reads no environment variables.
 import argparse
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
+from matplotlib.text import Text
+from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import Bbox
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.transforms import Bbox  # noqa: E402
-from matplotlib.text import Text  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from tools import ledger
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ledger  # noqa: E402
+matplotlib.use("Agg")  # files only, never a window; switching is allowed until a figure exists
 
 
 def parse_results(text, source="results.tsv"):

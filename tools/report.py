@@ -26,14 +26,11 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ledger  # noqa: E402
-import plot  # noqa: E402
+from tools import ledger, plot
 
 ENVIRONMENT = """environment:
   AUTORESEARCH_RUNS_DIR  where the run JSON files are (default: ./runs); --runs-dir overrides it"""

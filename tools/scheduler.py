@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-import verdict
+from tools import verdict
 
 
 def lock_is_held(path):

@@ -15,11 +15,8 @@ Environment variables: none.
 import argparse
 import random
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from verdict import BEST_RUNS, Outcome, confirm_best, judge_candidate  # noqa: E402
+from tools.verdict import BEST_RUNS, Outcome, confirm_best, judge_candidate
 
 EFFECTS = (0.0, 1.0, 2.0, 3.0)  # true gains, in sigmas, of every candidate in a simulated night
 

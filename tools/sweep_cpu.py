@@ -29,10 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import prepare
+from backends.tiers import CPU_TIER
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-import prepare  # noqa: E402  (the repo root is on the path only now)
-from backends.tiers import CPU_TIER  # noqa: E402
 
 RESULTS_PATH = REPO_ROOT / "tools" / "sweep_cpu_results.tsv"
 ENVIRONMENT = """environment:

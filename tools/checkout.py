@@ -1,0 +1,134 @@
+"""Git plumbing of the runner: the branch, its base, the locked harness, experiment commits.
+
+Every git call runs in its own session, so a Ctrl-C at the terminal never cuts git short. The
+harness (backends.report.LOCKED_PATHS) must match the branch's base, its merge-base with main or
+master; a run refuses otherwise.
+"""
+
+import os
+import subprocess
+from pathlib import Path
+
+from backends.report import LOCKED_PATHS
+from tools import scheduler
+from tools.runner_state import STATE_DIR, refuse
+
+BASE_BRANCHES = ("main", "master")
+
+
+def git(*args):
+    """Output of a git command. Own session, so a Ctrl-C at the terminal never cuts git short."""
+    result = subprocess.run(["git", *args], capture_output=True, text=True, start_new_session=True)
+    if result.returncode != 0:
+        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise SystemExit(f"git {args[0]} failed: {detail[-1] if detail else 'no output'}")
+    return result.stdout.strip()
+
+
+def git_quiet(*args, env=None):
+    """(exit code, output) of a git command that may fail as part of the plan (a conflict)."""
+    result = subprocess.run(["git", *args], capture_output=True, text=True, start_new_session=True,
+                            env=dict(os.environ, **(env or {})))
+    return result.returncode, (result.stdout + result.stderr).strip()
+
+
+def repo_root():
+    """The top of the git checkout the current directory is in."""
+    found = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise SystemExit("not inside a git repository: run this from your autoresearch checkout")
+    return Path(found.stdout.strip())
+
+
+def head():
+    """The full commit id of HEAD."""
+    return git("rev-parse", "HEAD")
+
+
+def current_branch():
+    """The checked-out branch, or None on a detached HEAD."""
+    result = subprocess.run(["git", "symbolic-ref", "--quiet", "--short", "HEAD"], capture_output=True, text=True)
+    return result.stdout.strip() or None
+
+
+def branch_base():
+    """(name, commit): where this branch left main (or master); the harness must match it."""
+    for name in BASE_BRANCHES:
+        exists = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"],
+                                capture_output=True, text=True)
+        if exists.returncode == 0:
+            return name, git("merge-base", "HEAD", name)
+    raise SystemExit("no main or master branch to compare prepare.py and backends/ against")
+
+
+def harness_changes(base):
+    """Locked paths that differ from the base commit: committed, staged, unstaged or new."""
+    changed = git("diff", "--name-only", base, "--", *LOCKED_PATHS).split()
+    added = git("ls-files", "--others", "--exclude-standard", "--", *LOCKED_PATHS).split()
+    return sorted(set(changed + added))
+
+
+def require_clean_harness():
+    """Refuse unless we are on an experiment branch whose locked files match the base."""
+    branch = current_branch()
+    if branch is None:
+        refuse("HEAD is detached; check out your experiment branch (autoresearch/<tag>)")
+    if branch in BASE_BRANCHES:
+        refuse(f"on {branch}; experiments run on their own branch: git checkout -b autoresearch/<tag>")
+    base_name, base = branch_base()
+    changed = harness_changes(base)
+    if changed:
+        refuse(f"the harness is locked but {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} "
+               f"from {base[:7]} ({base_name}); undo that with: git checkout {base[:7]} -- {' '.join(LOCKED_PATHS)}")
+
+
+def commit_script(script, message):
+    """Commit the training script alone; False when it has no change to commit."""
+    if not git("status", "--porcelain", "--", script):
+        return False
+    git("add", "--", script)
+    git("commit", "--quiet", "-m", message, "--", script)
+    return True
+
+
+def candidate_commit(script, description, parent):
+    """A commit of the script as it is in the working tree on top of `parent`, made with a private
+    index, so neither HEAD nor the index moves."""
+    index = STATE_DIR / "candidate.index"
+    env = {"GIT_INDEX_FILE": str(index.resolve())}
+    try:
+        for args in (("read-tree", parent), ("add", "--", script)):
+            code, out = git_quiet(*args, env=env)
+            if code:
+                raise SystemExit(f"git {args[0]} failed: {out}")
+        code, tree = git_quiet("write-tree", env=env)
+        if code:
+            raise SystemExit(f"git write-tree failed: {tree}")
+    finally:
+        index.unlink(missing_ok=True)
+    return git("commit-tree", tree, "-p", parent, "-m", description)
+
+
+def rebase_onto(candidate, onto):
+    """(new commit, None) with the candidate's change on top of `onto`, or (None, why not)."""
+    tree = scheduler.PARALLEL_DIR / "rebase" / candidate["id"]
+    git("worktree", "add", "--quiet", "--force", "--detach", str(tree), onto)
+    try:
+        code, out = git_quiet("-C", str(tree), "cherry-pick", "--allow-empty", candidate["commit"])
+        if code:
+            conflicted = git_quiet("-C", str(tree), "diff", "--name-only", "--diff-filter=U")[1].split()
+            git_quiet("-C", str(tree), "cherry-pick", "--abort")
+            return None, f"conflict in {', '.join(conflicted) or out.splitlines()[-1]}"
+        return git_quiet("-C", str(tree), "rev-parse", "HEAD")[1], None
+    finally:
+        git_quiet("worktree", "remove", "--force", str(tree))
+
+
+def advance_to(candidate):
+    """Move the branch to a won candidate; None when done, else the fix (an uncommitted edit)."""
+    script = candidate["script"]
+    if git("status", "--porcelain", "--", script):
+        return (f"the branch cannot move to {candidate['commit'][:7]} while {script} has uncommitted changes: "
+                f"submit them or stash them (git stash), then run wait again")
+    code, out = git_quiet("reset", "--quiet", "--keep", candidate["commit"])
+    return f"git reset --keep {candidate['commit'][:7]} failed: {out}" if code else None

@@ -1,0 +1,148 @@
+"""The runner's own files and signals: the lock, the state, the per-run details, refusals.
+
+One runner command at a time per checkout holds .autoresearch/lock. .autoresearch/state.json
+remembers an experiment in progress (so the next runner can finish the clean-up of a killed one)
+and the last verdict. runs/experiments.jsonl keeps the details of every run (steps, tok/s, load).
+Every step that changes git or results.tsv runs inside signals_held(), so an interruption never
+lands between a commit and its bookkeeping.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+from backends.report import runs_dir
+from tools import scheduler
+
+STATE_DIR = Path(".autoresearch")  # the runner's memory; ignores itself in git
+STATE_FILE = STATE_DIR / "state.json"
+LOCK_FILE = STATE_DIR / "lock"
+DETAILS_FILE = "experiments.jsonl"  # in runs_dir(): steps, tok/s, load and wall time of every run
+EXIT_REFUSED = 2
+EXIT_INTERRUPTED = 130
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(Exception):
+    """Ctrl-C, SIGTERM or SIGHUP reached the runner."""
+
+
+class Refused(Exception):
+    """Not the idea's fault: the run could not start or could not be judged; nothing is lost."""
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold back the handled signals until the block is done, then act on them.
+
+    Wraps every step that changes git or results.tsv, so an interruption can never land between a
+    commit and its bookkeeping.
+    """
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in HANDLED_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise Interrupted
+
+
+def refuse(message):
+    """Print one line saying why nothing ran, and exit EXIT_REFUSED."""
+    print(f"refusing to run: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_REFUSED)
+
+
+@contextlib.contextmanager
+def exclusive_lock(patience=0.0):
+    """Hold .autoresearch/lock for the whole command; a second runner refuses at once (or after
+    `patience` seconds: submit and wait hold it only briefly, so they queue up behind each other)."""
+    STATE_DIR.mkdir(exist_ok=True)
+    (STATE_DIR / ".gitignore").write_text("*\n")
+    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    give_up = time.monotonic() + patience
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < give_up:
+                    time.sleep(0.1)
+                    continue
+                holder = Path(LOCK_FILE).read_text().strip() or "another process"
+                refuse(f"another experiment is running in this checkout ({holder}); wait for it to finish "
+                       f"(uv run tools/experiment.py status shows it)")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}: {shlex.join(sys.argv[1:])}, since {time.strftime('%H:%M:%S')}".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def lock_holder():
+    """What holds the lock now, or None."""
+    return (LOCK_FILE.read_text().strip() or "another process") if scheduler.lock_is_held(LOCK_FILE) else None
+
+
+def load_state():
+    """state.json as a dict; {} when it is missing or unreadable."""
+    try:
+        state = json.loads(STATE_FILE.read_text())
+        return state if isinstance(state, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_state(state):
+    """Write state.json whole (through a temporary file), so no reader sees half of it."""
+    STATE_DIR.mkdir(exist_ok=True)
+    tmp = STATE_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, STATE_FILE)
+
+
+def remember(line):
+    """Keep a verdict line as the last verdict that `status` shows."""
+    with signals_held():
+        state = load_state()
+        state["last_verdict"] = line
+        save_state(state)
+
+
+def record_details(entries):
+    """Append run details (one JSON object a line) to runs/experiments.jsonl."""
+    if not entries:
+        return
+    path = runs_dir() / DETAILS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(entry) + "\n" for entry in entries))
+
+
+def details_of(commit, kind):
+    """The recorded details (num_steps, tok/s, ...) of every evidence run of a commit and kind."""
+    path = runs_dir() / DETAILS_FILE
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("commit") == commit[:7] and entry.get("kind") == kind and entry.get("evidence"):
+            found.append(entry)
+    return found
