@@ -44,7 +44,7 @@ _FORMATS = {
     "train_tokens_per_second": "{:.0f}", "data_wait_percent": "{:.2f}", "eval_seconds": "{:.2f}",
     "eval_tokens_per_second": "{:.0f}", "peak_tflops": "{:.3f}",
 }
-LOCKED_PATHS = ("prepare.py", "backends")
+LOCKED_PATHS = ("prepare.py", "dataset_builders.py", "backends")  # the harness; the agent never edits it
 
 
 def runs_dir():
@@ -53,9 +53,11 @@ def runs_dir():
 
 
 def harness_hash(root=REPO_ROOT):
-    """Short sha256 over the locked files (prepare.py and backends/*.py), in a fixed order."""
+    """Short sha256 over the locked files (LOCKED_PATHS: the files, and each folder's *.py), in a
+    fixed order."""
     root = Path(root)
-    files = [root / "prepare.py"] + sorted((root / "backends").glob("*.py"))
+    files = [path for locked in LOCKED_PATHS
+             for path in (sorted((root / locked).glob("*.py")) if (root / locked).is_dir() else [root / locked])]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(root).as_posix().encode())
@@ -70,7 +72,7 @@ def run_context(world_size=1, backend=None):
     dataset, the evaluation budget (of the backend that trains), the time budget, the harness
     hash, whether the result is standard (comparable), the profile and the number of training
     processes."""
-    import prepare  # here, not at the top: prepare imports backends, and the runner needs no numpy
+    import prepare  # here, not at the top: the runner imports this module and needs no numpy
     from backends.tiers import current_profile
 
     return {

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import dataset_builders
 import prepare
 from conftest import REPO_ROOT, generated_documents
 
@@ -85,7 +86,7 @@ def hub():
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("AUTORESEARCH_DATASET", raising=False)
-    monkeypatch.delenv(prepare.DOWNLOAD_URL_ENV, raising=False)
+    monkeypatch.delenv(dataset_builders.DOWNLOAD_URL_ENV, raising=False)
     directory = tmp_path / "cache" / "climbmix"
     directory.mkdir(parents=True)
     return directory
@@ -99,8 +100,8 @@ def test_flaky_host_then_gone_leaves_every_good_shard_and_no_partial_file(hub, c
     hub.fail_once.add("/shard_00001.parquet")
     hub.drop_once.add("/shard_00003.parquet")
     hub.truncated.add("/shard_00002.parquet")
-    with pytest.raises(prepare.DownloadError) as error:
-        prepare.download_climbmix(cache, 4, base_url=hub.url, **FAST)
+    with pytest.raises(dataset_builders.DownloadError) as error:
+        dataset_builders.download_climbmix(cache, 4, base_url=hub.url, **FAST)
     message = str(error.value)
     assert f"could not download 1 of 5 files from 127.0.0.1:{hub.url.rsplit(':', 1)[1]} " \
            "(train_00002.parquet): incomplete or corrupt file" in message
@@ -114,13 +115,13 @@ def test_flaky_host_then_gone_leaves_every_good_shard_and_no_partial_file(hub, c
 
     hub.truncated.clear()  # the next run resumes: only the missing shard is fetched
     hub.requests.clear()
-    prepare.download_climbmix(cache, 4, base_url=hub.url, **FAST)
+    dataset_builders.download_climbmix(cache, 4, base_url=hub.url, **FAST)
     assert hub.requests == ["/shard_00002.parquet"]
     assert (cache / "train_00002.parquet").read_bytes() == hub.files["/shard_00002.parquet"]
 
     hub.go_away()  # asking for one more shard now fails with one clear line, losing nothing
-    monkeypatch.setenv(prepare.DOWNLOAD_URL_ENV, hub.url)
-    monkeypatch.setattr(prepare, "DOWNLOAD_BACKOFF_SECONDS", 0.001)
+    monkeypatch.setenv(dataset_builders.DOWNLOAD_URL_ENV, hub.url)
+    monkeypatch.setattr(dataset_builders, "DOWNLOAD_BACKOFF_SECONDS", 0.001)
     with pytest.raises(SystemExit) as exit_info:
         prepare.main(["--dataset", "climbmix", "--num-shards", "5"])
     message = exit_info.value.code
@@ -132,8 +133,8 @@ def test_flaky_host_then_gone_leaves_every_good_shard_and_no_partial_file(hub, c
 
 def test_unreachable_host_exits_nonzero_with_one_line_and_no_traceback(tmp_path):
     env = {**os.environ, "AUTORESEARCH_CACHE_DIR": str(tmp_path),
-           prepare.DOWNLOAD_URL_ENV: "http://127.0.0.1:9"}  # the discard port: nothing listens
-    script = ("import prepare; prepare.DOWNLOAD_BACKOFF_SECONDS = 0.001; "
+           dataset_builders.DOWNLOAD_URL_ENV: "http://127.0.0.1:9"}  # the discard port: nothing listens
+    script = ("import dataset_builders, prepare; dataset_builders.DOWNLOAD_BACKOFF_SECONDS = 0.001; "
               "prepare.main(['--dataset', 'climbmix', '--num-shards', '2'])")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
@@ -145,18 +146,18 @@ def test_unreachable_host_exits_nonzero_with_one_line_and_no_traceback(tmp_path)
 
 
 def test_corrupt_shard_on_disk_is_downloaded_again(hub, cache):
-    prepare.download_climbmix(cache, 2, base_url=hub.url, **FAST)
+    dataset_builders.download_climbmix(cache, 2, base_url=hub.url, **FAST)
     (cache / "train_00001.parquet").write_bytes(b"PAR1 garbage")
     hub.requests.clear()
-    prepare.download_climbmix(cache, 2, base_url=hub.url, **FAST)
+    dataset_builders.download_climbmix(cache, 2, base_url=hub.url, **FAST)
     assert hub.requests == ["/shard_00001.parquet"]
     assert (cache / "train_00001.parquet").read_bytes() == hub.files["/shard_00001.parquet"]
 
 
 def test_missing_file_fails_at_once_without_retries(hub, cache):
     del hub.files["/shard_00001.parquet"]
-    with pytest.raises(prepare.DownloadError, match=r"\(train_00001.parquet\): HTTP 404"):
-        prepare.download_climbmix(cache, 3, base_url=hub.url, **FAST)
+    with pytest.raises(dataset_builders.DownloadError, match=r"\(train_00001.parquet\): HTTP 404"):
+        dataset_builders.download_climbmix(cache, 3, base_url=hub.url, **FAST)
     assert hub.count("/shard_00001.parquet") == 1
     assert files_in(cache) == ["train_00000.parquet", "train_00002.parquet", "val.parquet"]
 
@@ -164,7 +165,7 @@ def test_missing_file_fails_at_once_without_retries(hub, cache):
 def test_shard_count_is_checked(cache):
     for bad in (0, 6543):
         with pytest.raises(prepare.DataError, match=f"--num-shards must be between 1 and 6542, got {bad}"):
-            prepare.download_climbmix(cache, bad)
+            dataset_builders.download_climbmix(cache, bad)
 
 
 def test_climbmix_prepares_end_to_end_from_a_mirror(hub, cache, monkeypatch):
@@ -180,10 +181,10 @@ def test_climbmix_prepares_end_to_end_from_a_mirror(hub, cache, monkeypatch):
 def test_tinystories_is_downloaded_and_converted_to_the_shard_layout(tmp_path, monkeypatch):
     stories = generated_documents(60, seed=9)
     train, val = stories[:50], stories[50:]
-    separator = f"\n{prepare.TINYSTORIES_SEPARATOR}\n"
-    server = FlakyServer({f"/{prepare.TINYSTORIES_FILES['train']}": separator.join(train).encode(),
-                          f"/{prepare.TINYSTORIES_FILES['val']}": separator.join(val).encode()})
-    server.fail_once.add(f"/{prepare.TINYSTORIES_FILES['train']}")
+    separator = f"\n{dataset_builders.TINYSTORIES_SEPARATOR}\n"
+    server = FlakyServer({f"/{dataset_builders.TINYSTORIES_FILES['train']}": separator.join(train).encode(),
+                          f"/{dataset_builders.TINYSTORIES_FILES['val']}": separator.join(val).encode()})
+    server.fail_once.add(f"/{dataset_builders.TINYSTORIES_FILES['train']}")
     monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(tmp_path))
     try:
         info = prepare.prepare("tinystories", base_url=server.url, vocab_size=300, shard_chars=20_000, **FAST)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import prepare
+import dataset_builders
 from backends.report import parse_summary
 from conftest import REPO_ROOT, generated_documents
 
@@ -121,10 +121,10 @@ def test_prepare_resumed_with_another_source_keeps_nothing_of_the_first(tmp_path
     cache = tmp_path / "cache"
     shutil.copytree(fresh_a, cache)
     # B's shards are written, then Ctrl-C arrives while the tokenizer trains on them.
-    interrupted = run(["-c", "import prepare\n"
+    interrupted = run(["-c", "import dataset_builders, prepare\n"
                              "def interrupted(*args, **kwargs):\n"
                              "    raise KeyboardInterrupt\n"
-                             "prepare.train_tokenizer = interrupted\n"
+                             "dataset_builders.train_tokenizer = interrupted\n"
                              "prepare.main(['--dataset', 'local', '--source', "
                              f"{str(corpus_b)!r}])"],
                       {"AUTORESEARCH_CACHE_DIR": str(cache)})
@@ -154,8 +154,8 @@ def test_a_huge_file_is_streamed_in_documents_and_a_short_vocabulary_says_why(tm
     # One file of ~1 MB (10 x LOCAL_DOC_CHARS) among 20 small ones; the old code made it one
     # document, of which the tokenizer saw its first TOKENIZER_DOC_CHARS only.
     source = write_corpus(tmp_path / "corpus", 20, seed=13)
-    huge = "\n".join(generated_documents(600, seed=14))[:10 * prepare.LOCAL_DOC_CHARS]
-    assert len(huge) == 10 * prepare.LOCAL_DOC_CHARS
+    huge = "\n".join(generated_documents(600, seed=14))[:10 * dataset_builders.LOCAL_DOC_CHARS]
+    assert len(huge) == 10 * dataset_builders.LOCAL_DOC_CHARS
     (source / "huge.txt").write_text(huge, encoding="utf-8")
     cache = tmp_path / "cache"
     result = prepare_local(cache, source)
@@ -164,7 +164,7 @@ def test_a_huge_file_is_streamed_in_documents_and_a_short_vocabulary_says_why(tm
                   for name in ("train_00000.parquet", "val.parquet"))
     pieces = [text for text in train + val if text in huge]
     assert len(train) + len(val) == 20 + len(pieces) and len(pieces) >= 10
-    assert all(len(piece) <= prepare.LOCAL_DOC_CHARS and piece.endswith("\n")
+    assert all(len(piece) <= dataset_builders.LOCAL_DOC_CHARS and piece.endswith("\n")
                for piece in sorted(pieces, key=huge.index)[:-1])  # cut at line ends
     assert "".join(sorted(pieces, key=huge.index)) == huge  # and nothing lost
     tokenizer_line = next(line for line in result.stderr.replace("\r", "\n").splitlines()
@@ -239,16 +239,16 @@ def test_a_full_disk_is_one_line_and_leaves_no_tmp_behind(tmp_path, corpus_a, fr
 def test_the_disk_full_line_says_how_much_is_free(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(tmp_path / "cache"))
     free = shutil.disk_usage(tmp_path).free
-    line = prepare._out_of_space(OSError(errno.ENOSPC, "No space left on device"))
+    line = dataset_builders._out_of_space(OSError(errno.ENOSPC, "No space left on device"))
     assert line.startswith(f"no room to write in {tmp_path / 'cache'}: the disk is full (")
-    assert f"({prepare._human(free)}B free); free some space or set AUTORESEARCH_CACHE_DIR" in line
-    assert prepare._out_of_space(OSError(errno.EACCES, "Permission denied")) is None
+    assert f"({dataset_builders._human(free)}B free); free some space or set AUTORESEARCH_CACHE_DIR" in line
+    assert dataset_builders._out_of_space(OSError(errno.EACCES, "Permission denied")) is None
 
 
 def test_zero_shards_is_refused_before_anything_is_made(tmp_path):
     result = run(["prepare.py", "--num-shards", "0"],
                  {"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache"),
-                  prepare.DOWNLOAD_URL_ENV: "http://127.0.0.1:9"})  # nothing listens there
+                  dataset_builders.DOWNLOAD_URL_ENV: "http://127.0.0.1:9"})  # nothing listens there
     line = check_one_line(result, 1, "prepare.py: --num-shards must be between 1 and 6542, got 0")
     assert result.stderr.strip() == line
     assert not (tmp_path / "cache").exists()

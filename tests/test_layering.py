@@ -8,7 +8,6 @@ package is already being imported).
 """
 
 import ast
-from pathlib import Path
 
 from conftest import REPO_ROOT
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import dataset_builders
 import prepare
 from conftest import REPO_ROOT, generated_documents
 
@@ -97,8 +98,8 @@ def copied_dataset(tiny_dataset, tiny_env, tmp_path, monkeypatch):
 
 def test_constants_are_the_contract_values():
     assert (prepare.MAX_SEQ_LEN, prepare.STANDARD_TIME_BUDGET, prepare.VOCAB_SIZE) == (2048, 300, 8192)
-    assert len(prepare.SPECIAL_TOKENS) == 4 and prepare.BOS_TOKEN == prepare.SPECIAL_TOKENS[0]
-    assert r"\p{N}{1,2}" in prepare.SPLIT_PATTERN and r"\p{N}{1,3}" not in prepare.SPLIT_PATTERN
+    assert len(dataset_builders.SPECIAL_TOKENS) == 4 and dataset_builders.BOS_TOKEN == dataset_builders.SPECIAL_TOKENS[0]
+    assert r"\p{N}{1,2}" in dataset_builders.SPLIT_PATTERN and r"\p{N}{1,3}" not in dataset_builders.SPLIT_PATTERN
 
 
 def _import_in_subprocess(env_changes, expression):
@@ -123,7 +124,7 @@ def test_time_budget_override_is_labelled_non_standard():
 def test_cache_root_and_recorded_dataset_follow_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("AUTORESEARCH_DATASET", raising=False)
-    assert prepare.cache_root() == tmp_path
+    assert dataset_builders.cache_root() == tmp_path
     with pytest.raises(prepare.DataError, match=r"uv run prepare.py --dataset pystdlib"):
         prepare.active_dataset()
     (tmp_path / "active_dataset").write_text("tinystories\n")
@@ -144,7 +145,7 @@ def test_unknown_dataset_is_one_clear_error(tmp_path, monkeypatch, capsys):
 
 
 def test_progress_line_shows_done_total_rate_and_time_left(capsys):
-    progress = prepare.Progress("download", 10, "files")
+    progress = dataset_builders.Progress("download", 10, "files")
     progress.update(3)
     progress.close()
     line = capsys.readouterr().err.split("\r")[-1]
@@ -180,12 +181,12 @@ def test_pystdlib_is_every_stdlib_file_split_by_path(tmp_path, monkeypatch, caps
     _write_fake_stdlib(stdlib)
     monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("AUTORESEARCH_DATASET", raising=False)
-    monkeypatch.setattr(prepare, "_running_stdlib_dir", lambda: stdlib)
+    monkeypatch.setattr(dataset_builders, "_running_stdlib_dir", lambda: stdlib)
     prepare.main(["--dataset", "pystdlib"])
 
     train, val = _shard_texts(tmp_path / "cache" / "pystdlib")
     modules = {path.relative_to(stdlib).as_posix(): path.read_text() for path in stdlib.rglob("mod_*.py")}
-    expected_val = {text for name, text in modules.items() if prepare._is_val_document(name)}
+    expected_val = {text for name, text in modules.items() if dataset_builders._is_val_document(name)}
     assert expected_val and set(val) == expected_val
     assert sorted(train + val) == sorted(modules.values())  # one file = one document, nothing else
     output = capsys.readouterr().out
@@ -282,7 +283,7 @@ def test_prepare_again_keeps_an_unchanged_dataset_and_retrains_after_a_change(tm
 def test_tokenizer_has_bos_first_special_and_byte_lengths(tiny_env, tokenizer):
     vocab = tokenizer.get_vocab_size()
     assert tokenizer.get_bos_token_id() == vocab - 4
-    assert [tokenizer.encoding.encode_single_token(token) for token in prepare.SPECIAL_TOKENS] \
+    assert [tokenizer.encoding.encode_single_token(token) for token in dataset_builders.SPECIAL_TOKENS] \
         == list(range(vocab - 4, vocab))
     token_bytes = prepare.get_token_bytes()
     assert token_bytes.dtype == np.int32 and token_bytes.shape == (vocab,)
@@ -295,7 +296,7 @@ def test_tokenizer_round_trips_and_treats_special_token_text_as_text(tiny_env, t
     text = generated_documents(3, seed=5)[1] + " 🚀 \t\r\n <|bos|>"
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text and tokenizer.get_bos_token_id() not in ids
-    batch = tokenizer.encode(["one", "two words"], prepend=prepare.BOS_TOKEN)
+    batch = tokenizer.encode(["one", "two words"], prepend=dataset_builders.BOS_TOKEN)
     assert [row[0] for row in batch] == [tokenizer.get_bos_token_id()] * 2
     assert tokenizer.decode(batch[1][1:]) == "two words"
     assert tokenizer.decode(np.array(ids)) == text
@@ -314,7 +315,7 @@ def test_tokenizer_is_trained_on_the_train_split_only(tmp_path, monkeypatch):
     source = tmp_path / "corpus"
     source.mkdir()
     names = [f"doc_{index}.txt" for index in range(60)]
-    val_names = [name for name in names if prepare._is_val_document(name)]
+    val_names = [name for name in names if dataset_builders._is_val_document(name)]
     assert val_names
     for name, text in zip(names, generated_documents(len(names), seed=2)):
         marker = " Zyxwvutsrqponm" if name in val_names else ""
@@ -322,7 +323,7 @@ def test_tokenizer_is_trained_on_the_train_split_only(tmp_path, monkeypatch):
     (source / names[[name not in val_names for name in names].index(True)]).write_text(" Qwertyuiopasdf" * 300)
     monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(tmp_path / "cache"))
     prepare.prepare("local", source=source, vocab_size=400)
-    trained = prepare.Tokenizer.from_directory(tmp_path / "cache" / "local" / "tokenizer")
+    trained = dataset_builders.Tokenizer.from_directory(tmp_path / "cache" / "local" / "tokenizer")
     assert len(trained.encode(" Qwertyuiopasdf")) == 1
     assert len(trained.encode(" Zyxwvutsrqponm")) >= 5
 
@@ -395,7 +396,7 @@ def test_ranks_get_disjoint_slices_of_the_single_process_batch(tiny_env, tokeniz
 
 def test_loader_without_token_cache_tokenizes_on_the_fly_identically(tiny_env, copied_dataset, tokenizer):
     cached = [next(prepare.make_dataloader(tokenizer, 4, 300, "train"))[0] for _ in range(1)][0]
-    stranger = prepare.Tokenizer(tokenizer.encoding, fingerprint="another-tokenizer")
+    stranger = dataset_builders.Tokenizer(tokenizer.encoding, fingerprint="another-tokenizer")
     np.testing.assert_array_equal(next(prepare.make_dataloader(stranger, 4, 300, "train"))[0], cached)
     shutil.rmtree(copied_dataset / "tokens")
     np.testing.assert_array_equal(next(prepare.make_dataloader(tokenizer, 4, 300, "train"))[0], cached)
@@ -437,7 +438,7 @@ def test_loader_refuses_a_dataset_built_by_another_version_of_prepare(tiny_env, 
     del info["format"]  # as the format-1 prepare.py wrote it: documents in path order
     info_path.write_text(json.dumps(info))
     command = f"uv run prepare.py --dataset local --source {tiny_dataset.source}"
-    with pytest.raises(prepare.DataError, match=re.escape(f"format None, this one reads {prepare.DATASET_FORMAT}): "
+    with pytest.raises(prepare.DataError, match=re.escape(f"format None, this one reads {dataset_builders.DATASET_FORMAT}): "
                                                           f"run `{command}`")):
         prepare.make_dataloader(tokenizer, 2, 64, "val")
 

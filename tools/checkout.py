@@ -58,7 +58,7 @@ def branch_base():
                                 capture_output=True, text=True)
         if exists.returncode == 0:
             return name, git("merge-base", "HEAD", name)
-    raise SystemExit("no main or master branch to compare prepare.py and backends/ against")
+    raise SystemExit("no main or master branch to compare the harness (prepare.py, dataset_builders.py, backends/) against")
 
 
 def harness_changes(base):

@@ -17,7 +17,7 @@ Without --address the scheduler starts an embedded local Ray; `--address auto` j
 that `ray start --head` runs on this machine, an address joins that head.
 
 Each run, on its node: checks that the dataset description (dataset.json in the cache) and the
-harness hash (prepare.py, backends/) match the driver's, else the run is refused (not the idea's
+harness hash (prepare.py, dataset_builders.py, backends/) match the driver's, else the run is refused (not the idea's
 fault); checks out the candidate commit in a git worktree when the checkout is on that node, else
 unpacks a `git archive` of it; trains with the driver's AUTORESEARCH_* settings but its own cache
 (AUTORESEARCH_CACHE_DIR of the node's environment); trains through tools/training_run.py (same

@@ -80,10 +80,11 @@ def step_machine(dry_run):
 
 
 def step_dataset(dry_run):
+    import dataset_builders
     import prepare
     started = time.perf_counter()
-    prepare.build_token_cache(prepare.dataset_dir(), prepare.get_tokenizer())
-    return {"dataset": prepare.active_dataset(), "cache_dir": str(prepare.cache_root()),
+    dataset_builders.build_token_cache(prepare.dataset_dir(), prepare.get_tokenizer())
+    return {"dataset": prepare.active_dataset(), "cache_dir": str(dataset_builders.cache_root()),
             "token_cache_seconds": time.perf_counter() - started}
 
 

@@ -5,7 +5,7 @@ COMPUTE_DTYPE) are replaced by literals, on the active dataset (prepare pystdlib
 another. Every finished run appends one row to tools/sweep_cpu_results.tsv: the configuration,
 the CPU, its thread count, the dtype the run computed in and the peak FLOP/s of that dtype it
 measured, the load average before and after the run, the dataset format it trained on
-(prepare.DATASET_FORMAT: rows of format 1 trained on pystdlib in path order, each file's first
+(dataset_builders.DATASET_FORMAT: rows of format 1 trained on pystdlib in path order, each file's first
 row only), and the run's results. The best
 configuration at each measured peak is what the rule in backends/tiers.py (CPU_TIER_BY_FLOPS,
 docs/cpu-tier.md) is fitted to.
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import prepare
+import dataset_builders
 from backends.tiers import CPU_TIER
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ def append_row(config, result, threads, loads):
         # The loader refuses a dataset of another format, so a finished run trained on this one.
         row = dict(config, date=time.strftime("%Y-%m-%d %H:%M"), threads=threads,
                    load_before=f"{loads[0]:.2f}", load_after=f"{loads[1]:.2f}",
-                   dataset_format=prepare.DATASET_FORMAT)
+                   dataset_format=dataset_builders.DATASET_FORMAT)
         row.update({k: result.get(k) for k in COLUMNS if k in result})
         writer.writerow([row.get(c, "") for c in COLUMNS])
 
