@@ -1,6 +1,6 @@
 """The kit's modules import each other one way: no circles, and the locked harness never imports tools.
 
-Every import statement of the harness (prepare.py, datasets.py, backends/) and of tools/ counts,
+Every import statement of the harness (prepare.py, dataset_builders.py, backends/) and of tools/ counts,
 also one inside a function: a circle through a late import still means neither module can be
 read without the other. Importing `backends.x` from outside the package also runs
 `backends/__init__.py`, so it counts as an import of the package as well (from inside, the
@@ -11,13 +11,13 @@ import ast
 
 from conftest import REPO_ROOT
 
-HARNESS = ("prepare", "datasets", "backends")
+HARNESS = ("prepare", "dataset_builders", "backends")
 
 
 def kit_modules(root):
     """{module name: path} of the harness and the tools."""
     modules = {}
-    for name in ("prepare", "datasets"):
+    for name in ("prepare", "dataset_builders"):
         if (root / f"{name}.py").exists():
             modules[name] = root / f"{name}.py"
     for package in ("backends", "tools"):
@@ -90,7 +90,7 @@ def test_the_scan_finds_a_circle_through_a_late_import(tmp_path):
 
 def test_the_kit_has_no_import_circle():
     graph = import_graph()
-    assert {"prepare", "backends", "backends.report", "tools.experiment", "tools.cluster"} <= set(graph)
+    assert {"prepare", "dataset_builders", "backends", "backends.report", "tools.experiment", "tools.cluster"} <= set(graph)
     assert find_circle(graph) is None
 
 
