@@ -14,6 +14,8 @@
 `uv run python -m backends` prints the summary. Importing this package never imports torch or mlx.
 """
 
+import logging
+
 from backends.flops import (
     choose_compute_dtype,
     fastest_cpu_threads,
@@ -35,6 +37,20 @@ from backends.hardware import (
 )
 from backends.summary import print_summary
 from backends.tiers import current_profile, eval_tokens, suggest_hyperparameters
+
+
+
+class _NoCudaToolkitNotice(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." line. torch.utils.cpp_extension
+    logs it whenever the CUDA toolkit is installed on a machine without a usable GPU, and inductor
+    imports that module each time it compiles on the CPU; the kit builds no CUDA extension, so the
+    line says nothing about a run. Every other message of that logger still shows."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaToolkitNotice())
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "choose_compute_dtype", "current_profile", "detect_backend",

@@ -761,3 +761,17 @@ def test_kept_freed_memory_is_reused_without_page_faults_on_linux():
 
 def test_freed_memory_is_left_alone_off_linux():
     assert hardware.keep_freed_memory(system="Darwin") is False
+
+
+def test_importing_backends_silences_only_torchs_no_cuda_runtime_notice():
+    # torch.utils.cpp_extension logs the notice where a CUDA toolkit is installed without a GPU,
+    # each time inductor compiles on the CPU; any other warning of that logger still shows.
+    code = ("import logging, backends\n"
+            "log = logging.getLogger('torch.utils.cpp_extension')\n"
+            "log.warning(\"No CUDA runtime is found, using CUDA_HOME='/usr/local/cuda'\")\n"
+            "log.warning('another warning')\n"
+            "import torch.utils.cpp_extension\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "No CUDA runtime" not in done.stderr
+    assert "another warning" in done.stderr
