@@ -184,6 +184,8 @@ def _duration(seconds):
 class Progress:
     """done/total, rate and time left, redrawn at most 10 times a second (thread-safe)."""
 
+    line_open = False  # a progress line is on stderr without its newline (see end_progress_line)
+
     def __init__(self, label, total, unit):
         self.label, self.total, self.unit = label, total, unit
         self.done, self.note = 0, ""
@@ -204,6 +206,7 @@ class Progress:
             self._draw()
             sys.stderr.write("\n")
             sys.stderr.flush()
+            Progress.line_open = False
 
     def _draw(self):
         now = time.perf_counter()
@@ -215,6 +218,16 @@ class Progress:
                 f"{_human(rate)} {self.unit}/s | {left} left")
         sys.stderr.write(line + (f" | {self.note}" if self.note else "") + "\033[K")
         sys.stderr.flush()
+        Progress.line_open = True
+
+
+def end_progress_line():
+    """End a progress line that a failure or an interruption cut short, so that the message that
+    follows starts on a line of its own."""
+    if Progress.line_open:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+        Progress.line_open = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -958,39 +971,43 @@ def build_dataset(name, *, vocab_size, source=None, num_shards=None, shard_chars
     started = time.perf_counter()
     directory = cache_root() / name
     _make_dataset_dir(directory)
-    for leftover in directory.rglob("*.tmp"):
-        leftover.unlink()
+    try:
+        for leftover in directory.rglob("*.tmp"):
+            leftover.unlink()
 
-    skipped = []
-    if name == "climbmix":
-        origin = _base_url(CLIMBMIX_URL, base_url)
-        download_climbmix(directory, num_shards, base_url=base_url, **download_options)
-    elif name == "tinystories":
-        origin = _base_url(TINYSTORIES_URL, base_url)
-        download_tinystories(directory, base_url=base_url, shard_chars=shard_chars,
-                             **download_options)
-    elif name == "pystdlib":
-        stdlib_dir = Path(stdlib_dir or _running_stdlib_dir())
-        origin = str(stdlib_dir)
-        val_texts = []
-        train_texts = _split_documents(stdlib_documents(stdlib_dir, skipped), val_texts)
-        _write_splits(directory, train_texts, val_texts, shard_chars,
-                      f"the standard library in {stdlib_dir}", skipped)
-    else:
-        origin = str(source)
-        val_texts = []
-        train_texts = _split_documents(local_documents(source, skipped), val_texts)
-        _write_splits(directory, train_texts, val_texts, shard_chars,
-                      f"{source} ({'/'.join(LOCAL_SUFFIXES)} files)", skipped)
+        skipped = []
+        if name == "climbmix":
+            origin = _base_url(CLIMBMIX_URL, base_url)
+            download_climbmix(directory, num_shards, base_url=base_url, **download_options)
+        elif name == "tinystories":
+            origin = _base_url(TINYSTORIES_URL, base_url)
+            download_tinystories(directory, base_url=base_url, shard_chars=shard_chars,
+                                 **download_options)
+        elif name == "pystdlib":
+            stdlib_dir = Path(stdlib_dir or _running_stdlib_dir())
+            origin = str(stdlib_dir)
+            val_texts = []
+            train_texts = _split_documents(stdlib_documents(stdlib_dir, skipped), val_texts)
+            _write_splits(directory, train_texts, val_texts, shard_chars,
+                          f"the standard library in {stdlib_dir}", skipped)
+        else:
+            origin = str(source)
+            val_texts = []
+            train_texts = _split_documents(local_documents(source, skipped), val_texts)
+            _write_splits(directory, train_texts, val_texts, shard_chars,
+                          f"{source} ({'/'.join(LOCAL_SUFFIXES)} files)", skipped)
 
-    tokenizer_dir = directory / "tokenizer"
-    stale = _stale_tokenizer_reason(directory, vocab_size)
-    if stale:
-        if tokenizer_dir.exists():
-            print(f"tokenizer: {stale}: training it again", file=sys.stderr)
-        train_tokenizer(directory, vocab_size)
-    tokenizer = Tokenizer.from_directory(tokenizer_dir)
-    build_token_cache(directory, tokenizer)
+        tokenizer_dir = directory / "tokenizer"
+        stale = _stale_tokenizer_reason(directory, vocab_size)
+        if stale:
+            if tokenizer_dir.exists():
+                print(f"tokenizer: {stale}: training it again", file=sys.stderr)
+            train_tokenizer(directory, vocab_size)
+        tokenizer = Tokenizer.from_directory(tokenizer_dir)
+        build_token_cache(directory, tokenizer)
+    except BaseException:
+        _remove_empty_folders(directory)  # a build that stopped before its first file
+        raise
 
     info = {"dataset": name, "format": DATASET_FORMAT, "source": origin,
             "vocab_size": tokenizer.get_vocab_size(),
@@ -999,6 +1016,15 @@ def build_dataset(name, *, vocab_size, source=None, num_shards=None, shard_chars
     _atomic_write_bytes(cache_root() / ACTIVE_DATASET_FILE, f"{name}\n".encode())
     info["seconds"] = time.perf_counter() - started
     return info
+
+
+def _remove_empty_folders(directory):
+    """Remove the folders under directory (and directory itself) that hold nothing: what an
+    offline download leaves (climbmix/, tinystories/raw/). Files are never touched."""
+    folders = sorted((path for path in directory.rglob("*") if path.is_dir()), key=lambda path: -len(path.parts))
+    for folder in [*folders, directory]:
+        with contextlib.suppress(OSError):  # not empty
+            folder.rmdir()
 
 
 def _make_dataset_dir(directory):

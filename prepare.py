@@ -19,6 +19,7 @@ import argparse
 import bisect
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from dataset_builders import (_DAMAGED_PICKLE_ERRORS, ACTIVE_DATASET_FILE, CLIMB
                               DATASETS, DEFAULT_CACHE_ROOT, DOWNLOAD_URL_ENV, VAL_SHARD, DataError, Tokenizer,
                               _check_dataset_name, _human, _out_of_space, _prepare_command, _read_dataset_info,
                               _read_token_cache, _shard_document_count, _shard_texts, _split_shards,
-                              _stale_token_caches, _tokenize_shards, build_dataset, cache_root)
+                              _stale_token_caches, _tokenize_shards, build_dataset, cache_root,
+                              end_progress_line)
 
 # ---------------------------------------------------------------------------------------------
 # Constants every experiment shares
@@ -330,6 +332,14 @@ def prepare(name, *, vocab_size=VOCAB_SIZE, **options):
     the download options. Returns the dataset.json dict."""
     return build_dataset(name, vocab_size=vocab_size, **options)
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, systemd, a scheduler) reached the command: stopped like Ctrl-C, exit 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Build a dataset and its tokenizer for train.py / train_mlx.py, and make it the "
@@ -347,16 +357,22 @@ def main(argv=None):
     parser.add_argument("--num-shards", type=int, help=f"with --dataset climbmix: training shards "
                         f"to download (default {CLIMBMIX_DEFAULT_SHARDS})")
     args = parser.parse_args(argv)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         info = prepare(args.dataset, source=args.source, num_shards=args.num_shards)
     except DataError as error:
+        end_progress_line()
         raise SystemExit(f"prepare.py: {error}") from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        end_progress_line()
         print("prepare.py: interrupted. Finished files are kept: run the same command again to "
               "resume.", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None
     except OSError as error:
+        end_progress_line()
         raise SystemExit(f"prepare.py: {_out_of_space(error) or error}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     print(f"dataset {info['dataset']} ready in {dataset_dir(info['dataset'])} "
           f"({info['seconds']:.1f}s), vocabulary {info['vocab_size']}")
     for split in ("train", "val"):

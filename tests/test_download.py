@@ -131,18 +131,60 @@ def test_flaky_host_then_gone_leaves_every_good_shard_and_no_partial_file(hub, c
     assert files_in(cache) == [f"train_{index:05d}.parquet" for index in range(4)] + ["val.parquet"]
 
 
-def test_unreachable_host_exits_nonzero_with_one_line_and_no_traceback(tmp_path):
+@pytest.mark.parametrize("dataset, files", [("climbmix", 3), ("tinystories", 2)])
+def test_unreachable_host_exits_with_one_line_and_leaves_no_empty_folder(tmp_path, dataset, files):
     env = {**os.environ, "AUTORESEARCH_CACHE_DIR": str(tmp_path),
            dataset_builders.DOWNLOAD_URL_ENV: "http://127.0.0.1:9"}  # the discard port: nothing listens
+    extra = ", '--num-shards', '2'" if dataset == "climbmix" else ""
     script = ("import dataset_builders, prepare; dataset_builders.DOWNLOAD_BACKOFF_SECONDS = 0.001; "
-              "prepare.main(['--dataset', 'climbmix', '--num-shards', '2'])")
+              f"prepare.main(['--dataset', '{dataset}'{extra}])")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("prepare.py: could not download 3 of 3 files from 127.0.0.1:9")
+    assert last_line.startswith(f"prepare.py: could not download {files} of {files} files from 127.0.0.1:9")
     assert "cannot connect to 127.0.0.1:9" in last_line and "--dataset pystdlib" in last_line
-    assert files_in(tmp_path / "climbmix") == []
+    assert list(tmp_path.iterdir()) == [], "neither climbmix/ nor tinystories/raw/ stays behind empty"
+
+
+def test_sigterm_mid_download_says_what_ctrl_c_says_and_exits_143(tmp_path):
+    requested, release = threading.Event(), threading.Event()
+
+    class StalledHandler(BaseHTTPRequestHandler):
+        def do_GET(self):  # headers and a first chunk, then nothing until the test releases it
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            self.wfile.write(b"PAR1")
+            self.wfile.flush()
+            requested.set()
+            release.wait(60)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), StalledHandler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    env = {**os.environ, "AUTORESEARCH_CACHE_DIR": str(tmp_path),
+           dataset_builders.DOWNLOAD_URL_ENV: f"http://127.0.0.1:{httpd.server_address[1]}"}
+    try:
+        with subprocess.Popen([sys.executable, "prepare.py", "--dataset", "climbmix", "--num-shards", "1"],
+                              cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True) as child:
+            assert requested.wait(60), "the download never started"
+            child.terminate()  # SIGTERM
+            release.set()
+            stderr = child.stderr.read()
+            assert child.wait(60) == 143
+    finally:
+        release.set()
+        httpd.shutdown()
+        httpd.server_close()
+    assert "Traceback" not in stderr
+    assert stderr.endswith("\nprepare.py: interrupted. Finished files are kept: run the same command again "
+                           "to resume.\n")
+    assert list((tmp_path / "climbmix").glob("*.tmp")) == []
 
 
 def test_corrupt_shard_on_disk_is_downloaded_again(hub, cache):

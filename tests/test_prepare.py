@@ -535,3 +535,18 @@ def test_bpb_is_the_same_at_every_batch_size(tiny_env, dataset_path, tokenizer):
 def test_evaluate_rejects_a_loss_of_the_wrong_shape(tiny_env, tokenizer):
     with pytest.raises(ValueError, match=r"loss_fn returned shape \(2,\), expected \(2, 2048\)"):
         prepare.evaluate_bpb(lambda inputs, targets: np.zeros(len(targets)), tokenizer, 2)
+
+
+def test_an_interruption_mid_progress_line_starts_its_message_on_a_new_line(monkeypatch, capsys):
+    def interrupted_while_tokenizing(name, **options):
+        dataset_builders.Progress("tokenizing shards", 10, "docs").update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "build_dataset", interrupted_while_tokenizing)
+    with pytest.raises(SystemExit) as stopped:
+        prepare.main(["--dataset", "pystdlib"])
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("\rtokenizing shards: 0/10 docs")
+    assert err.endswith("\033[K\nprepare.py: interrupted. Finished files are kept: run the same command "
+                        "again to resume.\n")
