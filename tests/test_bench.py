@@ -92,6 +92,7 @@ def test_a_variant_script_is_what_runs(tiny_env, tmp_path):
         bench.run_training("cpu", 30, "smoke", variant)
 
 
+@pytest.mark.slow
 def test_smoke_benchmark_runs_every_backend_end_to_end_and_writes_every_field(tiny_dataset, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
     env.update(tiny_dataset.env, PYTHONPATH=str(REPO_ROOT))

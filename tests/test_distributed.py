@@ -235,6 +235,7 @@ def check_same_parameters(single_dir, launched_dir):
             np.testing.assert_allclose(rank[name], single[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, backend", [("train", "cpu"), ("train_mlx", "mlx")])
 def test_two_ranks_take_the_same_steps_as_one_process(script, backend, tiny_dataset, tmp_path):
     """Same global batch (smoke: 512 tokens = 2 micro-steps of 2 rows alone, or 1 of 2 rows on
@@ -252,6 +253,7 @@ def test_two_ranks_take_the_same_steps_as_one_process(script, backend, tiny_data
     check_same_parameters(tmp_path / "single", tmp_path / "two")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, backend", [("train", "cpu"), ("train_mlx", "mlx")])
 def test_smoke_run_under_the_launcher_trains_together_and_rank_0_reports(script, backend,
                                                                            tiny_dataset, tmp_path):
@@ -279,6 +281,7 @@ def read_until(process, text, timeout):
     return seen.decode()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train", "train_mlx"])
 def test_a_rank_that_dies_stops_the_other_with_one_clear_line(script, tiny_dataset, tmp_path):
     """Two ranks started by hand, so no launcher tears the job down: rank 1 is killed mid-run

@@ -22,6 +22,10 @@ from test_experiment import HEADER, git, make_kit
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
+# Every test here starts a Ray cluster and trains through it: end to end, so behind the marker
+# (`uv run pytest -m slow`, which .ci/run runs too).
+pytestmark = pytest.mark.slow
+
 KIT = Path(__file__).resolve().parent.parent
 RUNNER = KIT / "tools" / "experiment.py"
 BASELINE = [1.300, 1.310, 1.290, 1.300, 1.305, 1.295]
