@@ -1,46 +1,37 @@
-"""The GPU figures of issue 17 in one command per device call: FlexAttention against the dense
-mask on CUDA (kernels, then train.py's MFU both ways), then MLX on the GPU through mlx[cuda].
+"""What only a GPU measures, in one command: run it on an NVIDIA machine, keep the report.
 
-    uv run tools/gpu_check.py --stage             # here (PyPI reachable): fill .gpu_check/
-    python3 tools/gpu_check.py --part torch --out $OUT   # device call 1, carry [".gpu_check"]
-    uv run tools/gpu_check.py --stage-second      # here: swap in the second wheel part
-    python3 tools/gpu_check.py --part mlx --deadline 300 --out $OUT   # device call 2, within 30 s
-    uv run tools/gpu_check.py --dry-run           # on a CPU: every step at toy sizes, both parts
+    uv run tools/gpu_check.py --out DIR              # every step at full size (about 15 minutes)
+    uv run tools/gpu_check.py --out DIR --seconds 30 # shorter training runs
+    uv run tools/gpu_check.py --out DIR --dry-run    # every step at toy sizes, on any machine
 
-A device machine reaches no network and holds torch but neither this kit's dataset nor mlx, so
---stage copies the active prepared dataset and downloads the mlx and mlx-cuda-13 wheels into
-.gpu_check/ (git-ignored). mlx-cuda-13 (~90 MB) is more than one call carries (64 MiB), so it
-travels in two parts: the torch call stashes the first on the machine (outside the repository,
-which is laid anew each call; it lasts while the machine stays warm, 30 s after a call), and
-the mlx call brings the second and joins them. If the machine went back in between, the
-mlx_install step says so: then `--stage` again, a call of `--part stash` (seconds), then
-`--stage-second` and the mlx call.
+Steps, in order (each in a subprocess of its own with its own timeout; a step that fails or
+times out is recorded and the next one runs):
 
-Every step runs as its own subprocess with its own timeout; a failing step is recorded and the
-next one runs. After each step the figures so far are written to --out (default
-results/gpu_check; pass $OUT on the device) as gpu_check_<part>.json and .md, with every step's
-output in gpu_check_<part>.log.
+    machine        python, torch, the GPU (name, compute capability, memory), nvidia-smi's line
+    flex_kernels   one S layer's attention (window T/2) three ways at the H100 tier's shapes:
+                   compiled FlexAttention, SDPA with the dense mask, SDPA causal (flash); the
+                   errors of FlexAttention against the dense mask, forward and backward, in bf16,
+                   and the time of each
+    bench_flex     tools/bench.py --backend cuda --seconds N: train.py as it is
+    bench_mask     the same with FLEX_WINDOWS = False (the dense mask instead of FlexAttention)
+    mlx            whether MLX runs on this GPU (`uv pip install "mlx[cuda]"` installs it)
+    mlx_smoke      train_mlx.py, smoke profile, 10 s
+    mlx_run        train_mlx.py, standard profile, N s
+    parity         train.py's and train_mlx.py's models with the same weights, each on the GPU:
+                   the largest differences in logits, loss and gradients
+    mlx_windows    mx.fast.scaled_dot_product_attention forward + backward with mask "causal",
+                   a boolean window mask and no mask
 
-Steps, torch part: machine, dataset (rebuilds the token cache the copy invalidated),
-flex_kernels (compiled FlexAttention against SDPA with the dense mask and against causal flash:
-errors and forward + backward time of one layer at the H100 tier's shapes), bench_flex and
-bench_mask (tools/bench.py --backend cuda --seconds N --repeats 1: train.py as it is, then with
-FLEX_WINDOWS = False, the dense mask of before; the "after" runs first in case time runs out).
-mlx part: mlx_dataset (the token cache again: each call lays .gpu_check anew), mlx_install,
-mlx_smoke (train_mlx.py, smoke profile, 10 s), mlx_run (train_mlx.py, N s), parity (same
-weights: train.py's model on CUDA, FlexAttention and dense mask, against train_mlx.py's on the
-GPU: logits, loss, gradients), mlx_windows (mx.fast.scaled_dot_product_attention forward +
-backward with mask "causal", a boolean window mask and no mask).
+The training steps use the active prepared dataset (`uv run prepare.py` first). After each
+step the report so far is written to DIR: gpu_check.json (every figure), gpu_check.md (a table
+of the steps) and gpu_check.log (every step's output).
 """
 
 import argparse
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import signal
-import site
 import subprocess
 import sys
 import tempfile
@@ -48,14 +39,6 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-STAGE_DIR = REPO_ROOT / ".gpu_check"           # carried to the device (git-ignored)
-DOWNLOAD_DIR = REPO_ROOT / ".gpu_check_download"  # the whole wheels, here only (git-ignored)
-STASH_DIR = Path("/tmp/gpu_check_stash")       # on the device: outlives a call while it stays warm
-MLX_VERSION = "0.32.4"                         # = uv.lock's mlx
-WHEEL_PLATFORM = ("3.12", "manylinux_2_35_x86_64")  # the device's python3 (KINDS.md)
-CARRY_LIMIT = 64 * 2**20
-PART_BYTES = 44 * 2**20  # two parts, each fits one call beside the dataset and the repository
 FLEX_CONSTANT = 'FLEX_WINDOWS = BACKEND == "cuda" and COMPILE'
 DEFAULT_SECONDS = 60
 
@@ -77,15 +60,6 @@ def step_machine(dry_run):
                              text=True, timeout=30)
         figures["nvidia_smi"] = smi.stdout.strip()
     return figures
-
-
-def step_dataset(dry_run):
-    import dataset_builders
-    import prepare
-    started = time.perf_counter()
-    dataset_builders.build_token_cache(prepare.dataset_dir(), prepare.get_tokenizer())
-    return {"dataset": prepare.active_dataset(), "cache_dir": str(dataset_builders.cache_root()),
-            "token_cache_seconds": time.perf_counter() - started}
 
 
 def timed_ms(function, device, repeats):
@@ -201,39 +175,19 @@ def step_bench_flex(dry_run, seconds):
         return bench(bench_args(dry_run, seconds), Path(folder) / "bench.json")
 
 
-def step_mlx_install(dry_run):
-    wheels = sorted(STAGE_DIR.glob("wheels/*.whl"))
-    parts = {}
-    for folder in (STAGE_DIR / "wheels", STASH_DIR):
-        for part in folder.glob("*.part*"):
-            parts.setdefault(part.name, part)
-    figures = {"wheels": [w.name for w in wheels], "parts": sorted(parts)}
-    if parts:
-        sums = json.loads((STAGE_DIR / "wheels" / "parts.json").read_text())
-        missing = sorted(set(sums["parts"]) - set(parts))
-        if missing:
-            raise RuntimeError(f"wheel parts {missing} are missing: the machine went back after the "
-                               f"torch call; see tools/gpu_check.py's docstring for the calls")
-        (STAGE_DIR / "joined").mkdir(exist_ok=True)
-        joined = STAGE_DIR / "joined" / sums["wheel"]
-        with open(joined, "wb") as out:
-            for name in sums["parts"]:
-                out.write(parts[name].read_bytes())
-        if hashlib.sha256(joined.read_bytes()).hexdigest() != sums["sha256"]:
-            raise RuntimeError(f"{sums['wheel']} joined from its parts has the wrong checksum")
-        wheels.append(joined)
-    if wheels and not dry_run:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                        "--no-compile", "--upgrade", "--target", str(STAGE_DIR / "site"),
-                        *map(str, wheels)],
-                       check=True, timeout=300)
+def step_mlx(dry_run):
+    """The installed MLX: its version, default device and whether it sees a CUDA GPU."""
     result = subprocess.run([sys.executable, "-c", "import mlx.core as mx, importlib.metadata as m; "
-                             "print(m.version('mlx'), mx.default_device(), mx.cuda.is_available())"],
-                            capture_output=True, text=True, env=step_env(for_mlx=True), timeout=120)
+                             "print(m.version('mlx')); print(mx.default_device()); print(mx.cuda.is_available())"],
+                            capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
-        raise RuntimeError(f"mlx does not import: {result.stderr.strip().splitlines()[-1]}")
-    figures["mlx"] = result.stdout.strip()
-    return figures
+        raise RuntimeError(f"mlx does not import ({last_line(result)}): install it with "
+                           f"uv pip install 'mlx[cuda]'")
+    version, device, cuda = result.stdout.split()[-3:]
+    if cuda != "True" and not dry_run:
+        raise RuntimeError(f"mlx {version} sees no CUDA GPU (device {device}): install it with "
+                           f"uv pip install 'mlx[cuda]'")
+    return {"mlx": version, "device": device, "cuda": cuda == "True"}
 
 
 def run_train_mlx(profile, seconds):
@@ -334,49 +288,25 @@ def step_mlx_windows(dry_run):
     return figures
 
 
-PARTS = {
-    "torch": [("machine", step_machine, 60), ("dataset", step_dataset, 180),
-              ("flex_kernels", step_flex_kernels, 300), ("bench_flex", step_bench_flex, None),
-              ("bench_mask", step_bench_mask, None)],
-    "mlx": [("mlx_dataset", step_dataset, 180), ("mlx_install", step_mlx_install, 300),
-            ("mlx_smoke", step_mlx_smoke, 180), ("mlx_run", step_mlx_run, None),
-            ("parity", step_parity, 240), ("mlx_windows", step_mlx_windows, 240)],
-}
+STEPS = [("machine", step_machine, 60), ("flex_kernels", step_flex_kernels, 300),
+         ("bench_flex", step_bench_flex, None), ("bench_mask", step_bench_mask, None),
+         ("mlx", step_mlx, 120), ("mlx_smoke", step_mlx_smoke, 180), ("mlx_run", step_mlx_run, None),
+         ("parity", step_parity, 240), ("mlx_windows", step_mlx_windows, 240)]
 TAKES_SECONDS = {"bench_mask", "bench_flex", "mlx_run"}
 
 
 # ---------------------------------------------------------------------------------------------
 # Running the steps
 
-def step_env(for_mlx=False):
-    """The environment of a step: the staged dataset and the installed wheels, if present, and
-    for MLX the loader's path to CUDA's libraries."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if (STAGE_DIR / "cache").is_dir():
-        env["AUTORESEARCH_CACHE_DIR"] = str(STAGE_DIR / "cache")
-    paths = [str(REPO_ROOT)] + ([str(STAGE_DIR / "site")] if (STAGE_DIR / "site").is_dir() else [])
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    # libmlx.so looks for CUDA's libraries beside itself (its RPATH); installed apart from them,
-    # it finds torch's copies in this interpreter's site-packages through the loader's path.
-    if for_mlx:
-        libraries = sorted(str(lib) for root in site.getsitepackages()
-                           for lib in Path(root).glob("nvidia/*/lib"))
-        inherited = [os.environ["LD_LIBRARY_PATH"]] if os.environ.get("LD_LIBRARY_PATH") else []
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries + inherited)
-        # Its kernels compile at run time (NVRTC) against the CUDA headers: the machine's toolkit.
-        if "CUDA_HOME" not in env and Path("/usr/local/cuda/include").is_dir():
-            env["CUDA_HOME"] = "/usr/local/cuda"
-    return env
+def step_timeout(name, dry_run, seconds):
+    """A step's timeout: its own, or for a training step twice its budget plus start-up."""
+    timeout = next(limit for step, _, limit in STEPS if step == name)
+    return timeout or (120 if dry_run else 2 * seconds + 240)
 
 
 def run_step(name, args, log):
     """Run one step in a subprocess within its timeout; returns its record for the report."""
-    function, timeout = next((f, t) for step, f, t in PARTS[args.part_of[name]] if step == name)
-    timeout = timeout or (120 if args.dry_run else 2 * args.seconds + 240)
-    remaining = int(args.ends_at - time.perf_counter())
-    if remaining < 20:
-        return {"ok": False, "error": "skipped: the call's --deadline left no time", "seconds": 0}
-    timeout = min(timeout, remaining)
+    timeout = step_timeout(name, args.dry_run, args.seconds)
     with tempfile.TemporaryDirectory() as folder:
         result_file = Path(folder) / "result.json"
         command = [sys.executable, __file__, "--step", name, "--result", str(result_file),
@@ -384,9 +314,12 @@ def run_step(name, args, log):
         started = time.perf_counter()
         log.write(f"\n===== {name} (timeout {timeout} s) =====\n")
         log.flush()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # MLX compiles its CUDA kernels at run time (NVRTC) against the toolkit's headers.
+        if "CUDA_HOME" not in env and Path("/usr/local/cuda/include").is_dir():
+            env["CUDA_HOME"] = "/usr/local/cuda"
         # A session of its own, so that a time-out ends the step's training runs with it.
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env=step_env(for_mlx=args.part_of[name] == "mlx"),
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
         try:
             process.wait(timeout=timeout)
@@ -400,78 +333,21 @@ def run_step(name, args, log):
     return record
 
 
-def write_report(out, part, report):
-    (out / f"gpu_check_{part}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# gpu_check {part}{' (dry run)' if report['dry_run'] else ''}", "",
-             f"{report['date']}, commit {report['commit']}", ""]
+def shown(value):
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_report(out, report):
+    """gpu_check.json (the report as it is) and gpu_check.md (one table row per step)."""
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# gpu_check{' (dry run)' if report['dry_run'] else ''}", "",
+             f"{report['date']}, commit {report['commit']}, training steps of {report['seconds']} s", "",
+             "| step | result | seconds | figures |", "| --- | --- | --- | --- |"]
     for name, record in report["steps"].items():
-        verdict = "ok" if record["ok"] else f"FAILED: {record['error']}"
-        lines.append(f"## {name}: {verdict} ({record['seconds']} s)")
-        for key, value in record.get("figures", {}).items():
-            lines.append(f"- {key}: {value:.4g}" if isinstance(value, float) else f"- {key}: {value}")
-        lines.append("")
-    (out / f"gpu_check_{part}.md").write_text("\n".join(lines))
-
-
-def stash_wheel_parts():
-    """Torch call: keep the wheel parts this call carried where the mlx call finds them."""
-    STASH_DIR.mkdir(parents=True, exist_ok=True)
-    for part in STAGE_DIR.glob("wheels/*.part*"):
-        shutil.copy2(part, STASH_DIR / part.name)
-
-
-def stage():
-    """Fill .gpu_check/: the active dataset (no token cache: the copy's dates invalidate it) and the
-    mlx wheels, mlx-cuda-13 in parts; wheels/ holds the first part, for the torch call."""
-    import prepare
-    cache = STAGE_DIR / "cache"
-    source = prepare.dataset_dir()
-    target = cache / source.name
-    shutil.rmtree(STAGE_DIR / "wheels", ignore_errors=True)
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("tokens"))
-    (cache / "active_dataset").write_text(source.name + "\n")
-    download = DOWNLOAD_DIR
-    download.mkdir(parents=True, exist_ok=True)
-    python_version, platform = WHEEL_PLATFORM
-    # uv's environments come without pip: then uvx runs pip from PyPI.
-    pip = [sys.executable, "-m", "pip"] if importlib.util.find_spec("pip") else ["uvx", "pip"]
-    for name in (f"mlx=={MLX_VERSION}", f"mlx-cuda-13=={MLX_VERSION}"):
-        subprocess.run([*pip, "download", "-q", "--no-deps",
-                        "--only-binary=:all:", "--python-version", python_version,
-                        "--implementation", "cp", "--platform", platform, "-d", str(download), name],
-                       check=True)
-    wheels = STAGE_DIR / "wheels"
-    wheels.mkdir()
-    shutil.copy2(next(download.glob("mlx-*.whl")), wheels)
-    big = next(download.glob("mlx_cuda_13-*.whl"))
-    data = big.read_bytes()
-    names = [f"{big.name}.part{i}" for i in range(-(-len(data) // PART_BYTES))]
-    (wheels / "parts.json").write_text(json.dumps(
-        {"wheel": big.name, "sha256": hashlib.sha256(data).hexdigest(), "parts": names}))
-    write_wheel_parts(names[:-1])
-    size = sum(f.stat().st_size for f in STAGE_DIR.rglob("*") if f.is_file())
-    print(f"staged {source.name} and {', '.join(names[:-1])} for the torch call "
-          f"({size / 2**20:.0f} MiB of the {CARRY_LIMIT / 2**20:.0f} MiB a call carries)")
-
-
-def write_wheel_parts(wanted):
-    """Leave in .gpu_check/wheels exactly the parts of mlx-cuda-13 named in `wanted`."""
-    big = next(DOWNLOAD_DIR.glob("mlx_cuda_13-*.whl"))
-    names = json.loads((STAGE_DIR / "wheels" / "parts.json").read_text())["parts"]
-    data = big.read_bytes()
-    for i, name in enumerate(names):
-        path = STAGE_DIR / "wheels" / name
-        path.unlink(missing_ok=True)
-        if name in wanted:
-            path.write_bytes(data[i * PART_BYTES:(i + 1) * PART_BYTES])
-
-
-def stage_second():
-    """Swap the first part in .gpu_check/wheels for the last, which the mlx call carries."""
-    names = json.loads((STAGE_DIR / "wheels" / "parts.json").read_text())["parts"]
-    write_wheel_parts(names[-1:])
-    print(f"staged {names[-1]} for the mlx call")
+        result = "ok" if record["ok"] else f"FAILED: {record['error']}"
+        figures = "; ".join(f"{key} {shown(value)}" for key, value in record.get("figures", {}).items())
+        lines.append(f"| {name} | {result.replace('|', '/')} | {record['seconds']} | {figures.replace('|', '/')} |")
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 
 
 def git_commit():
@@ -480,55 +356,44 @@ def git_commit():
     return result.stdout.strip() or None
 
 
+def run_inside_step(args):
+    """The body of a step's subprocess: run the step, write its record."""
+    function = next(f for name, f, _ in STEPS if name == args.step)
+    try:
+        extra = (args.seconds,) if args.step in TAKES_SECONDS else ()
+        record = {"ok": True, "figures": function(args.dry_run, *extra)}
+    except Exception as error:  # noqa: BLE001  (any failure is this step's result)
+        import traceback
+        traceback.print_exc()
+        record = {"ok": False, "error": f"{type(error).__name__}: {str(error).strip()[:300]}"}
+    args.result.write_text(json.dumps(record, default=str))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("torch", "mlx", "all", "stash"), default="all",
-                        help="stash: only keep the carried wheel parts on the machine")
+    parser.add_argument("--out", type=Path, required=False,
+                        help="folder for gpu_check.json, gpu_check.md and gpu_check.log (created)")
     parser.add_argument("--seconds", type=int, default=DEFAULT_SECONDS,
                         help=f"training budget of each benchmark and MLX run (default {DEFAULT_SECONDS})")
-    parser.add_argument("--dry-run", action="store_true", help="toy sizes on any device")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "gpu_check")
-    parser.add_argument("--stage", action="store_true", help="fill .gpu_check/ (needs PyPI)")
-    parser.add_argument("--deadline", type=float, default=570,
-                        help="seconds for all the steps of a call (a device call may run 600)")
-    parser.add_argument("--stage-second", action="store_true",
-                        help="swap in the wheel parts for the mlx call")
+    parser.add_argument("--dry-run", action="store_true", help="toy sizes on any device (minutes)")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.part_of = {name: part for part, steps in PARTS.items() for name, _, _ in steps}
-    if args.stage:
-        return stage()
-    if args.stage_second:
-        return stage_second()
-    if args.step:  # inside a step's subprocess
-        function = next(f for steps in PARTS.values() for name, f, _ in steps if name == args.step)
-        try:
-            extra = (args.seconds,) if args.step in TAKES_SECONDS else ()
-            record = {"ok": True, "figures": function(args.dry_run, *extra)}
-        except Exception as error:  # noqa: BLE001  (any failure is this step's result)
-            import traceback
-            traceback.print_exc()
-            record = {"ok": False, "error": f"{type(error).__name__}: {str(error).strip()[:300]}"}
-        args.result.write_text(json.dumps(record, default=str))
-        return None
-    if args.part in ("torch", "stash") and not args.dry_run:
-        stash_wheel_parts()
-    if args.part == "stash":
-        return None
+    if args.step:
+        return run_inside_step(args)
+    if args.out is None:
+        parser.error("say where the report goes: --out DIR")
     args.out.mkdir(parents=True, exist_ok=True)
-    args.ends_at = time.perf_counter() + args.deadline
-    parts = ["torch", "mlx"] if args.part == "all" else [args.part]
-    for part in parts:
-        report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(),
-                  "dry_run": args.dry_run, "seconds": args.seconds, "steps": {}}
-        with open(args.out / f"gpu_check_{part}.log", "w") as log:
-            for name, _, _ in PARTS[part]:
-                report["steps"][name] = run_step(name, args, log)
-                write_report(args.out, part, report)
-                print(f"{part}/{name}: {'ok' if report['steps'][name]['ok'] else 'FAILED'} "
-                      f"({report['steps'][name]['seconds']} s)", flush=True)
-    print(f"written: {args.out}")
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(),
+              "dry_run": args.dry_run, "seconds": args.seconds, "steps": {}}
+    with open(args.out / "gpu_check.log", "w") as log:
+        for name, _, _ in STEPS:
+            report["steps"][name] = run_step(name, args, log)
+            write_report(args.out, report)
+            record = report["steps"][name]
+            print(f"{name}: {'ok' if record['ok'] else 'FAILED: ' + record['error']} ({record['seconds']} s)",
+                  flush=True)
+    print(f"written: {args.out}/gpu_check.md, gpu_check.json, gpu_check.log")
     return None
 
 
