@@ -62,10 +62,9 @@ APPLE_TIERS = {
 APPLE_TIER_BY_GPU_CORES = ((60, "Ultra"), (30, "Max"), (14, "Pro"), (0, "base"))
 
 # CPU (torch CPU, and MLX's CPU build on Linux): the winner of tools/sweep_cpu.py (results in
-# tools/sweep_cpu_results.tsv, docs/cpu-tier.md) at the fastest CPU measured, an idle 2-vCPU Intel
-# Xeon with AMX in bf16 (1.52 TFLOP/s; pystdlib, 300 s, dataset format 2, 2026-12-02): depth 2 /
-# dim 192 (val_bpb 1.192 in 363 steps) tied dim 128 (1.191 in 448) and beat depth 3 (1.218),
-# 4 (1.243) and 6 (1.395): in 300 s on two cores, more steps beat a bigger model. Heads of 64,
+# tools/sweep_cpu_results.tsv, docs/measurements.md) at the fastest CPU measured, a 2-vCPU Intel
+# Xeon with AMX in bf16 (1.52 TFLOP/s, pystdlib, 300 s): depth 2 / dim 192 tied dim 128 and beat
+# depths 3, 4 and 6: in 300 s on two cores, more steps beat a bigger model. Heads of 64,
 # rows of 512 (short rows keep attention a small share of each step) and the window "L" (a banded
 # mask saves nothing without a windowed kernel). The evaluation reads 32 rows of 2048, a few
 # seconds, so start-up + eval stay within 15% of 300 s.
@@ -74,13 +73,10 @@ CPU_TIER = dict(tier="cpu", depth=2, aspect_ratio=96, head_dim=64, seq_len=512, 
                 eval_batch_size=8)
 
 # The CPU tier's batch by the measured matmul peak of the dtype that trains, at the threads it
-# trains on: (at least this many FLOP/s, what differs from CPU_TIER), largest first. Fitted in
-# docs/cpu-tier.md to the same sweep. At 1.52 TFLOP/s (bf16, 2 threads) 16,384 tokens a step beat
-# 8,192 (1.191 against 1.241 at dim 128). At 0.38 (fp32 forced, 2 threads) 8,192 beat 16,384
-# (dim 192: 1.309 against 1.326; dim 128: 1.315 against 1.339), and at 0.195 (fp32, 1 thread)
-# dim 192 at 8,192 (1.396) beat both dims at 16,384 (128: 1.421, 192: 1.434): fewer steps a
-# second want smaller ones. The threshold is the geometric mean of the two measured peaks where
-# the winner changes (0.38 and 1.52).
+# trains on: (at least this many FLOP/s, what differs from CPU_TIER), largest first, fitted to the
+# same sweep (docs/cpu-tier.md). At 1.52 TFLOP/s 16,384 tokens a step won; at 0.38 and 0.195,
+# 8,192: fewer steps a second want smaller ones. The threshold is the geometric mean of the two
+# measured peaks where the winner changes (0.38 and 1.52).
 CPU_TIER_BY_FLOPS = (
     (0.76e12, dict()),
     (0.0, dict(device_batch_size=16, total_batch_size=2**13)),

@@ -362,7 +362,7 @@ def test_ctrl_c_is_one_line_exit_130_and_no_library_noise(tiny_dataset, tmp_path
 @pytest.mark.skipif(not ON_LINUX, reason="needs the kernel's address-space limit (RLIMIT_AS)")
 @pytest.mark.parametrize("script", ["train.py", "train_mlx.py"])
 def test_a_model_too_big_for_memory_is_refused_with_one_line(tiny_dataset, tmp_path, script):
-    # The case: ASPECT_RATIO = 8192 under `ulimit -v 8000000`. MLX would segfault.
+    # ASPECT_RATIO = 8192 under `ulimit -v 8000000`: MLX would segfault without the check.
     path = edited_script(script, tmp_path, {'ASPECT_RATIO = SUGGESTED["aspect_ratio"]':
                                             "ASPECT_RATIO = 8192"})
     result = run([path], smoke_env(tiny_dataset, tmp_path, script), cwd=tmp_path,

@@ -48,7 +48,8 @@ CONSTANT_NAMES = {"depth": "DEPTH", "aspect_ratio": "ASPECT_RATIO", "head_dim": 
                   "device_batch_size": "DEVICE_BATCH_SIZE", "total_batch_size": "TOTAL_BATCH_SIZE"}
 # A configuration's keys not given default to the CPU tier's (backends/tiers.py).
 BASE = {key: CPU_TIER[key] for key in CONSTANT_NAMES}
-# The 2026-12-02 sweep of docs/cpu-tier.md (run per dtype and thread count with --dtype/--threads).
+# The grid behind the CPU tier (docs/measurements.md; run per dtype and thread count with
+# --dtype/--threads).
 GRID = [
     {"depth": 2, "aspect_ratio": 64},
     {"depth": 2, "aspect_ratio": 96},
