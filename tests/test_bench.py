@@ -82,6 +82,7 @@ def test_an_unavailable_backend_is_one_clear_error(monkeypatch):
     assert bench.chosen_backends("cpu") == ["cpu"]
 
 
+@pytest.mark.slow
 def test_a_variant_script_is_what_runs(tiny_env, tmp_path):
     # The variant diverges at once (train.py itself would not): its failure shows it was run.
     source = (REPO_ROOT / "train.py").read_text()

@@ -321,7 +321,7 @@ CHECK_SAME_RUN = {
 }
 
 
-@pytest.mark.parametrize("engine", ["torch", "mlx"])
+@pytest.mark.parametrize("engine", [pytest.param("torch", marks=pytest.mark.slow), "mlx"])
 def test_ranks_with_different_training_scripts_refuse_to_train_together(engine, tmp_path):
     """Across machines each rank runs its own checkout: one edited on rank 0's machine only must
     not train beside a stale one. (Ranks that agree pass the same check in every launched run.)"""

@@ -334,7 +334,7 @@ def smoke_env(tiny_dataset, tmp_path, script, **extra):
     return env
 
 
-@pytest.mark.parametrize("script", ["train.py", "train_mlx.py"])
+@pytest.mark.parametrize("script", [pytest.param("train.py", marks=pytest.mark.slow), "train_mlx.py"])
 def test_ctrl_c_is_one_line_exit_130_and_no_library_noise(tiny_dataset, tmp_path, script):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
     env.update(smoke_env(tiny_dataset, tmp_path, script, AUTORESEARCH_TIME_BUDGET="120"),
@@ -374,6 +374,7 @@ def test_a_model_too_big_for_memory_is_refused_with_one_line(tiny_dataset, tmp_p
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ON_LINUX, reason="needs the kernel's address-space limit (RLIMIT_AS)")
 def test_out_of_memory_in_a_step_names_the_batch_constant(tiny_dataset, tmp_path):
     # The model fits; one micro-batch of 256 rows of 2048 tokens does not fit in 4 GB.

@@ -319,6 +319,7 @@ def test_the_model_gives_the_same_logits_with_flex_windows(monkeypatch):
     assert torch.allclose(flex, dense, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_take_the_block_mask_in_one_graph_each(monkeypatch):
     # As main() compiles them on CUDA: FlexAttention inside a compiled block, no graph break.
     torch.manual_seed(0)
