@@ -683,3 +683,19 @@ def test_a_win_measured_under_another_load_than_the_best_is_not_judged(repo, env
     assert "the machine's load changed" in done.stderr and "during the best's" in done.stderr
     assert git(repo, "rev-parse", "HEAD") == kept
     assert {r[3] for r in rows(repo)[6:]} == {"discard"}
+
+
+def test_the_kind_comes_from_the_harness_of_the_checkout_being_run(tmp_path, monkeypatch):
+    # This process has the kit's own prepare.py loaded; the checkout's stand-in must answer anyway.
+    import prepare  # noqa: F401  (the kit's harness, loaded first on purpose)
+    from tools import kind
+
+    checkout = make_kit(tmp_path / "kit", FAKE_TRAIN)
+    monkeypatch.setenv("AUTORESEARCH_DATASET", "its-own-dataset")
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "cpu")
+    answer = kind.probe_harness(checkout)
+    assert answer == {"backend": "cpu", "tier": "cpu", "apple": False, "time_budget": 300.0,
+                      "profile": "standard", "dataset": "its-own-dataset", "standard": True}
+    (checkout / "prepare.py").write_text("raise ValueError('no dataset prepared here')\n")
+    monkeypatch.setenv("AUTORESEARCH_DATASET", "another")  # a new environment is asked again
+    assert kind.probe_harness(checkout)["kind_error"] == "no dataset prepared here"
