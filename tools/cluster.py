@@ -26,6 +26,7 @@ A worker process killed or a node lost mid-run: the run is retried once, then re
 """
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -117,9 +118,10 @@ def run_on_node(request, origin, expected, archive):
     tree = Path(origin["root"]) / TREES_DIR / name if local else Path(tempfile.mkdtemp(prefix="autoresearch-"))
     try:
         if local:
-            subprocess.run(["git", "-C", origin["root"], "worktree", "prune"], capture_output=True)
-            added = subprocess.run(["git", "-C", origin["root"], "worktree", "add", "--quiet", "--force", "--detach",
-                                    str(tree), request["commit"]], capture_output=True, text=True)
+            with worktrees_locked(origin["root"]):
+                subprocess.run(["git", "-C", origin["root"], "worktree", "prune"], capture_output=True)
+                added = subprocess.run(["git", "-C", origin["root"], "worktree", "add", "--quiet", "--force",
+                                        "--detach", str(tree), request["commit"]], capture_output=True, text=True)
             if added.returncode:
                 return dict(record, refused=f"no tree for the run: git worktree add failed: {added.stderr.strip()}")
         else:
@@ -131,9 +133,21 @@ def run_on_node(request, origin, expected, archive):
         return dict(record, **train_in(tree, request, origin))
     finally:
         if local:
-            subprocess.run(["git", "-C", origin["root"], "worktree", "remove", "--force", str(tree)], capture_output=True)
+            with worktrees_locked(origin["root"]):
+                subprocess.run(["git", "-C", origin["root"], "worktree", "remove", "--force", str(tree)],
+                               capture_output=True)
         else:
             subprocess.run(["rm", "-rf", str(tree)])
+
+
+@contextlib.contextmanager
+def worktrees_locked(root):
+    """Add, prune and remove the runs' git worktrees of one checkout one slot at a time: a prune
+    that runs while another slot adds its tree can delete .git/worktrees under that add."""
+    lock = Path(root) / scheduler.PARALLEL_DIR / "worktrees.lock"
+    with open(lock, "a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        yield
 
 
 def train_in(tree, request, origin):
