@@ -29,7 +29,6 @@ import time
 import psutil
 
 import backends
-import prepare
 from backends import distributed
 from backends.report import format_summary, run_context, runs_dir, write_run_json
 
@@ -66,10 +65,13 @@ def check_record_writable(directory=None):
     could not keep its result must not spend the budget first."""
     directory = runs_dir() if directory is None else directory
     probe = directory / f".writable_{os.getpid()}.tmp"
+    created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
+        if created:
+            directory.rmdir()  # made again with the record: a run that fails leaves nothing
     except OSError as error:
         reason = error.strerror or type(error).__name__
         exit_with_error(f"cannot write the run's record in {directory}/ ({reason}): make it a "
@@ -260,6 +262,7 @@ class TrainingRun:
     def finish(self, logits_fn, target_nats, tokenizer, eval_batch_size):
         """Rank 0, after training: evaluate (the model sees the validation inputs only; see
         prepare.evaluate_bpb), print the summary and write the record. Returns the fields."""
+        import prepare  # here: importing prepare reads AUTORESEARCH_TIME_BUDGET, which may be bad
         timed_tokens = (self.steps - self.untimed_steps) * self.total_batch_size
         untimed_tokens = self.untimed_steps * self.total_batch_size
         mfu_percent = 100 * self.flops_per_token * timed_tokens / self.training_seconds / self.peak_flops
@@ -340,6 +343,7 @@ def exit_if_model_cannot_fit(backend, num_params, rank=0):
 def run_main(main, backend, rank, world_size, parameter_count):
     """Run main() so that every way it cannot finish ends in one line and its exit code (see the
     module docstring); parameter_count() gives the model size for the out-of-memory line."""
+    import prepare
     try:
         main()
     except KeyboardInterrupt as interrupt:

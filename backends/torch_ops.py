@@ -11,8 +11,6 @@ reference_* functions below, which the tests compare them with), only faster:
 An experiment that wants another kernel writes its own in train.py and calls it instead.
 """
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,16 +36,25 @@ def window_mask(T, window, device):
     return (distance >= 0) & (distance < window)
 
 
-@functools.cache
+_BLOCK_MASKS = {}  # (T, window, device) -> BlockMask
+
+
 def sliding_window_block_mask(T, window, device):
     """FlexAttention's BlockMask of causal attention over the last `window` of T tokens, built
     once per shape and device. Its kernel computes only the 128 x 128 blocks of scores that hold
-    an attended pair: at T = 2048 and window 1024, 108 of 256, where a dense mask computes all."""
+    an attended pair: at T = 2048 and window 1024, 108 of 256, where a dense mask computes all.
 
-    def in_window(batch, head, query, key):
-        return (query >= key) & (query - key < window)
+    A plain dict rather than functools.cache, which torch.compile would trace through (building
+    the mask on every call): compiled code that finds the dict without this mask builds it once,
+    and the dict's new entry makes torch.compile retrace the block to read it from there."""
+    key = (T, window, torch.device(device))
+    if key not in _BLOCK_MASKS:
 
-    return create_block_mask(in_window, None, None, T, T, device=device)
+        def in_window(batch, head, query, key):
+            return (query >= key) & (query - key < window)
+
+        _BLOCK_MASKS[key] = create_block_mask(in_window, None, None, T, T, device=device)
+    return _BLOCK_MASKS[key]
 
 
 def _repeat_kv(q, k, v):
@@ -93,26 +100,35 @@ def blocked_attention(q, k, v, window):
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 
+def flex_window_attention(q, k, v, window):
+    """FlexAttention under sliding_window_block_mask: its kernel skips the blocks of scores
+    outside the window instead of computing and masking them."""
+    # CUDA's autocast leaves the rms-normed q and k in fp32, and FlexAttention takes one dtype.
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    block_mask = sliding_window_block_mask(q.size(-2), window, q.device)
+    return compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1))
+
+
+def sdpa_attention(q, k, v, window):
+    """F.scaled_dot_product_attention: its flash kernel for plain causal attention, a dense
+    [T, T] mask for a window shorter than the row."""
+    mask = window_mask(q.size(-2), window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=k.size(1) != q.size(1))
+
+
 def attention(q, k, v, window):
     """Causal attention of q [B, H, T, D] over k, v [B, H_kv, T, D] (H_kv divides H), each query
     seeing itself and the window - 1 keys before it: [B, H, T, D] in v's dtype.
 
     Per device: inside compiled code on FLEX_DEVICES (CUDA), a window shorter than the row runs
-    as FlexAttention, whose kernel skips the blocks of scores outside the window; on a CPU,
-    blocked_attention; elsewhere SDPA (its flash kernel for plain causal attention, a dense mask
-    for a window)."""
-    T = q.size(-2)
-    gqa = k.size(1) != q.size(1)
-    if window < T and q.device.type in FLEX_DEVICES and torch.compiler.is_compiling():
-        # CUDA's autocast leaves the rms-normed q and k in fp32, and FlexAttention takes one dtype.
-        q, k = q.to(v.dtype), k.to(v.dtype)
-        block_mask = sliding_window_block_mask(T, window, q.device)
-        return compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    as flex_window_attention; on a CPU, blocked_attention; elsewhere (MPS, eager CUDA)
+    sdpa_attention."""
+    if window < q.size(-2) and q.device.type in FLEX_DEVICES and torch.compiler.is_compiling():
+        return flex_window_attention(q, k, v, window)
     if q.device.type == "cpu":
         return blocked_attention(q, k, v, window)
-    mask = window_mask(T, window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          enable_gqa=gqa)
+    return sdpa_attention(q, k, v, window)
 
 
 # ---------------------------------------------------------------------------------------------
