@@ -1234,7 +1234,8 @@ def eval_split_counts(backend=None):
     tokenizer = get_tokenizer()
     directory = dataset_dir()
     tokenizer_file = _tokenizer_dir() / "tokenizer.pkl"
-    key = f"{eval_token_budget(backend)} {tokenizer_file.stat().st_mtime_ns} {tokenizer.get_vocab_size()}"
+    key = (f"{eval_token_budget(backend)} {tokenizer_file.stat().st_mtime_ns} "
+           f"{(directory / VAL_SHARD).stat().st_mtime_ns}")
     path = directory / EVAL_COUNTS_FILE
     try:
         cached = json.loads(path.read_text())
