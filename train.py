@@ -463,7 +463,7 @@ def main():
             return model(torch.from_numpy(inputs).to(DEVICE))
 
     with torch.inference_mode(), torch.compiler.set_stance("force_eager" if EVAL_EAGER else "default"):
-        run.finish(logits, torch_ops.target_nats, tokenizer, EVAL_BATCH_SIZE)
+        run.finish(logits, tokenizer, EVAL_BATCH_SIZE)
 
 
 if __name__ == "__main__":

@@ -444,7 +444,7 @@ def main():
     def logits(inputs):
         return model(mx.array(inputs.astype(np.int32)))
 
-    run.finish(logits, mlx_ops.target_nats, tokenizer, EVAL_BATCH_SIZE)
+    run.finish(logits, tokenizer, EVAL_BATCH_SIZE)
 
 
 if __name__ == "__main__":

@@ -202,3 +202,16 @@ def score_problem(record, log_text, expected_counts):
         if _format_value(key, printed.get(key)) != _format_value(key, record[key]):
             return f"run.log's summary says {key} {printed.get(key)}, the record {_format_value(key, record[key])}"
     return None
+
+
+def runner_score_problem(log_text, backend, custom_command=False):
+    """score_problem() of the run that just wrote runs/last_run.json, against the validation
+    split of the active dataset at `backend`'s evaluation budget; what tools/experiment.py asks
+    before it takes a val_bpb. A custom AUTORESEARCH_TRAIN_CMD (custom_command) whose record does
+    not come from the locked evaluation (no EVAL_KEYS) is the user's own measurement: None."""
+    record = read_run_json(runs_dir() / "last_run.json")
+    if custom_command and (record is None or not any(key in record for key in EVAL_KEYS)):
+        return None
+    import prepare  # here, not at the top: the runner imports this module without numpy
+
+    return score_problem(record, log_text, prepare.eval_split_counts(backend))

@@ -8,9 +8,10 @@
                                     rank agreement, the budget (untimed steps, then timed ones),
                                     the diverged-loss check, the collector, the progress line
     run.budget_spent(steps)         True once the timed steps have used the time budget
-    run.finish(logits_fn, target_nats, tokenizer, eval_batch_size)
-                                    the final evaluation (prepare.evaluate_bpb), the summary block
-                                    and the JSON record
+    run.finish(logits_fn, tokenizer, eval_batch_size)
+                                    the final evaluation (prepare.evaluate_bpb, with the nats of
+                                    backends/torch_ops.py or mlx_ops.py), the summary block and
+                                    the JSON record
     run_main(main, rank, parameter_count, ...)
                                     runs main(); every fault that cannot finish ends in one line
 
@@ -259,10 +260,15 @@ class TrainingRun:
         gc.enable()
         self.watchdog.stop()
 
-    def finish(self, logits_fn, target_nats, tokenizer, eval_batch_size):
-        """Rank 0, after training: evaluate (the model sees the validation inputs only; see
-        prepare.evaluate_bpb), print the summary and write the record. Returns the fields."""
+    def finish(self, logits_fn, tokenizer, eval_batch_size):
+        """Rank 0, after training: evaluate (logits_fn(inputs) gives the model's logits for the
+        validation inputs; see prepare.evaluate_bpb), print the summary and write the record.
+        Returns the fields."""
         import prepare  # here: importing prepare reads AUTORESEARCH_TIME_BUDGET, which may be bad
+        if self.backend == "mlx":
+            from backends.mlx_ops import target_nats
+        else:
+            from backends.torch_ops import target_nats
         timed_tokens = (self.steps - self.untimed_steps) * self.total_batch_size
         untimed_tokens = self.untimed_steps * self.total_batch_size
         mfu_percent = 100 * self.flops_per_token * timed_tokens / self.training_seconds / self.peak_flops

@@ -72,7 +72,7 @@ import ledger  # noqa: E402
 import monitor  # noqa: E402
 import scheduler  # noqa: E402
 import verdict  # noqa: E402
-from backends.report import LOCKED_PATHS, parse_summary, read_run_json, runs_dir  # noqa: E402
+from backends.report import LOCKED_PATHS, parse_summary, read_run_json, runner_score_problem, runs_dir  # noqa: E402
 
 LOG_FILE = Path("run.log")
 STATE_DIR = Path(".autoresearch")  # the runner's memory; ignores itself in git
@@ -372,7 +372,8 @@ def run_training(command, timeout, load_monitor):
     try:
         with open(LOG_FILE, "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+                                       stdin=subprocess.DEVNULL, start_new_session=True,
+                                       env={**os.environ, "AUTORESEARCH_RUNNER_PID": str(os.getpid())})
         load_monitor.watch(process.pid)
         return process.wait(timeout=timeout), False
     except subprocess.TimeoutExpired:
@@ -441,6 +442,9 @@ def execute(script, timeout, kind, max_disturbance):
         value = math.nan
     if not math.isfinite(value):
         return Run(verdict.Outcome(crash=f"val_bpb is {fields['val_bpb']!r}"), load=load, wall=wall)
+    refused = runner_score_problem("\n".join(lines), kind.backend, "AUTORESEARCH_TRAIN_CMD" in os.environ)
+    if refused:
+        return Run(verdict.Outcome(crash=f"score refused: {refused}"), load=load, wall=wall)
     ran_as = result_kind(fields, kind)
     if ran_as != kind:
         note = f"unjudged: ran as {ran_as}, expected {kind}"
