@@ -363,11 +363,11 @@ def main():
     tokenizer = prepare.get_tokenizer()
     distributed.check_same_run_mlx(__file__, prepare.active_dataset(), GROUP)
     config = build_config(tokenizer.get_vocab_size())
-    # Before mx.eval allocates the parameters: MLX cannot raise when an allocation fails under a
-    # hard limit (ulimit -v), it crashes.
-    exit_if_model_cannot_fit(BACKEND, parameter_count(config), RANK)
     mx.random.seed(42)
     model = GPT(config, compute_dtype=DTYPE)
+    # Before mx.eval allocates the parameters: MLX cannot raise when an allocation fails under a
+    # hard limit (ulimit -v), it crashes.
+    exit_if_model_cannot_fit(BACKEND, sum(p.size for _, p in tree_flatten(model.parameters())), RANK)
     mx.eval(model.parameters())
     distributed.broadcast_mlx_parameters(model, GROUP)
     optimizer = build_optimizer(model, config)

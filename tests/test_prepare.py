@@ -5,7 +5,6 @@ of the packing rule (lists and linear scans) fed by its own reading of the parqu
 """
 
 import json
-import math
 import os
 import re
 import shutil
