@@ -12,11 +12,12 @@
                                     the final evaluation (prepare.evaluate_bpb, with the nats of
                                     backends/torch_ops.py or mlx_ops.py), the summary block and
                                     the JSON record
-    run_main(main, rank, parameter_count, ...)
+    run_main(main, backend, rank, world_size, parameter_count)
                                     runs main(); every fault that cannot finish ends in one line
 
-Exit codes: 0 a result, 1 a run that failed (diverged, out of memory, a rank fault), 2 a set-up
-error (nothing trained), 130 Ctrl-C, 143 SIGTERM. Importing this module never imports torch or mlx.
+Exit codes: 0 a result, 1 a run that failed (diverged, out of memory), 2 a set-up error or a
+rank stopped by another rank's fault, 130 Ctrl-C, 143 SIGTERM. Importing this module never
+imports torch or mlx.
 """
 
 import gc
