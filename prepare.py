@@ -295,29 +295,85 @@ def eval_token_budget(backend=None):
     return tokens
 
 
-def evaluate_bpb(loss_fn, tokenizer, batch_size, backend=None):
-    """Validation bits per byte: loss_fn(x, y) -> per-token nats [B, T] over the first
-    eval_token_budget(backend) tokens of the val split, in rows of MAX_SEQ_LEN (the last batch
-    may be shorter). Targets whose token has no bytes (special tokens) count in neither sum."""
-    token_bytes = _token_bytes_for(tokenizer)
+def _eval_batches(tokenizer, batch_size, backend):
+    """(inputs, targets) int64 [rows, MAX_SEQ_LEN] over the first eval_token_budget(backend)
+    tokens of the val split, batch_size rows at a time (the last batch may be shorter)."""
     rows_left = eval_token_budget(backend) // MAX_SEQ_LEN
     batches = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val")
-    total_nats, total_bytes = 0.0, 0
     while rows_left > 0:
         inputs, targets, _ = next(batches)
         rows = min(batch_size, rows_left)
-        inputs, targets = inputs[:rows], targets[:rows]
-        nats = np.asarray(loss_fn(inputs, targets), dtype=np.float64)
-        if nats.shape != targets.shape:
-            raise ValueError(f"loss_fn returned shape {nats.shape}, expected {targets.shape}")
+        yield inputs[:rows], targets[:rows]
+        rows_left -= rows
+
+
+def numpy_target_nats(logits, targets):
+    """-log softmax(logits)[target] in float64 for numpy logits [rows, T, V] and targets [rows, T]."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 3 or logits.shape[:2] != targets.shape:
+        raise ValueError(f"the model returned logits of shape {logits.shape}, expected "
+                         f"{targets.shape + ('vocab',)}")
+    top = logits.max(axis=-1, keepdims=True)
+    log_sum_exp = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]
+    return log_sum_exp - np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def evaluate_bpb(logits_fn, tokenizer, batch_size, backend=None, target_nats=numpy_target_nats):
+    """Validation bits per byte of a model over the first eval_token_budget(backend) tokens of
+    the val split, in rows of MAX_SEQ_LEN.
+
+    The model sees the inputs only: logits_fn(inputs int64 [rows, T]) returns its logits
+    [rows, T, V] for at most batch_size rows at a time (memory stays one batch's logits), and
+    target_nats(logits, targets) turns them into -log softmax(logits)[target], float64 numpy
+    [rows, T] (the framework's version in backends: on the model's device). Whatever the model
+    computes, what is scored is a real distribution over the next token. Targets whose token
+    has no bytes (special tokens) count in neither sum. Returns {"val_bpb", "eval_scored_tokens",
+    "eval_bytes", "eval_nats"}: the counts are what eval_split_counts() says the split holds."""
+    token_bytes = _token_bytes_for(tokenizer)
+    total_nats, total_bytes, total_tokens = 0.0, 0, 0
+    for inputs, targets in _eval_batches(tokenizer, batch_size, backend):
+        nats = np.asarray(target_nats(logits_fn(inputs), targets), dtype=np.float64)
         target_bytes = token_bytes[targets]
         counted = target_bytes > 0
         total_nats += float(nats[counted].sum())
         total_bytes += int(target_bytes[counted].sum())
-        rows_left -= rows
+        total_tokens += int(counted.sum())
     if total_bytes == 0:
         raise DataError("the validation tokens have no bytes to score")
-    return total_nats / (math.log(2) * total_bytes)
+    return {"val_bpb": total_nats / (math.log(2) * total_bytes), "eval_scored_tokens": total_tokens,
+            "eval_bytes": total_bytes, "eval_nats": total_nats}
+
+
+EVAL_COUNTS_FILE = "eval_counts.json"  # in the dataset folder: eval_split_counts() per budget
+
+
+def eval_split_counts(backend=None):
+    """{"eval_scored_tokens", "eval_bytes"} an evaluation of the active dataset at
+    eval_token_budget(backend) must score: what the runner checks a run's record against.
+    Counted once per budget and tokenizer, then read from EVAL_COUNTS_FILE."""
+    tokenizer = get_tokenizer()
+    directory = dataset_dir()
+    tokenizer_file = _tokenizer_dir() / "tokenizer.pkl"
+    key = (f"{eval_token_budget(backend)} {tokenizer_file.stat().st_mtime_ns} "
+           f"{(directory / VAL_SHARD).stat().st_mtime_ns}")
+    path = directory / EVAL_COUNTS_FILE
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached, dict) and isinstance(cached.get(key), dict):
+        return cached[key]
+    token_bytes = _token_bytes_for(tokenizer)
+    tokens = total_bytes = 0
+    for _, targets in _eval_batches(tokenizer, 64, backend):
+        target_bytes = token_bytes[targets]
+        tokens += int((target_bytes > 0).sum())
+        total_bytes += int(target_bytes.sum())
+    counts = {"eval_scored_tokens": tokens, "eval_bytes": total_bytes}
+    with contextlib.suppress(OSError):  # a read-only cache still answers, it only counts again
+        _atomic_write_bytes(path, json.dumps({**(cached if isinstance(cached, dict) else {}),
+                                              key: counts}).encode())
+    return counts
 
 
 

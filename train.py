@@ -2,10 +2,12 @@
 Pretrain a small GPT for a fixed time budget with PyTorch (CUDA, MPS or CPU) and report val_bpb.
 
 This is one of the two files the agent edits. train_mlx.py is its MLX twin: the same model, the
-same loop and the same summary, section by section under the same names, so that
-`diff train.py train_mlx.py` shows only what the frameworks force. Anything here is fair game:
-the constants, the model, the optimizer set-up, the schedules, the loop. The harness (prepare.py:
-data, tokenizer, evaluate_bpb, TIME_BUDGET) and backends/ are locked.
+same loop, section by section under the same names, so that `diff train.py train_mlx.py` shows
+only what the frameworks force. Anything here is fair game: the constants, the model, the
+optimizer set-up, the schedules, the loop. Locked (see program.md): prepare.py (data, tokenizer,
+the evaluation, TIME_BUDGET) and backends/, among them backends/torch_ops.py (fast attention and
+loss, which an experiment may replace by its own code) and backends/run.py (the budget, the
+faults, the final evaluation and the record).
 
     uv run train.py                                   # backend from backends.detect_backend()
     AUTORESEARCH_BACKEND=cpu uv run train.py          # or mps, cuda; mlx runs train_mlx.py
@@ -13,27 +15,15 @@ data, tokenizer, evaluate_bpb, TIME_BUDGET) and backends/ are locked.
     uv run torchrun --nproc_per_node 2 train.py       # data parallel: 2 processes (GPUs or cores)
 """
 
-import functools
-import gc
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 import backends
 from backends import distributed
-from backends.report import format_summary, run_context, write_run_json
-
-
-def exit_with_error(error):
-    """End the run with one line on stderr and no traceback: the message says what to do."""
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
-
+from backends.run import exit_with_error
 
 try:
     BACKEND = backends.detect_backend()
@@ -50,10 +40,11 @@ import torch  # noqa: E402  (imported only once the run is known to stay in PyTo
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention  # noqa: E402
 
+from backends import torch_ops  # noqa: E402
 from backends.muon_torch import MuonAdamW  # noqa: E402
 from backends.optim import param_groups  # noqa: E402
+from backends.run import DataWait, TrainingRun, exit_if_model_cannot_fit, require_constant, run_main  # noqa: E402
 from prepare import MAX_SEQ_LEN, TIME_BUDGET  # noqa: E402
 
 # Data parallel: under `torchrun --nproc_per_node N` this process is rank RANK of WORLD_SIZE. Each
@@ -98,39 +89,26 @@ WEIGHT_DECAY = 0.2      # Muon's cautious weight decay, decayed linearly to 0 ov
 ADAM_BETAS = (0.8, 0.95)
 NS_STEPS = 5            # Polar Express (Newton-Schulz) iterations in Muon
 # Schedule, as fractions of the time budget
-WARMUP_RATIO = 0.0
-WARMDOWN_RATIO = 0.5
-FINAL_LR_FRAC = 0.0
-MUON_MOMENTUM_START, MUON_MOMENTUM_END, MUON_MOMENTUM_RAMP_STEPS = 0.85, 0.95, 300
+WARMUP_RATIO = 0.0    # learning rate rises linearly from 0 over this first part
+WARMDOWN_RATIO = 0.5  # ... and falls linearly to FINAL_LR_FRAC over this last part
+FINAL_LR_FRAC = 0.0   # the learning rate at the end, as a fraction of the peak
+MUON_MOMENTUM_START, MUON_MOMENTUM_END, MUON_MOMENTUM_RAMP_STEPS = 0.85, 0.95, 300  # linear, by step
 # Loop
-UNTIMED_STEPS = 2      # steps 0 and 1 (compilation, allocator warm-up) train but are not timed: on
-                       # torch's CPU tier step 1 still page-faults ~108k new pages (0.8-1.3 s)
-GC_EVERY_STEPS = 5000  # the garbage collector is off during training except every this many steps
+UNTIMED_STEPS = 2  # the first steps (compilation, allocator warm-up) train but are not timed
 
 # Device, precision and compilation: parameters stay fp32; in bf16 the forward pass runs under
 # autocast, and Muon orthogonalises in DTYPE either way.
 DEVICE = torch.device(BACKEND if BACKEND in ("cuda", "mps") else "cpu")
 DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}[COMPUTE_DTYPE]
 COMPILE = BACKEND in ("cuda", "cpu") and PROFILE != "smoke"  # smoke: compiling costs more than it saves
-# On a CPU the final evaluation runs as fast eager as compiled (~1.0 s per 8 x 2048 batch on 2
-# cores) and compiling its inference graphs would add 10-28 s to the run.
-EVAL_EAGER = BACKEND == "cpu"
+EVAL_EAGER = BACKEND == "cpu"  # a CPU evaluates as fast eager, without compiling inference graphs
 
 # ---------------------------------------------------------------------------------------------
 # Model
 
-ROPE_BASE = 10000.0
-SOFTCAP = 15.0
-LOSS_CHUNK_ROWS = 256   # rows of logits alive at once in the loss: made and consumed in cache. 256
-                        # rather than 128 halves the calls per step: the CPU tier's bf16 step 5% faster
-                        # on 2 AMX cores (paired medians of 12 steps), fp32's unchanged
-LOSS_GROUP_ROWS = 2048  # rows per backward matmul of the loss (their logit gradients: 32 MB in bf16)
-NORM_EPS = 1e-6
-ATTENTION_BLOCKS = 4    # query blocks of matmul_attention (CPU): each skips the keys after it
-# Short-window (S) layers on CUDA: FlexAttention, whose compiled kernel skips the blocks of scores
-# outside the causal window. False: SDPA with a dense [T, T] mask, which computes every score and
-# rules out the flash kernel. Smoke runs compile nothing, so they keep the mask.
-FLEX_WINDOWS = BACKEND == "cuda" and COMPILE
+ROPE_BASE = 10000.0     # rotary embeddings: channel pair i turns at ROPE_BASE ** (-2i / head_dim)
+SOFTCAP = 15.0          # logits are capped smoothly to (-SOFTCAP, SOFTCAP)
+NORM_EPS = 1e-6         # RMSNorm's epsilon
 VE_GATE_CHANNELS = 32   # value-embedding gates read this many leading channels of the block input
 
 
@@ -152,9 +130,7 @@ def norm(x):
 
 class StreamNorm(nn.Module):
     """norm() of the residual stream outside the blocks (after the embedding, before lm_head) as a
-    module, so that main() compiles it like the blocks. Eager, its forward and backward passes
-    over [B, T, dim] cost 18-42 ms more a step at the CPU tier on 2 cores (paired medians of
-    16-20 steps, three runs)."""
+    module, so that main() compiles it like the blocks (eager, it is a measurably slower step)."""
 
     def forward(self, x):
         return norm(x)
@@ -180,39 +156,6 @@ def window_sizes(config):
     return tuple(windows)
 
 
-def window_mask(T, window, device):
-    """Boolean [T, T] mask (True = attend) for causal attention over the last `window` tokens;
-    None when plain causal attention already fits in the window."""
-    if window >= T:
-        return None
-    pos = torch.arange(T, device=device)
-    distance = pos[:, None] - pos[None, :]
-    return (distance >= 0) & (distance < window)
-
-
-@functools.cache
-def sliding_window_block_mask(T, window, device):
-    """FlexAttention's BlockMask for causal attention over the last `window` of T tokens, built
-    once per shape and device. At T = 2048 and window 1024 its kernel computes 108 of the 256
-    blocks of 128 x 128 scores, causal attention 136 and SDPA with a dense mask all 256."""
-
-    def in_window(batch, head, query, key):
-        return (query >= key) & (query - key < window)
-
-    return create_block_mask(in_window, None, None, T, T, device=device)
-
-
-def attention_mask(T, window, device):
-    """The mask attention() takes for a layer of this window at row length T: None where plain
-    causal attention fits in the window, a FlexAttention block mask with FLEX_WINDOWS, else
-    window_mask's dense one."""
-    if window >= T:
-        return None
-    if FLEX_WINDOWS:
-        return sliding_window_block_mask(T, window, device)
-    return window_mask(T, window, device)
-
-
 def rotary_tables(seq_len, head_dim):
     """cos and sin [1, seq_len, 1, head_dim // 2], fp32, for rotating channel pairs (i, i + d/2)."""
     inv_freq = ROPE_BASE ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
@@ -228,50 +171,6 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def matmul_attention(q, k, v, mask):
-    """Attention over q, k, v [B, H, T, D] as batched matmuls around a softmax, where mask [T, T]
-    (True = attend, causal) or, if None, plain causality says which keys a query sees.
-
-    For a CPU. A query never sees a later key, so the queries go in ATTENTION_BLOCKS row blocks
-    and each block scores only the keys up to its last row: at 4 blocks 37.5% of the [T, T]
-    scores are never computed. Compiled on 2 cores at the CPU tier's shapes (B=32, 4 heads of
-    64, T=512), forward + backward per layer: flash kernel of F.scaled_dot_product_attention
-    164 ms, one block with an fp32 softmax 110 ms, bf16 softmax 91 ms, 4 blocks 75 ms."""
-    T = q.size(-2)
-    if mask is None:
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    if k.size(1) != q.size(1):  # grouped-query attention: each kv head serves a group of q heads
-        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
-    block = -(-T // ATTENTION_BLOCKS)
-    outputs = []
-    for start in range(0, T, block):
-        rows, keys = slice(start, min(start + block, T)), slice(0, min(start + block, T))
-        scores = (q[:, :, rows] @ k[:, :, keys].transpose(-2, -1)) * q.size(-1) ** -0.5
-        scores = scores.masked_fill(~mask[rows, keys], float("-inf"))
-        outputs.append(torch.softmax(scores, dim=-1) @ v[:, :, keys])
-    return torch.cat(outputs, dim=2)
-
-
-# Compiled here, FlexAttention runs as its fused kernel wherever it is called (a compiled block
-# traces into it); called as it is, it would run an unfused implementation instead.
-compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-
-
-def attention(q, k, v, mask):
-    """Causal attention over q [B, H, T, D] and k, v [B, H_kv, T, D] (H_kv divides H) under an
-    attention_mask(): FlexAttention for a block mask, else matmul_attention on a CPU and SDPA
-    elsewhere, whose flash kernel serves mask None."""
-    gqa = k.size(1) != q.size(1)
-    if isinstance(mask, BlockMask):
-        # CUDA's autocast leaves the rms-normed q and k in fp32, and FlexAttention takes one dtype.
-        q, k = q.to(v.dtype), k.to(v.dtype)
-        return compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
-    if q.device.type == "cpu":
-        return matmul_attention(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          enable_gqa=gqa)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -285,7 +184,7 @@ class CausalSelfAttention(nn.Module):
         has_ve = has_value_embedding(layer_idx, config.n_layer)
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if has_ve else None
 
-    def forward(self, x, ve, cos, sin, mask):
+    def forward(self, x, ve, cos, sin, window):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -296,7 +195,7 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        y = attention(q, k, v, mask)
+        y = torch_ops.attention(q, k, v, window)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -316,80 +215,11 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, x0, resid_lambda, x0_lambda, ve, cos, sin, mask):
+    def forward(self, x, x0, resid_lambda, x0_lambda, ve, cos, sin, window):
         # Mix in the embedding x0 first: inside the block, so torch.compile fuses it too.
         x = resid_lambda.to(x.dtype) * x + x0_lambda.to(x.dtype) * x0
-        x = x + self.attn(norm(x), ve, cos, sin, mask)
+        x = x + self.attn(norm(x), ve, cos, sin, window)
         return x + self.mlp(norm(x))
-
-
-class SoftcapChunk(nn.Module):
-    """Cross-entropy of one chunk of logits [rows, V] capped smoothly to (-SOFTCAP, SOFTCAP):
-    per-token nats [rows] (fp32). Given grad_out [rows, V], it also writes there the gradient of
-    grad_scale * sum(nats) with respect to the logits. Capped logits cannot overflow exp() in
-    fp32, so log-sum-exp needs no max pass. A module of its own so that torch.compile fuses it."""
-
-    def forward(self, logits, targets, grad_out=None, grad_scale=1.0):
-        # tanh(u) = 1 - 2 / (exp(2u) + 1): compiled for the CPU this runs the whole chunk about
-        # twice as fast as torch.tanh, and it is exact to fp32 rounding at both ends (exp -> 0, inf).
-        tanh = 1 - 2 / (torch.exp(logits.float() * (2 / SOFTCAP)) + 1)
-        exp = torch.exp(SOFTCAP * tanh)
-        sum_exp = exp.sum(dim=-1, keepdim=True)
-        nats = (sum_exp.log() - SOFTCAP * tanh.gather(-1, targets[:, None])).squeeze(-1)
-        if grad_out is not None:
-            is_target = torch.arange(logits.size(-1), device=logits.device) == targets[:, None]
-            grad = (exp / sum_exp - is_target.float()) * (1 - tanh * tanh) * grad_scale
-            grad_out.copy_(grad)
-        return nats
-
-
-def chunked_softcap_loss(x, weight, targets, chunk, with_grad=False):
-    """lm_head and the softcapped cross-entropy over x [N, D]: per-token nats [N] and, with_grad,
-    the gradients of mean(nats) with respect to x and weight (else None, None).
-
-    On a CPU the [N, V] logits never exist at once. Each LOSS_CHUNK_ROWS rows of logits are made and
-    consumed while they sit in the CPU's cache; their gradients gather in a LOSS_GROUP_ROWS buffer,
-    so the backward matmuls run on large, efficient shapes and the fp32 weight gradient is added
-    to once per group rather than once per chunk."""
-    w = weight.to(x.dtype)
-    n = x.size(0)
-    # A GPU has no such cache to fit and would only pay kernel launches per chunk: one chunk there.
-    chunk_rows, group_rows = (LOSS_CHUNK_ROWS, LOSS_GROUP_ROWS) if x.device.type == "cpu" else (n, n)
-    nats = torch.empty(n, dtype=torch.float32, device=x.device)
-    grad_x = torch.empty_like(x) if with_grad else None
-    grad_w = torch.zeros_like(weight) if with_grad else None
-    grad_logits = (torch.empty(min(n, group_rows), w.size(0), dtype=x.dtype, device=x.device)
-                   if with_grad else None)
-    for group_start in range(0, n, group_rows):
-        group = slice(group_start, min(group_start + group_rows, n))
-        for start in range(group.start, group.stop, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, group.stop))
-            grad_out = grad_logits[start - group.start:rows.stop - group.start] if with_grad else None
-            nats[rows] = chunk(x[rows] @ w.t(), targets[rows], grad_out, 1.0 / n)
-        if with_grad:
-            group_grad = grad_logits[:group.stop - group.start]
-            torch.mm(group_grad, w, out=grad_x[group])
-            grad_w += group_grad.t() @ x[group]
-    return nats, grad_x, grad_w
-
-
-class SoftcapLinearCrossEntropy(torch.autograd.Function):
-    """Mean softcapped cross-entropy of x @ weight.T against targets, with its gradients computed
-    during the forward pass (chunk by chunk) and scaled by the incoming gradient in backward.
-    Against lm_head + a compiled loss over the whole [B*T, V] logits (268 MB of bf16 per step at
-    the CPU tier, each elementwise pass over them running from memory) this took the CPU tier's
-    step from 2.26 to 1.92 s on 2 cores (median of 9 steps, exp-based tanh included)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, chunk):
-        nats, grad_x, grad_w = chunked_softcap_loss(x, weight, targets, chunk, with_grad=True)
-        ctx.save_for_backward(grad_x, grad_w)
-        return nats.mean()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss, None, None
 
 
 class GPT(nn.Module):
@@ -404,7 +234,7 @@ class GPT(nn.Module):
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.stream_norm = StreamNorm()
-        self.softcap_chunk = SoftcapChunk()
+        self.loss = torch_ops.SoftcapLinearCrossEntropy(SOFTCAP)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))
         self.value_embeds = nn.ModuleDict({
@@ -446,23 +276,17 @@ class GPT(nn.Module):
             x = x.to(torch.get_autocast_dtype(device_type))
         x = self.stream_norm(x)
         # A copy, not an alias: the first block then sees two distinct tensors like the others
-        # and shares their compiled graph (an aliased input is a graph of its own: +20 s cold).
+        # and shares their compiled graph (an aliased input is a compiled graph of its own).
         x0 = x.clone()
         cos, sin = self.cos[:, :T].to(x.dtype), self.sin[:, :T].to(x.dtype)
-        masks = {w: attention_mask(T, w, idx.device) for w in set(self.window_sizes)}
         for i, block in enumerate(self.transformer.h):
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, cos, sin,
-                      masks[self.window_sizes[i]])
+            x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, cos, sin, self.window_sizes[i])
         x = self.stream_norm(x)
         if targets is None:
             return SOFTCAP * torch.tanh(self.lm_head(x).float() / SOFTCAP)
-        x, targets = x.flatten(0, 1), targets.flatten()
-        if torch.is_grad_enabled() and reduction == "mean":
-            return SoftcapLinearCrossEntropy.apply(x, self.lm_head.weight, targets,
-                                                   self.softcap_chunk)
-        nats, _, _ = chunked_softcap_loss(x, self.lm_head.weight, targets, self.softcap_chunk)
-        return nats.mean() if reduction == "mean" else nats.view(idx.shape)
+        loss = self.loss(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction)
+        return loss if reduction == "mean" else loss.view(idx.shape)
 
     def num_flops_per_token(self, T):
         """Training FLOPs per token at row length T: 6 per matmul weight (forward + backward)
@@ -506,69 +330,46 @@ def muon_momentum(step):
     return (1 - frac) * MUON_MOMENTUM_START + frac * MUON_MOMENTUM_END
 
 
-def fail_if_diverged(loss, step):
-    """Fast-fail: a NaN/inf or exploding loss will not recover, so stop instead of wasting the budget."""
-    if not math.isfinite(loss) or loss > 100:
-        print0(f"\nFAIL: training diverged at step {step}: loss {loss}", flush=True)
-        sys.exit(1)
-
-
 # ---------------------------------------------------------------------------------------------
-# Data parallel (see RANK above; backends/distributed.py holds the engine's plumbing)
+# Training run (backends/run.py: the budget, the progress line, the evaluation and the record)
 
-def print0(*args, **kwargs):
-    """print on rank 0 only: one progress line and one summary however many ranks train."""
-    if RANK == 0:
-        print(*args, **kwargs)
+def check_constants():
+    """One line and exit 2 for a constant the model or the batch cannot be built from."""
+    for name in ("DEPTH", "ASPECT_RATIO", "HEAD_DIM", "SEQ_LEN", "DEVICE_BATCH_SIZE",
+                 "TOTAL_BATCH_SIZE", "EVAL_BATCH_SIZE"):
+        value = globals()[name]
+        require_constant(name, value, "a whole number, 1 or more", type(value) is int and value >= 1)
+    require_constant("HEAD_DIM", HEAD_DIM, "even (rotary embeddings turn pairs of channels)",
+                     HEAD_DIM % 2 == 0)
+    require_constant("WINDOW_PATTERN", WINDOW_PATTERN, 'a non-empty string of "S" and "L"',
+                     isinstance(WINDOW_PATTERN, str) and set(WINDOW_PATTERN.upper()) in ({"S"}, {"L"}, {"S", "L"}))
+    per_micro_step = DEVICE_BATCH_SIZE * SEQ_LEN * WORLD_SIZE  # over all ranks
+    require_constant("TOTAL_BATCH_SIZE", TOTAL_BATCH_SIZE, f"a multiple of DEVICE_BATCH_SIZE * SEQ_LEN "
+                     f"* ranks = {per_micro_step}", TOTAL_BATCH_SIZE % per_micro_step == 0)
+    return TOTAL_BATCH_SIZE // per_micro_step
 
 
-def agree_across_ranks(train_loss, step_seconds):
-    """Every rank takes the mean loss over the ranks and rank 0's step time, so all of them stop
-    together on a diverged loss, follow the same schedules and end at the same step."""
-    if WORLD_SIZE == 1:
-        return train_loss, step_seconds
-    stats = torch.tensor([train_loss / WORLD_SIZE, step_seconds if RANK == 0 else 0.0],
-                         dtype=torch.float64, device=DEVICE)
-    dist.all_reduce(stats)
-    return stats[0].item(), stats[1].item()
+def parameter_count(config):
+    """Parameters of GPT(config), counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(config).parameters())
 
 
-# ---------------------------------------------------------------------------------------------
-# Training run
-
-class DataWait:
-    """How long a step waits for its batches: mark() right before and right after each
-    next_batch(), seconds() once the step has finished. A CPU computes as the host runs, so the
-    wait is the host's time in next_batch(). A GPU runs the queued kernels meanwhile, so that host
-    time is no wait (read as one, round 1 showed 87% on an H100); its wait is the device's time
-    between an event queued after the micro-step's kernels and one queued after the batch's copy,
-    which is idle time only when the batch came late."""
-
-    def __init__(self, device):
-        self.event = {"cuda": torch.cuda.Event, "mps": torch.mps.Event}.get(device.type)
-        self.marks = []
-
-    def mark(self):
-        if self.event is None:
-            self.marks.append(time.perf_counter())
-        else:
-            self.marks.append(self.event(enable_timing=True))
-            self.marks[-1].record()
-
-    def seconds(self):
-        """The marked spans since the last call, summed; on a GPU every mark must have been
-        reached (true after the step's .item())."""
-        spans = zip(self.marks[0::2], self.marks[1::2])
-        if self.event is None:
-            total = sum(end - start for start, end in spans)
-        else:
-            total = sum(start.elapsed_time(end) for start, end in spans) / 1000  # ms
-        self.marks = []
-        return total
+def build_optimizer(model, config):
+    named_params = dict(model.named_parameters())
+    groups = param_groups({name: tuple(p.shape) for name, p in named_params.items()}, config.n_embd,
+                          matrix_lr=MATRIX_LR, embedding_lr=EMBEDDING_LR,
+                          unembedding_lr=UNEMBEDDING_LR, scalar_lr=SCALAR_LR,
+                          weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, ns_steps=NS_STEPS)
+    for group in groups:
+        group["initial_weight_decay"] = group["weight_decay"]
+    return MuonAdamW(named_params, groups, orth_dtype=DTYPE)
 
 
 def main():
-    process_start = psutil.Process().create_time()
+    grad_accum_steps = check_constants()
+    run = TrainingRun(BACKEND, RANK, WORLD_SIZE, time_budget=TIME_BUDGET, untimed_steps=UNTIMED_STEPS,
+                      total_batch_size=TOTAL_BATCH_SIZE, device=DEVICE)
     backends.keep_freed_memory()  # reuse freed activations instead of page-faulting them back in
     distributed.init_torch(BACKEND, RANKS)
     torch.manual_seed(42)
@@ -577,16 +378,10 @@ def main():
     autocast = torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16,
                               enabled=COMPUTE_DTYPE == "bf16")
 
-    tokens_per_micro_step = DEVICE_BATCH_SIZE * SEQ_LEN * WORLD_SIZE  # over all ranks
-    if TOTAL_BATCH_SIZE % tokens_per_micro_step:
-        exit_with_error(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE "
-                        f"* SEQ_LEN * ranks = {tokens_per_micro_step}: change one of them")
-    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
-
     tokenizer = prepare.get_tokenizer()
     distributed.check_same_run_torch(__file__, prepare.active_dataset(), DEVICE)
     config = build_config(tokenizer.get_vocab_size())
-    exit_if_model_cannot_fit(config)
+    exit_if_model_cannot_fit(BACKEND, parameter_count(config), RANK)
     peak_flops, peak_source = PEAK_FLOPS, PEAK_SOURCE
     if BACKEND == "cpu":
         if WORLD_SIZE == 1:
@@ -595,26 +390,13 @@ def main():
                                                                config.n_embd, COMPUTE_DTYPE))
         # The peak at the threads this process trains on (torchrun's ranks divide the cores).
         peak_flops, peak_source = backends.peak_flops_and_source(HARDWARE, BACKEND, dtype=COMPUTE_DTYPE)
-    peak_flops *= WORLD_SIZE  # every rank's device
     model = GPT(config).to(DEVICE)
     distributed.broadcast_torch_parameters(model)
-    num_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = model.num_flops_per_token(SEQ_LEN)
-
-    named_params = dict(model.named_parameters())
-    groups = param_groups({name: tuple(p.shape) for name, p in named_params.items()}, config.n_embd,
-                          matrix_lr=MATRIX_LR, embedding_lr=EMBEDDING_LR,
-                          unembedding_lr=UNEMBEDDING_LR, scalar_lr=SCALAR_LR,
-                          weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, ns_steps=NS_STEPS)
-    for group in groups:
-        group["initial_weight_decay"] = group["weight_decay"]
-    optimizer = MuonAdamW(named_params, groups, orth_dtype=DTYPE)
+    optimizer = build_optimizer(model, config)
     if COMPILE:
         # Regional compilation: the blocks (which share compiled graphs), the stream norm and the
-        # loss chunk, each on its own, train as fast as the whole model compiled at once, in
-        # about half the compile time. A GPU's final evaluation runs through them too (see
-        # EVAL_EAGER).
-        for module in [*model.transformer.h, model.stream_norm, model.softcap_chunk]:
+        # loss, each on its own. A GPU's final evaluation runs through them too (see EVAL_EAGER).
+        for module in [*model.transformer.h, model.stream_norm, model.loss]:
             module.compile(dynamic=False)
 
     train_loader = prepare.make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train",
@@ -625,33 +407,22 @@ def main():
         inputs, targets = torch.from_numpy(inputs), torch.from_numpy(targets)
         if DEVICE.type == "cuda":
             # From pinned memory the copy is queued behind the step's kernels instead of waiting
-            # for them on the host, which showed up as data wait (87% on an H100).
+            # for them on the host.
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         return inputs.to(DEVICE, non_blocking=True), targets.to(DEVICE, non_blocking=True)
 
-    print0(f"backend {BACKEND} ({HARDWARE['chip']}), {COMPUTE_DTYPE}, compile {COMPILE}, "
-           f"profile {PROFILE}")
-    print0(f"precision: {COMPUTE_DTYPE}{' (forced)' if COMPUTE_DTYPE != PRECISION['dtype'] else ''}, "
-           f"chosen from {PRECISION['how']}; mfu against {peak_flops / 1e12:.3f} TFLOP/s, "
-           f"{peak_source}")
-    if WORLD_SIZE > 1:
-        print0(f"data parallel: {WORLD_SIZE} ranks, torch.distributed over {dist.get_backend()}")
-    print0(f"model: {DEPTH} layers, dim {config.n_embd}, {config.n_head} heads, windows "
-           f"{list(model.window_sizes)}, {num_params / 1e6:.1f}M params, "
-           f"{flops_per_token / 1e6:.1f} MFLOP/token")
-    print0(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows "
-           f"x {SEQ_LEN} tokens{f' x {WORLD_SIZE} ranks' if WORLD_SIZE > 1 else ''}; "
-           f"time budget {TIME_BUDGET:g}s", flush=True)
+    run.start(chip=HARDWARE["chip"], precision=PRECISION, compute_dtype=COMPUTE_DTYPE, compile=COMPILE,
+              profile=PROFILE, peak_flops=peak_flops * WORLD_SIZE, peak_source=peak_source,
+              engine=f"torch.distributed over {dist.get_backend()}" if WORLD_SIZE > 1 else None,
+              model_line=f"{DEPTH} layers, dim {config.n_embd}, {config.n_head} heads, windows "
+                         f"{list(model.window_sizes)}",
+              num_params=sum(p.numel() for p in model.parameters()),
+              flops_per_token=model.num_flops_per_token(SEQ_LEN), depth=DEPTH,
+              grad_accum_steps=grad_accum_steps, device_batch_size=DEVICE_BATCH_SIZE, seq_len=SEQ_LEN)
 
     x, y = next_batch()
-    watchdog = distributed.Watchdog(RANK, WORLD_SIZE)
+    data_wait = DataWait(DEVICE.type)
     step = 0
-    training_time = 0.0
-    untimed_seconds = 0.0  # the untimed steps: compilation, warm-up (the runner bounds them)
-    data_wait_time = 0.0   # of the timed steps, spent waiting for next_batch() (see DataWait)
-    data_wait = DataWait(DEVICE)
-    smooth_loss = 0.0
-    startup_seconds = time.time() - process_start
     while True:
         backends.sync(BACKEND)
         step_start = time.perf_counter()
@@ -665,7 +436,7 @@ def main():
             x, y = next_batch()
             data_wait.mark()
         distributed.average_torch_gradients(model.parameters())  # the mean over the ranks
-        progress = min(training_time / TIME_BUDGET, 1.0)
+        progress = run.progress
         lrm = lr_multiplier(progress)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
@@ -675,165 +446,26 @@ def main():
         optimizer.step()
         model.zero_grad(set_to_none=True)
         train_loss = loss_sum.item() / grad_accum_steps  # .item() waits for the step to finish
-        step_seconds = time.perf_counter() - step_start
-        step_data_wait = data_wait.seconds()
-        train_loss, step_seconds = agree_across_ranks(train_loss, step_seconds)
-        watchdog.beat()
-        fail_if_diverged(train_loss, step)
-        if step >= UNTIMED_STEPS:
-            training_time += step_seconds
-            data_wait_time += step_data_wait
-        else:
-            untimed_seconds += step_seconds
-
-        if step == 0:
-            # Everything alive now lives for the whole run: stop the collector scanning it.
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % GC_EVERY_STEPS == 0:
-            gc.collect()
-
-        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
-        debiased_loss = smooth_loss / (1 - 0.9 ** (step + 1))
-        tokens_per_second = TOTAL_BATCH_SIZE / step_seconds
-        mfu = 100 * flops_per_token * tokens_per_second / peak_flops
-        remaining = max(0.0, TIME_BUDGET - training_time)
-        print0(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss {debiased_loss:.4f} | lrm {lrm:.2f} "
-               f"| {tokens_per_second:,.0f} tok/s | mfu {mfu:.1f}% | remaining {remaining:.0f}s   ",
-               end="", flush=True)
+        run.end_step(step, train_loss, time.perf_counter() - step_start, data_wait.seconds(), lrm)
         step += 1
-        if step > UNTIMED_STEPS and training_time >= TIME_BUDGET:
+        if run.budget_spent(step):
             break
-    print0()
-    # Collector back on: left frozen, the objects of compiled code outlive the interpreter and
-    # their bindings print hundreds of "nanobind: leaked ..." lines at exit.
-    gc.unfreeze()
-    gc.enable()
-    watchdog.stop()
+    run.end_training()
     distributed.finish_torch()
     if RANK != 0:
         return  # the other ranks' work is done: rank 0 alone evaluates and reports
 
-    untimed_tokens = UNTIMED_STEPS * TOTAL_BATCH_SIZE
-    timed_tokens = (step - UNTIMED_STEPS) * TOTAL_BATCH_SIZE
-    mfu_percent = 100 * flops_per_token * timed_tokens / training_time / peak_flops
-    print(f"training: {timed_tokens / training_time:,.0f} tok/s, mfu {mfu_percent:.2f}% over "
-          f"{training_time:.1f}s timed; total_tokens_M counts the {UNTIMED_STEPS} untimed steps too "
-          f"({untimed_tokens:,} tokens in {untimed_seconds:.1f}s)", flush=True)
-
-    # Final evaluation: no autograd, EVAL_BATCH_SIZE rows of MAX_SEQ_LEN at a time.
+    # Final evaluation: the model gives logits for the validation inputs, without autograd.
     model.eval()
 
-    @torch.inference_mode()
-    def per_token_nats(inputs, targets):
-        inputs = torch.from_numpy(inputs).to(DEVICE)
-        targets = torch.from_numpy(targets).to(DEVICE)
+    def logits(inputs):
         with autocast:
-            return model(inputs, targets, reduction="none").float().cpu().numpy()
+            return model(torch.from_numpy(inputs).to(DEVICE))
 
-    eval_start = time.perf_counter()
-    with torch.compiler.set_stance("force_eager" if EVAL_EAGER else "default"):
-        val_bpb = prepare.evaluate_bpb(per_token_nats, tokenizer, EVAL_BATCH_SIZE, BACKEND)
-    eval_tokens = prepare.eval_token_budget(BACKEND)
-    eval_seconds = time.perf_counter() - eval_start
-    print(f"evaluation: {eval_tokens:,} tokens in {eval_seconds:.1f}s", flush=True)
-
-    fields = {
-        "val_bpb": val_bpb,
-        "training_seconds": training_time,
-        "total_seconds": time.time() - process_start,
-        "peak_vram_mb": backends.peak_memory_mb(BACKEND),
-        "mfu_percent": mfu_percent,
-        "total_tokens_M": step * TOTAL_BATCH_SIZE / 1e6,
-        "num_steps": step,
-        "num_params_M": num_params / 1e6,
-        "depth": DEPTH,
-        "backend": BACKEND,
-        "chip": HARDWARE["chip"],
-        **run_context(world_size=WORLD_SIZE, backend=BACKEND),
-        "startup_seconds": startup_seconds,
-        "untimed_seconds": untimed_seconds,
-        "train_tokens_per_second": timed_tokens / training_time,
-        "data_wait_percent": 100 * data_wait_time / training_time,
-        "eval_seconds": eval_seconds,
-        "eval_tokens_per_second": eval_tokens / eval_seconds,
-        "compute_dtype": COMPUTE_DTYPE,
-        "peak_tflops": peak_flops / 1e12,
-        "untimed_steps": UNTIMED_STEPS,
-        "untimed_tokens": untimed_tokens,
-        "timed_tokens": timed_tokens,
-        "total_batch_size": TOTAL_BATCH_SIZE,
-    }
-    print(format_summary(fields), flush=True)
-    write_run_json(fields)
-
-
-# ---------------------------------------------------------------------------------------------
-# Runs that cannot finish: each ends with one line, and nothing is recorded
-
-def parameter_count(config):
-    """Parameters of GPT(config), counted on the meta device: nothing is allocated."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in GPT(config).parameters())
-
-
-def exit_if_model_cannot_fit(config):
-    """Refuse, before allocating it, a model whose training state alone passes the memory."""
-    num_params = parameter_count(config)
-    if not backends.model_fits_in_memory(BACKEND, num_params):
-        exit_out_of_memory(num_params)
-
-
-def exit_out_of_memory(num_params):
-    print0()  # end the progress line
-    print(backends.out_of_memory_message(BACKEND, num_params), file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
-def is_out_of_memory(error):
-    """CUDA raises OutOfMemoryError; the CPU and MPS allocators a RuntimeError that says so."""
-    message = str(error)
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) \
-        or "can't allocate memory" in message or "out of memory" in message
-
-
-def step_reached(error):
-    """The step main() was on when error went through it (0 before the training loop)."""
-    traceback = error.__traceback__
-    while traceback is not None:
-        if traceback.tb_frame.f_code is main.__code__:
-            return traceback.tb_frame.f_locals.get("step", 0)
-        traceback = traceback.tb_next
-    return 0
-
-
-def exit_interrupted(step):
-    """Ctrl-C: exit 130 like any interrupted command, after one line on rank 0."""
-    print0()
-    if RANK == 0:
-        print(f"interrupted at step {step}: nothing recorded", file=sys.stderr, flush=True)
-    sys.exit(130)
+    with torch.inference_mode(), torch.compiler.set_stance("force_eager" if EVAL_EAGER else "default"):
+        run.finish(logits, tokenizer, EVAL_BATCH_SIZE)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt as interrupt:
-        exit_interrupted(step_reached(interrupt))
-    except (prepare.DataError, distributed.DistributedError) as error:
-        exit_with_error(error)
-    except (RuntimeError, MemoryError) as error:
-        if is_out_of_memory(error):
-            config = build_config(prepare.get_tokenizer().get_vocab_size())
-            exit_out_of_memory(parameter_count(config))
-        if WORLD_SIZE == 1:
-            raise
-        # Usually the engine reporting a peer rank that stopped first: one line, not a traceback.
-        exit_with_error(f"rank {RANK} of {WORLD_SIZE}: {str(error).strip().splitlines()[0]} "
-                        f"(if another rank failed first, its output says why)")
-    finally:
-        # However the run ends (FAIL, Ctrl-C, an error), the collector goes back on, as after a
-        # finished run: else the leak report of compiled code follows the last line.
-        gc.unfreeze()
-        gc.enable()
+    run_main(main, BACKEND, RANK, WORLD_SIZE,
+             lambda: parameter_count(build_config(prepare.get_tokenizer().get_vocab_size())))

@@ -3,35 +3,26 @@ Pretrain a small GPT for a fixed time budget with MLX (Apple GPU, or the CPU on 
 val_bpb.
 
 This is one of the two files the agent edits. train.py is its PyTorch twin: the same model, the
-same loop and the same summary, section by section under the same names, so that
-`diff train.py train_mlx.py` shows only what the frameworks force. Anything here is fair game:
-the constants, the model, the optimizer set-up, the schedules, the loop. The harness (prepare.py:
-data, tokenizer, evaluate_bpb, TIME_BUDGET) and backends/ are locked.
+same loop, section by section under the same names, so that `diff train.py train_mlx.py` shows
+only what the frameworks force. Anything here is fair game: the constants, the model, the
+optimizer set-up, the schedules, the loop. Locked (see program.md): prepare.py (data, tokenizer,
+the evaluation, TIME_BUDGET) and backends/, among them backends/mlx_ops.py (fast attention,
+which an experiment may replace by its own code) and backends/run.py (the budget, the faults,
+the final evaluation and the record).
 
     uv run train_mlx.py                               # or AUTORESEARCH_BACKEND=mlx uv run train.py
     AUTORESEARCH_PROFILE=smoke AUTORESEARCH_TIME_BUDGET=10 uv run train_mlx.py   # a quick try
     uv run mlx.launch -n 2 --python .venv/bin/python train_mlx.py   # data parallel: 2 processes
 """
 
-import gc
-import math
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
-import psutil
 
 import backends
 from backends import distributed
-from backends.report import format_summary, run_context, write_run_json
-
-
-def exit_with_error(error):
-    """End the run with one line on stderr and no traceback: the message says what to do."""
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
-
+from backends.run import exit_with_error
 
 try:
     BACKEND = backends.detect_mlx_backend()  # this script runs MLX only; is it usable here?
@@ -44,8 +35,10 @@ import mlx.core as mx  # noqa: E402  (imported only once MLX is known to be usab
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
+from backends import mlx_ops  # noqa: E402
 from backends.muon_mlx import MuonAdamW  # noqa: E402
 from backends.optim import param_groups  # noqa: E402
+from backends.run import DataWait, TrainingRun, exit_if_model_cannot_fit, require_constant, run_main  # noqa: E402
 from prepare import TIME_BUDGET  # noqa: E402
 
 # Data parallel: under `mlx.launch` (-n N on one machine, --hostfile across Macs) this process is
@@ -91,14 +84,12 @@ WEIGHT_DECAY = 0.2      # Muon's cautious weight decay, decayed linearly to 0 ov
 ADAM_BETAS = (0.8, 0.95)
 NS_STEPS = 5            # Polar Express (Newton-Schulz) iterations in Muon
 # Schedule, as fractions of the time budget
-WARMUP_RATIO = 0.0
-WARMDOWN_RATIO = 0.5
-FINAL_LR_FRAC = 0.0
-MUON_MOMENTUM_START, MUON_MOMENTUM_END, MUON_MOMENTUM_RAMP_STEPS = 0.85, 0.95, 300
+WARMUP_RATIO = 0.0    # learning rate rises linearly from 0 over this first part
+WARMDOWN_RATIO = 0.5  # ... and falls linearly to FINAL_LR_FRAC over this last part
+FINAL_LR_FRAC = 0.0   # the learning rate at the end, as a fraction of the peak
+MUON_MOMENTUM_START, MUON_MOMENTUM_END, MUON_MOMENTUM_RAMP_STEPS = 0.85, 0.95, 300  # linear, by step
 # Loop
-UNTIMED_STEPS = 2      # steps 0 and 1 (compilation, allocator warm-up) train but are not timed: on
-                       # torch's CPU tier step 1 still page-faults ~108k new pages (0.8-1.3 s)
-GC_EVERY_STEPS = 5000  # the garbage collector is off during training except every this many steps
+UNTIMED_STEPS = 2  # the first steps (compilation, allocator warm-up) train but are not timed
 
 # Device, precision and compilation: parameters stay fp32; the forward pass computes in DTYPE,
 # and Muon orthogonalises in it.
@@ -108,10 +99,10 @@ COMPILE = True  # mx.compile traces in well under a second, so even smoke runs u
 # ---------------------------------------------------------------------------------------------
 # Model
 
-ROPE_BASE = 10000.0
-SOFTCAP = 15.0
-NORM_EPS = 1e-6
-VE_GATE_CHANNELS = 32  # value-embedding gates read this many leading channels of the block input
+ROPE_BASE = 10000.0     # rotary embeddings: channel pair i turns at ROPE_BASE ** (-2i / head_dim)
+SOFTCAP = 15.0          # logits are capped smoothly to (-SOFTCAP, SOFTCAP)
+NORM_EPS = 1e-6         # RMSNorm's epsilon
+VE_GATE_CHANNELS = 32   # value-embedding gates read this many leading channels of the block input
 
 
 @dataclass
@@ -150,16 +141,6 @@ def window_sizes(config):
     return tuple(windows)
 
 
-def window_mask(T, window):
-    """Boolean [T, T] mask (True = attend) for causal attention over the last `window` tokens;
-    "causal" when plain causal attention already fits in the window."""
-    if window >= T:
-        return "causal"
-    pos = mx.arange(T)
-    distance = pos[:, None] - pos[None, :]
-    return (distance >= 0) & (distance < window)
-
-
 class Linear(nn.Linear):
     """Bias-free linear layer that computes in its input's dtype (fp32 weights, bf16 matmuls);
     a plain nn.Linear would promote a bf16 input to fp32."""
@@ -184,7 +165,7 @@ class CausalSelfAttention(nn.Module):
         has_ve = has_value_embedding(layer_idx, config.n_layer)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_ve else None
 
-    def __call__(self, x, ve, mask):
+    def __call__(self, x, ve, window):
         B, T, _ = x.shape
         q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
@@ -197,7 +178,7 @@ class CausalSelfAttention(nn.Module):
         # mx.fast.rope rotates the pairs (first half, second half) of [B, H, T, D] by position.
         q = norm(mx.fast.rope(q, self.head_dim, traditional=False, base=ROPE_BASE, scale=1.0, offset=0))
         k = norm(mx.fast.rope(k, self.head_dim, traditional=False, base=ROPE_BASE, scale=1.0, offset=0))
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=mask)
+        y = mlx_ops.attention(q, k, v, window)
         return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -217,19 +198,17 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def __call__(self, x, x0, resid_lambda, x0_lambda, ve, mask):
+    def __call__(self, x, x0, resid_lambda, x0_lambda, ve, window):
         # Mix in the embedding x0 first: inside the block, as in train.py (where that helps compile).
         x = resid_lambda.astype(x.dtype) * x + x0_lambda.astype(x.dtype) * x0
-        x = x + self.attn(norm(x), ve, mask)
+        x = x + self.attn(norm(x), ve, window)
         return x + self.mlp(norm(x))
 
 
 class SoftcapCrossEntropy(nn.Module):
-    """The elementwise-heavy tail of the model: logits in fp32, capped smoothly to
-    (-SOFTCAP, SOFTCAP); with targets, their cross-entropy instead (a scalar for reduction='mean',
-    per-token nats [B, T] for 'none'). train.py computes the same loss in row chunks with its
-    gradient in the same pass (SoftcapLinearCrossEntropy) because torch on a CPU ran the full
-    [B, T, V] logits' elementwise passes from memory; here the plain form stays."""
+    """The tail of the model: logits in fp32, capped smoothly to (-SOFTCAP, SOFTCAP); with
+    targets, their cross-entropy instead (a scalar for reduction='mean', per-token nats [B, T]
+    for 'none'). train.py computes the same loss with backends.torch_ops' chunked kernel."""
 
     def __call__(self, logits, targets=None, reduction="mean"):
         logits = logits.astype(mx.float32)
@@ -291,10 +270,9 @@ class GPT(nn.Module):
         x = self.transformer["wte"](idx).astype(self.compute_dtype)
         x = norm(x)
         x0 = x
-        masks = {w: window_mask(T, w) for w in set(self.window_sizes)}
         for i, block in enumerate(self.transformer["h"]):
             ve = self.value_embeds[str(i)](idx).astype(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, masks[self.window_sizes[i]])
+            x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, self.window_sizes[i])
         return self.softcap_loss(self.lm_head(norm(x)), targets, reduction)
 
     def num_flops_per_token(self, T):
@@ -339,58 +317,31 @@ def muon_momentum(step):
     return (1 - frac) * MUON_MOMENTUM_START + frac * MUON_MOMENTUM_END
 
 
-def fail_if_diverged(loss, step):
-    """Fast-fail: a NaN/inf or exploding loss will not recover, so stop instead of wasting the budget."""
-    if not math.isfinite(loss) or loss > 100:
-        print0(f"\nFAIL: training diverged at step {step}: loss {loss}", flush=True)
-        sys.exit(1)
-
-
 # ---------------------------------------------------------------------------------------------
-# Data parallel (see RANK above; backends/distributed.py holds the engine's plumbing)
+# Training run (backends/run.py: the budget, the progress line, the evaluation and the record)
 
-def print0(*args, **kwargs):
-    """print on rank 0 only: one progress line and one summary however many ranks train."""
-    if RANK == 0:
-        print(*args, **kwargs)
+def check_constants():
+    """One line and exit 2 for a constant the model or the batch cannot be built from."""
+    for name in ("DEPTH", "ASPECT_RATIO", "HEAD_DIM", "SEQ_LEN", "DEVICE_BATCH_SIZE",
+                 "TOTAL_BATCH_SIZE", "EVAL_BATCH_SIZE"):
+        value = globals()[name]
+        require_constant(name, value, "a whole number, 1 or more", type(value) is int and value >= 1)
+    require_constant("HEAD_DIM", HEAD_DIM, "even (rotary embeddings turn pairs of channels)",
+                     HEAD_DIM % 2 == 0)
+    require_constant("WINDOW_PATTERN", WINDOW_PATTERN, 'a non-empty string of "S" and "L"',
+                     isinstance(WINDOW_PATTERN, str) and set(WINDOW_PATTERN.upper()) in ({"S"}, {"L"}, {"S", "L"}))
+    per_micro_step = DEVICE_BATCH_SIZE * SEQ_LEN * WORLD_SIZE  # over all ranks
+    require_constant("TOTAL_BATCH_SIZE", TOTAL_BATCH_SIZE, f"a multiple of DEVICE_BATCH_SIZE * SEQ_LEN "
+                     f"* ranks = {per_micro_step}", TOTAL_BATCH_SIZE % per_micro_step == 0)
+    return TOTAL_BATCH_SIZE // per_micro_step
 
 
-def agree_across_ranks(train_loss, step_seconds):
-    """Every rank takes the mean loss over the ranks and rank 0's step time, so all of them stop
-    together on a diverged loss, follow the same schedules and end at the same step."""
-    if WORLD_SIZE == 1:
-        return train_loss, step_seconds
-    stats = mx.distributed.all_sum(mx.array([train_loss / WORLD_SIZE,
-                                             step_seconds if RANK == 0 else 0.0]), group=GROUP)
-    return stats[0].item(), stats[1].item()
+def parameter_count(config):
+    """Parameters of GPT(config): until mx.eval they have shapes but no memory."""
+    return sum(p.size for _, p in tree_flatten(GPT(config).parameters()))
 
 
-# ---------------------------------------------------------------------------------------------
-# Training run
-
-def main():
-    process_start = psutil.Process().create_time()
-    backends.keep_freed_memory()  # reuse freed activations instead of page-faulting them back in
-    mx.random.seed(42)
-
-    tokens_per_micro_step = DEVICE_BATCH_SIZE * SEQ_LEN * WORLD_SIZE  # over all ranks
-    if TOTAL_BATCH_SIZE % tokens_per_micro_step:
-        exit_with_error(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE "
-                        f"* SEQ_LEN * ranks = {tokens_per_micro_step}: change one of them")
-    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
-
-    tokenizer = prepare.get_tokenizer()
-    distributed.check_same_run_mlx(__file__, prepare.active_dataset(), GROUP)
-    config = build_config(tokenizer.get_vocab_size())
-    peak_flops, peak_source = PEAK_FLOPS, PEAK_SOURCE
-    peak_flops *= WORLD_SIZE  # every rank's device
-    model = GPT(config, compute_dtype=DTYPE)
-    exit_if_model_cannot_fit(model)  # before mx.eval allocates its parameters
-    mx.eval(model.parameters())
-    distributed.broadcast_mlx_parameters(model, GROUP)
-    num_params = sum(p.size for _, p in tree_flatten(model.parameters()))
-    flops_per_token = model.num_flops_per_token(SEQ_LEN)
-
+def build_optimizer(model, config):
     named_params = dict(tree_flatten(model.trainable_parameters()))
     groups = param_groups({name: tuple(p.shape) for name, p in named_params.items()}, config.n_embd,
                           matrix_lr=MATRIX_LR, embedding_lr=EMBEDDING_LR,
@@ -400,6 +351,26 @@ def main():
         group["initial_weight_decay"] = group["weight_decay"]
     optimizer = MuonAdamW(groups, orth_dtype=DTYPE)
     optimizer.init(model.trainable_parameters())
+    return optimizer
+
+
+def main():
+    grad_accum_steps = check_constants()
+    run = TrainingRun(BACKEND, RANK, WORLD_SIZE, time_budget=TIME_BUDGET, untimed_steps=UNTIMED_STEPS,
+                      total_batch_size=TOTAL_BATCH_SIZE, group=GROUP)
+    backends.keep_freed_memory()  # reuse freed activations instead of page-faulting them back in
+
+    tokenizer = prepare.get_tokenizer()
+    distributed.check_same_run_mlx(__file__, prepare.active_dataset(), GROUP)
+    config = build_config(tokenizer.get_vocab_size())
+    mx.random.seed(42)
+    model = GPT(config, compute_dtype=DTYPE)
+    # Before mx.eval allocates the parameters: MLX cannot raise when an allocation fails under a
+    # hard limit (ulimit -v), it crashes.
+    exit_if_model_cannot_fit(BACKEND, sum(p.size for _, p in tree_flatten(model.parameters())), RANK)
+    mx.eval(model.parameters())
+    distributed.broadcast_mlx_parameters(model, GROUP)
+    optimizer = build_optimizer(model, config)
 
     # The two compiled pieces of a step: forward+backward of one micro-batch, and the update from
     # the accumulated gradients. Both take the model and optimizer state as inputs and outputs.
@@ -424,33 +395,21 @@ def main():
         inputs, targets, _ = next(train_loader)
         return mx.array(inputs.astype(np.int32)), mx.array(targets.astype(np.int32))
 
-    print0(f"backend {BACKEND} ({HARDWARE['chip']}), {COMPUTE_DTYPE}, compile {COMPILE}, "
-           f"profile {PROFILE}")
-    print0(f"precision: {COMPUTE_DTYPE}{' (forced)' if COMPUTE_DTYPE != PRECISION['dtype'] else ''}, "
-           f"chosen from {PRECISION['how']}; mfu against {peak_flops / 1e12:.3f} TFLOP/s, "
-           f"{peak_source}")
-    if WORLD_SIZE > 1:
-        print0(f"data parallel: {WORLD_SIZE} ranks, mx.distributed")
-    print0(f"model: {DEPTH} layers, dim {config.n_embd}, {config.n_head} heads, windows "
-           f"{list(model.window_sizes)}, {num_params / 1e6:.1f}M params, "
-           f"{flops_per_token / 1e6:.1f} MFLOP/token")
-    print0(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows "
-           f"x {SEQ_LEN} tokens{f' x {WORLD_SIZE} ranks' if WORLD_SIZE > 1 else ''}; "
-           f"time budget {TIME_BUDGET:g}s", flush=True)
+    run.start(chip=HARDWARE["chip"], precision=PRECISION, compute_dtype=COMPUTE_DTYPE, compile=COMPILE,
+              profile=PROFILE, peak_flops=PEAK_FLOPS * WORLD_SIZE, peak_source=PEAK_SOURCE,
+              engine="mx.distributed",
+              model_line=f"{DEPTH} layers, dim {config.n_embd}, {config.n_head} heads, windows "
+                         f"{list(model.window_sizes)}",
+              num_params=sum(p.size for _, p in tree_flatten(model.parameters())),
+              flops_per_token=model.num_flops_per_token(SEQ_LEN), depth=DEPTH,
+              grad_accum_steps=grad_accum_steps, device_batch_size=DEVICE_BATCH_SIZE, seq_len=SEQ_LEN)
 
     x, y = next_batch()
-    watchdog = distributed.Watchdog(RANK, WORLD_SIZE)
+    data_wait = DataWait("mlx")  # mx.eval() has waited for the device: host time is its wait too
     step = 0
-    training_time = 0.0
-    untimed_seconds = 0.0  # the untimed steps: compilation, warm-up (the runner bounds them)
-    data_wait_time = 0.0   # of the timed steps, spent in next_batch(): mx.eval() has already
-                           # waited for the device, so this host time is the device's wait too
-    smooth_loss = 0.0
-    startup_seconds = time.time() - process_start
     while True:
         backends.sync(BACKEND)
         step_start = time.perf_counter()
-        step_data_wait = 0.0
         grads = None
         loss_sum = mx.array(0.0)
         for _ in range(grad_accum_steps):
@@ -458,10 +417,10 @@ def main():
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             loss_sum = loss_sum + loss
             mx.eval(loss_sum, grads)  # one micro-batch's activations in memory at a time
-            data_start = time.perf_counter()
+            data_wait.mark()
             x, y = next_batch()
-            step_data_wait += time.perf_counter() - data_start
-        progress = min(training_time / TIME_BUDGET, 1.0)
+            data_wait.mark()
+        progress = run.progress
         lrm = lr_multiplier(progress)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
@@ -472,160 +431,22 @@ def main():
         optimizer_step(grads)
         mx.eval(state)
         train_loss = loss_sum.item() / grad_accum_steps
-        step_seconds = time.perf_counter() - step_start
-        train_loss, step_seconds = agree_across_ranks(train_loss, step_seconds)
-        watchdog.beat()
-        fail_if_diverged(train_loss, step)
-        if step >= UNTIMED_STEPS:
-            training_time += step_seconds
-            data_wait_time += step_data_wait
-        else:
-            untimed_seconds += step_seconds
-
-        if step == 0:
-            # Everything alive now lives for the whole run: stop the collector scanning it.
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % GC_EVERY_STEPS == 0:
-            gc.collect()
-
-        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
-        debiased_loss = smooth_loss / (1 - 0.9 ** (step + 1))
-        tokens_per_second = TOTAL_BATCH_SIZE / step_seconds
-        mfu = 100 * flops_per_token * tokens_per_second / peak_flops
-        remaining = max(0.0, TIME_BUDGET - training_time)
-        print0(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss {debiased_loss:.4f} | lrm {lrm:.2f} "
-               f"| {tokens_per_second:,.0f} tok/s | mfu {mfu:.1f}% | remaining {remaining:.0f}s   ",
-               end="", flush=True)
+        run.end_step(step, train_loss, time.perf_counter() - step_start, data_wait.seconds(), lrm)
         step += 1
-        if step > UNTIMED_STEPS and training_time >= TIME_BUDGET:
+        if run.budget_spent(step):
             break
-    print0()
-    # Collector back on: left frozen, the objects of compiled code outlive the interpreter and
-    # their bindings print hundreds of "nanobind: leaked ..." lines at exit.
-    gc.unfreeze()
-    gc.enable()
-    watchdog.stop()
+    run.end_training()
     if RANK != 0:
         return  # the other ranks' work is done: rank 0 alone evaluates and reports
 
-    untimed_tokens = UNTIMED_STEPS * TOTAL_BATCH_SIZE
-    timed_tokens = (step - UNTIMED_STEPS) * TOTAL_BATCH_SIZE
-    mfu_percent = 100 * flops_per_token * timed_tokens / training_time / peak_flops
-    print(f"training: {timed_tokens / training_time:,.0f} tok/s, mfu {mfu_percent:.2f}% over "
-          f"{training_time:.1f}s timed; total_tokens_M counts the {UNTIMED_STEPS} untimed steps too "
-          f"({untimed_tokens:,} tokens in {untimed_seconds:.1f}s)", flush=True)
+    # Final evaluation: the model gives logits for the validation inputs, without gradients;
+    # each batch is evaluated and its buffers released, so memory stays one batch's forward.
+    def logits(inputs):
+        return model(mx.array(inputs.astype(np.int32)))
 
-    # Final evaluation: no gradients are built; each batch is evaluated and its buffers released,
-    # so memory stays at one EVAL_BATCH_SIZE x MAX_SEQ_LEN forward.
-    def per_token_nats(inputs, targets):
-        nats = model(mx.array(inputs.astype(np.int32)), mx.array(targets.astype(np.int32)),
-                     reduction="none")
-        nats = np.array(nats)  # evaluates this batch's graph
-        mx.clear_cache()
-        return nats
-
-    eval_start = time.perf_counter()
-    val_bpb = prepare.evaluate_bpb(per_token_nats, tokenizer, EVAL_BATCH_SIZE, BACKEND)
-    eval_tokens = prepare.eval_token_budget(BACKEND)
-    eval_seconds = time.perf_counter() - eval_start
-    print(f"evaluation: {eval_tokens:,} tokens in {eval_seconds:.1f}s", flush=True)
-
-    fields = {
-        "val_bpb": val_bpb,
-        "training_seconds": training_time,
-        "total_seconds": time.time() - process_start,
-        "peak_vram_mb": backends.peak_memory_mb(BACKEND),
-        "mfu_percent": mfu_percent,
-        "total_tokens_M": step * TOTAL_BATCH_SIZE / 1e6,
-        "num_steps": step,
-        "num_params_M": num_params / 1e6,
-        "depth": DEPTH,
-        "backend": BACKEND,
-        "chip": HARDWARE["chip"],
-        **run_context(world_size=WORLD_SIZE, backend=BACKEND),
-        "startup_seconds": startup_seconds,
-        "untimed_seconds": untimed_seconds,
-        "train_tokens_per_second": timed_tokens / training_time,
-        "data_wait_percent": 100 * data_wait_time / training_time,
-        "eval_seconds": eval_seconds,
-        "eval_tokens_per_second": eval_tokens / eval_seconds,
-        "compute_dtype": COMPUTE_DTYPE,
-        "peak_tflops": peak_flops / 1e12,
-        "untimed_steps": UNTIMED_STEPS,
-        "untimed_tokens": untimed_tokens,
-        "timed_tokens": timed_tokens,
-        "total_batch_size": TOTAL_BATCH_SIZE,
-    }
-    print(format_summary(fields), flush=True)
-    write_run_json(fields)
-
-
-# ---------------------------------------------------------------------------------------------
-# Runs that cannot finish: each ends with one line, and nothing is recorded
-
-def parameter_count(model):
-    """Parameters of a model; until mx.eval they have shapes but no memory."""
-    return sum(p.size for _, p in tree_flatten(model.parameters()))
-
-
-def exit_if_model_cannot_fit(model):
-    """Refuse, before allocating it, a model whose training state alone passes the memory: MLX
-    cannot raise when an allocation fails under a hard limit (ulimit -v), it crashes."""
-    num_params = parameter_count(model)
-    if not backends.model_fits_in_memory(BACKEND, num_params):
-        exit_out_of_memory(num_params)
-
-
-def exit_out_of_memory(num_params):
-    print0()  # end the progress line
-    print(backends.out_of_memory_message(BACKEND, num_params), file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
-def is_out_of_memory(error):
-    """Metal raises a RuntimeError that says it cannot allocate."""
-    message = str(error)
-    return isinstance(error, MemoryError) or "allocate" in message or "out of memory" in message
-
-
-def step_reached(error):
-    """The step main() was on when error went through it (0 before the training loop)."""
-    traceback = error.__traceback__
-    while traceback is not None:
-        if traceback.tb_frame.f_code is main.__code__:
-            return traceback.tb_frame.f_locals.get("step", 0)
-        traceback = traceback.tb_next
-    return 0
-
-
-def exit_interrupted(step):
-    """Ctrl-C: exit 130 like any interrupted command, after one line on rank 0."""
-    print0()
-    if RANK == 0:
-        print(f"interrupted at step {step}: nothing recorded", file=sys.stderr, flush=True)
-    sys.exit(130)
+    run.finish(logits, tokenizer, EVAL_BATCH_SIZE)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt as interrupt:
-        exit_interrupted(step_reached(interrupt))
-    except (prepare.DataError, distributed.DistributedError) as error:
-        exit_with_error(error)
-    except (RuntimeError, MemoryError) as error:
-        if is_out_of_memory(error):
-            config = build_config(prepare.get_tokenizer().get_vocab_size())
-            exit_out_of_memory(parameter_count(GPT(config)))  # lazy: nothing is allocated
-        if WORLD_SIZE == 1:
-            raise
-        # Usually the engine reporting a peer rank that stopped first: one line, not a traceback.
-        exit_with_error(f"rank {RANK} of {WORLD_SIZE}: {str(error).strip().splitlines()[0]} "
-                        f"(if another rank failed first, its output says why)")
-    finally:
-        # However the run ends (FAIL, Ctrl-C, an error), the collector goes back on, as after a
-        # finished run: else the leak report of compiled code follows the last line.
-        gc.unfreeze()
-        gc.enable()
+    run_main(main, BACKEND, RANK, WORLD_SIZE,
+             lambda: parameter_count(build_config(prepare.get_tokenizer().get_vocab_size())))

@@ -10,11 +10,13 @@ Both scripts build the comparability fields with run_context() and add the TIMIN
 (where the run's wall-clock time went) and the PRECISION_KEYS, which tools/bench.py reads, then
 the BUDGET_KEYS (the token accounting tools/budget.py checks). total_tokens_M counts every step,
 the untimed ones too: total_tokens_M = (timed_tokens + untimed_tokens) / 1e6 = num_steps *
-total_batch_size / 1e6.
+total_batch_size / 1e6. Last come the EVAL_KEYS of the final evaluation (backends/run.py): what
+it scored, which score_problem() checks before the runner takes val_bpb as a result.
 """
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -36,13 +38,16 @@ TIMING_KEYS = ("startup_seconds", "untimed_seconds", "train_tokens_per_second", 
 PRECISION_KEYS = ("compute_dtype", "peak_tflops")
 # The tokens of the untimed and the timed steps and the batch they were counted in.
 BUDGET_KEYS = ("untimed_steps", "untimed_tokens", "timed_tokens", "total_batch_size")
+# What the evaluation scored: the targets that have bytes, their UTF-8 bytes and the nats summed
+# over them (val_bpb = eval_nats / (ln 2 * eval_bytes)).
+EVAL_KEYS = ("eval_scored_tokens", "eval_bytes", "eval_nats")
 # How each numeric field is written, so every run prints the same widths and decimals.
 _FORMATS = {
     "val_bpb": "{:.6f}", "training_seconds": "{:.1f}", "total_seconds": "{:.1f}",
     "peak_vram_mb": "{:.1f}", "mfu_percent": "{:.2f}", "total_tokens_M": "{:.1f}",
     "num_params_M": "{:.1f}", "startup_seconds": "{:.2f}", "untimed_seconds": "{:.2f}",
     "train_tokens_per_second": "{:.0f}", "data_wait_percent": "{:.2f}", "eval_seconds": "{:.2f}",
-    "eval_tokens_per_second": "{:.0f}", "peak_tflops": "{:.3f}",
+    "eval_tokens_per_second": "{:.0f}", "peak_tflops": "{:.3f}", "eval_nats": "{:.6f}",
 }
 LOCKED_PATHS = ("prepare.py", "dataset_builders.py", "backends")  # the harness; the agent never edits it
 
@@ -165,3 +170,50 @@ def read_run_json(path):
     if not isinstance(fields, dict) or not all(k in fields for k in SUMMARY_KEYS):
         return None
     return fields
+
+
+def score_problem(record, log_text, expected_counts):
+    """Why a run's val_bpb cannot be taken as its result (one line), or None when it can.
+
+    record: the run's JSON record (read_run_json), or None; log_text: its run.log;
+    expected_counts: {"eval_scored_tokens", "eval_bytes"} of the kind's validation split
+    (prepare.eval_split_counts). A score is taken only from a record of the locked evaluation
+    that scored exactly the split's tokens and bytes, whose val_bpb follows from its own nats
+    and bytes, and whose summary in run.log says the same.
+    """
+    if record is None:
+        return "no record of the evaluation in runs/last_run.json"
+    missing = [key for key in EVAL_KEYS if not isinstance(record.get(key), (int, float))]
+    if missing:
+        return f"the record lacks {', '.join(missing)}: it was not written by the locked evaluation"
+    for key, what in (("eval_scored_tokens", "tokens"), ("eval_bytes", "bytes")):
+        if record[key] != expected_counts[key]:
+            return (f"the evaluation scored {record[key]:,} {what}, the validation split holds "
+                    f"{expected_counts[key]:,}")
+    try:
+        val_bpb = float(record["val_bpb"])
+    except (TypeError, ValueError):
+        return f"val_bpb is {record['val_bpb']!r}"
+    measured = record["eval_nats"] / (math.log(2) * record["eval_bytes"])
+    if not math.isclose(val_bpb, measured, rel_tol=1e-9):
+        return f"the record's val_bpb {val_bpb:.6f} is not its evaluation's {measured:.6f}"
+    printed = parse_summary(log_text)
+    if printed is None:
+        return "run.log holds no summary to check the record against"
+    for key in ("val_bpb",) + EVAL_KEYS[:2]:
+        if _format_value(key, printed.get(key)) != _format_value(key, record[key]):
+            return f"run.log's summary says {key} {printed.get(key)}, the record {_format_value(key, record[key])}"
+    return None
+
+
+def runner_score_problem(log_text, backend, custom_command=False):
+    """score_problem() of the run that just wrote runs/last_run.json, against the validation
+    split of the active dataset at `backend`'s evaluation budget; what tools/experiment.py asks
+    before it takes a val_bpb. A custom AUTORESEARCH_TRAIN_CMD (custom_command) whose record does
+    not come from the locked evaluation (no EVAL_KEYS) is the user's own measurement: None."""
+    record = read_run_json(runs_dir() / "last_run.json")
+    if custom_command and (record is None or not any(key in record for key in EVAL_KEYS)):
+        return None
+    import prepare  # here, not at the top: the runner imports this module without numpy
+
+    return score_problem(record, log_text, prepare.eval_split_counts(backend))

@@ -1,11 +1,10 @@
-"""prepare.py: constants, datasets, tokenizer, the packing dataloader, evaluate_bpb, bad input.
+"""prepare.py: constants, datasets, tokenizer, the packing dataloader, bad input (evaluate_bpb: test_evaluation.py).
 
 The dataloader is checked batch for batch against reference_rows(), a deliberately plain version
 of the packing rule (lists and linear scans) fed by its own reading of the parquet shards.
 """
 
 import json
-import math
 import os
 import re
 import shutil
@@ -469,12 +468,6 @@ def test_corrupt_shard_names_the_file_and_the_command(tiny_env, copied_dataset, 
 # Evaluation
 
 
-def _val_rows(dataset_path, tokenizer, rows):
-    reference = reference_rows(reference_documents(dataset_path, "val", tokenizer),
-                               prepare.MAX_SEQ_LEN + 1, 1000, tokenizer.get_bos_token_id())
-    return np.array([next(reference)[0] for _ in range(rows)], dtype=np.int64)
-
-
 def test_eval_budget_is_the_smoke_value_without_touching_backends(tiny_env, monkeypatch):
     monkeypatch.setitem(sys.modules, "backends", None)  # importing it would now fail
     assert prepare.eval_token_budget() == 4 * prepare.MAX_SEQ_LEN
@@ -501,40 +494,6 @@ def test_eval_budget_is_the_tier_of_the_backend_that_trains(monkeypatch):
                                  "generation": "Hopper", "gpu_memory_gb": 80})
     assert prepare.eval_token_budget("cuda") == NVIDIA_H100["eval_tokens"] == 40 * 2**19
     assert prepare.eval_token_budget("mlx") == CPU_TIER["eval_tokens"] == 32 * 2048
-
-
-def test_uniform_predictor_scores_log_vocab_per_byte(tiny_env, dataset_path, tokenizer):
-    rows = _val_rows(dataset_path, tokenizer, prepare.eval_token_budget() // prepare.MAX_SEQ_LEN)
-    targets = rows[:, 1:]
-    token_bytes = prepare.get_token_bytes()
-    counted = token_bytes[targets] > 0
-    assert counted.sum() < targets.size  # BOS targets are present and must be left out
-    vocab = tokenizer.get_vocab_size()
-    expected = math.log(vocab) * counted.sum() / (math.log(2) * token_bytes[targets][counted].sum())
-
-    def uniform(inputs, targets):
-        return np.full(targets.shape, math.log(vocab), dtype=np.float32)
-
-    assert prepare.evaluate_bpb(uniform, tokenizer, 2) == pytest.approx(expected, rel=1e-7)
-
-
-def test_bpb_is_the_same_at_every_batch_size(tiny_env, dataset_path, tokenizer):
-    def position_dependent(inputs, targets):
-        return (0.5 + (targets % 13) * 0.25 + (inputs % 7) * 0.125).tolist()  # a list is fine too
-
-    rows = _val_rows(dataset_path, tokenizer, 4)
-    inputs, targets = rows[:, :-1], rows[:, 1:]
-    token_bytes = prepare.get_token_bytes()[targets]
-    nats = np.asarray(position_dependent(inputs, targets))
-    expected = nats[token_bytes > 0].sum() / (math.log(2) * token_bytes.sum())
-    scores = [prepare.evaluate_bpb(position_dependent, tokenizer, batch_size) for batch_size in (1, 3, 8)]
-    assert max(scores) - min(scores) < 1e-9
-    assert scores[0] == pytest.approx(expected, rel=1e-12)
-
-
-def test_evaluate_rejects_a_loss_of_the_wrong_shape(tiny_env, tokenizer):
-    with pytest.raises(ValueError, match=r"loss_fn returned shape \(2,\), expected \(2, 2048\)"):
-        prepare.evaluate_bpb(lambda inputs, targets: np.zeros(len(targets)), tokenizer, 2)
 
 
 def test_an_interruption_mid_progress_line_starts_its_message_on_a_new_line(monkeypatch, capsys):

@@ -13,7 +13,7 @@ times out is recorded and the next one runs):
                    errors of FlexAttention against the dense mask, forward and backward, in bf16,
                    and the time of each
     bench_flex     tools/bench.py --backend cuda --seconds N: train.py as it is
-    bench_mask     the same with FLEX_WINDOWS = False (the dense mask instead of FlexAttention)
+    bench_mask     the same with torch_ops.FLEX_DEVICES = () (the dense mask instead of FlexAttention)
     mlx            whether MLX runs on this GPU (`uv pip install "mlx[cuda]"` installs it)
     mlx_smoke      train_mlx.py, smoke profile, 10 s
     mlx_run        train_mlx.py, standard profile, N s
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FLEX_CONSTANT = 'FLEX_WINDOWS = BACKEND == "cuda" and COMPILE'
+FLEX_CONSTANT = "from backends import torch_ops  # noqa: E402"
 DEFAULT_SECONDS = 60
 
 
@@ -92,7 +92,7 @@ def step_flex_kernels(dry_run):
     import torch
     import torch.nn.functional as F
 
-    import train
+    from backends import torch_ops
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The H100 tier's attention: 4 heads of 128, rows of 2048, window 1024 (a quarter of its 128
     # rows per micro-step, to keep the step short). A CPU cannot run FlexAttention's backward.
@@ -102,11 +102,10 @@ def step_flex_kernels(dry_run):
     generator = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16, generator=generator)
                .requires_grad_(backward) for _ in range(3))
-    dense = train.window_mask(T, window, device)
-    block_mask = train.sliding_window_block_mask(T, window, torch.device(device))
+    dense = torch_ops.window_mask(T, window, device)
     grad_out = torch.randn_like(q)
     paths = {
-        "flex": lambda: train.attention(q, k, v, block_mask),
+        "flex": lambda: torch_ops.flex_window_attention(q, k, v, window),
         "dense_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense),
         "causal_flash": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
@@ -166,7 +165,7 @@ def step_bench_mask(dry_run, seconds):
         raise RuntimeError(f"train.py has no line {FLEX_CONSTANT!r} to switch off: update FLEX_CONSTANT")
     with tempfile.TemporaryDirectory() as folder:
         variant = Path(folder) / "train.py"
-        variant.write_text(source.replace(FLEX_CONSTANT, "FLEX_WINDOWS = False"))
+        variant.write_text(source.replace(FLEX_CONSTANT, FLEX_CONSTANT + "\ntorch_ops.FLEX_DEVICES = ()"))
         return bench(bench_args(dry_run, seconds), Path(folder) / "bench.json", variant)
 
 
@@ -224,6 +223,7 @@ def step_parity(dry_run):
 
     import train
     import train_mlx
+    from backends import torch_ops
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = dict(sequence_len=256, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
                   window_pattern="SSSL")
@@ -245,7 +245,10 @@ def step_parity(dry_run):
                "mlx_loss": mlx_loss.item()}
     # A CPU has no FlexAttention backward: the dry run compares the dense mask path only.
     for flex in ([False] if device == "cpu" else [False, True]):
-        train.FLEX_WINDOWS = flex
+        torch_ops.FLEX_DEVICES = ("cuda",) if flex else ()
+        if flex:  # FlexAttention runs inside compiled blocks only, as in train.py
+            for block in torch_model.transformer.h:
+                block.compile(dynamic=False)
         torch_model.zero_grad(set_to_none=True)
         x, y = torch.from_numpy(idx).to(device), torch.from_numpy(targets).to(device)
         loss = torch_model(x, y)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.report import parse_summary, read_run_json, runs_dir
+from backends.report import parse_summary, read_run_json, runner_score_problem, runs_dir
 from tools import budget, ledger, monitor, verdict
 from tools.kind import result_kind
 from tools.runner_state import Refused, signals_held
@@ -62,7 +62,8 @@ def run_training(command, timeout, load_monitor):
     try:
         with open(LOG_FILE, "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+                                       stdin=subprocess.DEVNULL, start_new_session=True,
+                                       env={**os.environ, "AUTORESEARCH_RUNNER_PID": str(os.getpid())})
         load_monitor.watch(process.pid)
         return process.wait(timeout=timeout), False
     except subprocess.TimeoutExpired:
@@ -133,6 +134,9 @@ def execute(plan):
         value = math.nan
     if not math.isfinite(value):
         return Run(verdict.Outcome(crash=f"val_bpb is {fields['val_bpb']!r}"), load=load, wall=wall)
+    refused = runner_score_problem("\n".join(lines), kind.backend, "AUTORESEARCH_TRAIN_CMD" in os.environ)
+    if refused:
+        return Run(verdict.Outcome(crash=f"score refused: {refused}"), load=load, wall=wall)
     ran_as = result_kind(fields, kind)
     if ran_as != kind:
         note = f"unjudged: ran as {ran_as}, expected {kind}"
