@@ -500,7 +500,17 @@ def main():
                         help=f"image to redraw and link from the report (default {plot.DEFAULT_OUTPUT})")
     parser.add_argument("--runs-dir", default=os.environ.get("AUTORESEARCH_RUNS_DIR", "runs"),
                         help="folder of the run JSON files (default: $AUTORESEARCH_RUNS_DIR, else runs)")
+    parser.add_argument("--serve", action="store_true",
+                        help="instead, serve the live page of this checkout's night (tools/live.py) until Ctrl-C")
+    parser.add_argument("--port", type=int, default=8765, help="port of the live page (default 8765; 0: any free one)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the live page listens on (default 127.0.0.1, this machine only; "
+                             "0.0.0.0 opens it to the network)")
     args = parser.parse_args()
+    if args.serve:
+        from tools import live  # only the page needs the server (and live reads no report code)
+        live.serve(args.host, args.port)
+        return
     files = args.files or ([] if args.branch else ["results.tsv"])
     series = plot.load_series(files, args.branch, parse=parse_rows)
     empty = [name for name, rows in series if not rows]
