@@ -87,8 +87,8 @@ def test_an_agent_that_exits_early_is_restarted_with_a_digest_until_the_deadline
     (tmp_path / "agent.py").write_text(AGENT)
     command = f"{shlex.quote(sys.executable)} {tmp_path / 'agent.py'} {tmp_path} {{digest}} {RUNNER}"
     clock = sessions_clock()
-    night = supervisor.Supervisor(command, clock() + 2 * HOUR - 1, clock=clock, quick_seconds=0)
-    assert night.run() == 0
+    supervised = supervisor.Supervisor(command, clock() + 2 * HOUR - 1, clock=clock, quick_seconds=0)
+    assert supervised.run() == 0
     first, second = logged_sessions()
     assert (first["session"], first["ended_by"], first["exit_code"], first["experiments"], first["runs"]) == (
         1, "exit", 0, 2, 2)
@@ -107,8 +107,8 @@ def test_an_agent_that_exits_early_is_restarted_with_a_digest_until_the_deadline
 
 
 def test_an_agent_that_fails_at_once_is_given_up_after_repeated_quick_failures(kit, capsys):
-    night = supervisor.Supervisor("exit 3", time.time() + 10 * HOUR, quick_seconds=HOUR)
-    assert night.run() == supervisor.EXIT_GAVE_UP
+    supervised = supervisor.Supervisor("exit 3", time.time() + 10 * HOUR, quick_seconds=HOUR)
+    assert supervised.run() == supervisor.EXIT_GAVE_UP
     sessions = logged_sessions()
     assert len(sessions) == supervisor.QUICK_FAILURES
     assert {(s["exit_code"], s["ended_by"], s["experiments"]) for s in sessions} == {(3, "exit", 0)}
@@ -127,9 +127,9 @@ def test_an_agent_still_working_at_the_deadline_is_stopped_with_its_whole_group(
         return deadline + (1 if started.exists() else -HOUR)
 
     command = f"{shlex.quote(sys.executable)} {tmp_path / 'agent.py'} {started} & wait"  # the sleeper: a grandchild
-    night = supervisor.Supervisor(command, deadline, clock=clock, poll_seconds=0.05, grace=10)
+    supervised = supervisor.Supervisor(command, deadline, clock=clock, poll_seconds=0.05, grace=10)
     begun = time.monotonic()
-    assert night.run() == 0
+    assert supervised.run() == 0
     assert time.monotonic() - begun < 30
     (session,) = logged_sessions()
     assert session["ended_by"] == "deadline" and session["exit_code"] == -signal.SIGTERM

@@ -246,8 +246,8 @@ def load_part():
 
 
 def branch():
-    done = subprocess.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else None
+    done = subprocess.run(["git", "symbolic-ref", "--quiet", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +317,8 @@ def chart_svg(rows):
         for x, y in zip(xs[1:], ys[1:]):
             points.append(f"H{sx(x):.1f}V{sy(y):.1f}")
         points.append(f"H{sx(count + 0.5):.1f}")
-        parts.append(f'<path class="best-line" {STYLES["best-line"]} d="{"".join(points)}"><title>running best {ys[-1]:.6f}</title></path>')
+        parts.append(f'<path class="best-line" {STYLES["best-line"]} d="{"".join(points)}">'
+                     f'<title>running best {ys[-1]:.6f}</title></path>')
     for x, row in enumerate(rows, start=1):
         text, _ = plot.split_tags(row["description"])
         title = f"#{x} {row['commit']} {row['val_bpb']:.6f} {row['status']}: {text}"
@@ -552,7 +553,8 @@ class Handler(BaseHTTPRequestHandler):
             state = snapshot(self.server.verdicts)
             self.send(200, "application/json", json.dumps(state).encode(), head_only)
         else:
-            self.send(404, "text/plain; charset=utf-8", b"not found: the page is / and its data /state.json\n", head_only)
+            self.send(404, "text/plain; charset=utf-8", b"not found: the page is / and its data /state.json\n",
+                      head_only)
 
     def do_GET(self):
         self.answer(head_only=False)
