@@ -72,14 +72,19 @@ def logged_sessions():
 
 
 @pytest.fixture
-def kit(repo, env, monkeypatch):  # noqa: F811 (pytest fixtures)
-    """The runner's temporary kit with its baseline done, as the current directory, the fake
-    trainer's settings in the environment an agent inherits."""
-    kept = baseline(repo, env)
+def checkout(repo, env, monkeypatch):  # noqa: F811 (pytest fixtures)
+    """The runner's temporary kit as the current directory, the fake trainer's settings in the
+    environment an agent inherits."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(repo)
-    return kept
+    return repo
+
+
+@pytest.fixture
+def kit(checkout, env):  # noqa: F811 (pytest fixtures)
+    """The checkout with its baseline done; the best commit."""
+    return baseline(checkout, env)
 
 
 def test_an_agent_that_exits_early_is_restarted_with_a_digest_until_the_deadline(kit, repo, tmp_path):  # noqa: F811
@@ -106,7 +111,7 @@ def test_an_agent_that_exits_early_is_restarted_with_a_digest_until_the_deadline
     assert "This is the first session of the night." in (tmp_path / "stdin-1.md").read_text()
 
 
-def test_an_agent_that_fails_at_once_is_given_up_after_repeated_quick_failures(kit, capsys):
+def test_an_agent_that_fails_at_once_is_given_up_after_repeated_quick_failures(checkout, capsys):
     supervised = supervisor.Supervisor("exit 3", time.time() + 10 * HOUR, quick_seconds=HOUR)
     assert supervised.run() == supervisor.EXIT_GAVE_UP
     sessions = logged_sessions()
@@ -118,7 +123,7 @@ def test_an_agent_that_fails_at_once_is_given_up_after_repeated_quick_failures(k
                     "to see why: exit 3")
 
 
-def test_an_agent_still_working_at_the_deadline_is_stopped_with_its_whole_group(kit, tmp_path):
+def test_an_agent_still_working_at_the_deadline_is_stopped_with_its_whole_group(checkout, tmp_path):
     started = tmp_path / "started"
     (tmp_path / "agent.py").write_text(SLEEPING_AGENT)
     deadline = 1_800_000_000.0
@@ -144,7 +149,7 @@ def start_night(repo, env, agent, until=None):  # noqa: F811
                             text=True)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupting_the_night_mid_experiment_leaves_no_lock_and_no_half_made_commit(
         kit, repo, env, tmp_path, signum):  # noqa: F811
     marker = tmp_path / "training"

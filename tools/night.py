@@ -28,7 +28,8 @@ How it stays safe:
   the agent cannot work (a wrong command, no credentials): the supervisor gives up with one line.
 - Exit status: 0 at the deadline, 1 after giving up, 2 when refused, 130 when interrupted.
 
-Reads no environment variables; sets AUTORESEARCH_DIGEST for the agent.
+Environment: AUTORESEARCH_RUNS_DIR, where the run JSON files are (default ./runs), for the
+digest's near misses; the agent gets AUTORESEARCH_DIGEST, the digest file's path.
 """
 
 import argparse
@@ -63,6 +64,9 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 EXIT_GAVE_UP, EXIT_REFUSED, EXIT_INTERRUPTED = 1, 2, 130
 MAX_IDEAS = 60              # tried ideas listed in the digest (the newest)
 DEADLINE = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
+ENVIRONMENT = """environment:
+  AUTORESEARCH_RUNS_DIR  where the run JSON files are (default: ./runs), for the digest's near misses
+  AUTORESEARCH_DIGEST    set for the agent: the path of the digest file"""
 
 
 def refuse(message):
@@ -310,8 +314,8 @@ def current_branch():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="Reads no environment variables; the agent gets AUTORESEARCH_DIGEST.")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=ENVIRONMENT,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agent", required=True,
                         help="the agent's shell command; {digest} in it becomes the digest file's path")
     parser.add_argument("--until", required=True, help="when the night ends, HH:MM local time (the next one)")
