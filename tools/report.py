@@ -18,6 +18,8 @@ Where each fact comes from, and nothing else is guessed:
 - the run JSON files (runs/run_*.json, the summary of each finished run), joined to rows by val_bpb
   to 6 decimals: the machine, the steps, where each run's time went, and when it ended.
 - git: each experiment commit's time (a run starts right after it) and its diff stat.
+- .autoresearch/agent_runs.jsonl, written by tools/night.py: one line per session of the agent
+  (start, end, exit code, how it ended, experiments added), for the report of this checkout.
 """
 
 import argparse
@@ -47,6 +49,7 @@ NEAR_MISS_NOISE = 1.0    # a discard within this many noise standard deviations 
 NEAR_MISS_FRACTION = 0.001  # ... or, with no noise measured, within this fraction of the best
 DISTURBED_STEPS = 0.8    # a run with fewer steps than this share of the baseline's median was slowed down
 MAX_RERUNS = 8           # rows listed under "worth a rerun"
+AGENT_LOG = Path(".autoresearch") / "agent_runs.jsonl"  # the agent's sessions, one JSON line each (tools/night.py)
 
 
 def parse_rows(text, source="results.tsv"):
@@ -320,7 +323,10 @@ def time_spent(rows, facts):
             crashed += following["started"] - row["started"]
         else:
             unknown += 1
-    return {"span": span, "first": min(starts), "last": max(ends + starts), "training": training,
+    # From one run's end to the next one's start: the runner's and the agent's time between experiments.
+    gaps = [following["started"] - row["ended"] for row, following in zip(rows, rows[1:])
+            if row["ended"] is not None and following["started"] is not None and following["started"] >= row["ended"]]
+    return {"span": span, "first": min(starts), "last": max(ends + starts), "training": training, "gaps": gaps,
             "outside": outside, "crashed": crashed, "crashes_unknown": unknown,
             "between": max(span - training - outside - crashed, 0.0),
             "per_hour": len(experiments(rows)) / (span / 3600) if span > 0 else None}
@@ -433,6 +439,10 @@ def section_lines(section, heading):
         per_hour = f"{timing['per_hour']:.1f}" if timing["per_hour"] else "n/a"
         lines.append(f"{len(rows)} experiments from {clock(timing['first'])} to {clock(timing['last'])} "
                      f"({duration(timing['span'])}): **{per_hour} experiments per hour**.")
+        if timing["gaps"]:
+            lines += ["", f"Between one run's end and the next one's start: median "
+                          f"{duration(statistics.median(timing['gaps']))}, longest {duration(max(timing['gaps']))} "
+                          f"({len(timing['gaps'])} gaps)."]
         lines += ["", "| where the time went | time | share |", "| --- | --- | --- |"]
         unknown = (f" ({timing['crashes_unknown']} crash{'es' if timing['crashes_unknown'] != 1 else ''} "
                    "not timed)") if timing["crashes_unknown"] else ""
@@ -475,7 +485,45 @@ def build_sections(series, runs, log_text):
     return sections
 
 
-def render(sections, image):
+def load_sessions(path=AGENT_LOG):
+    """The agent's sessions that tools/night.py logged, oldest first; unreadable lines skipped."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return []
+    sessions = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+            float(entry["started_at"]), float(entry["ended_at"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        sessions.append(entry)
+    return sorted(sessions, key=lambda entry: float(entry["started_at"]))
+
+
+def session_lines(sessions):
+    """The report's section on the agent's sessions (tools/night.py restarts the agent)."""
+    ended = Counter(entry.get("ended_by") for entry in sessions)
+    failed = sum(1 for entry in sessions if entry.get("ended_by") == "exit" and entry.get("exit_code") != 0)
+    how = [f"{ended['exit']} exited on their own" if ended["exit"] else None,
+           f"{ended['deadline']} stopped at the deadline" if ended["deadline"] else None,
+           f"{ended['interrupted']} interrupted" if ended["interrupted"] else None,
+           f"{failed} exited with an error" if failed else None]
+    lines = ["## Agent sessions", "",
+             f"**{len(sessions)} session{'s' if len(sessions) != 1 else ''} of the agent** (tools/night.py) from "
+             f"{clock(float(sessions[0]['started_at']))} to {clock(float(sessions[-1]['ended_at']))}: "
+             + ", ".join(part for part in how if part) + ".", "",
+             "| # | started | ran | ended by | exit code | experiments | runs |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for number, entry in enumerate(sessions, start=1):
+        ran = float(entry["ended_at"]) - float(entry["started_at"])
+        lines.append(f"| {number} | {clock(float(entry['started_at']))} | {duration(ran)} | {entry.get('ended_by', '?')} | "
+                     f"{entry.get('exit_code', '?')} | {entry.get('experiments', '?')} | {entry.get('runs', '?')} |")
+    return lines + [""]
+
+
+def render(sections, image, sessions=()):
     lines = ["# autoresearch report", ""]
     if image:
         lines += [f"![progress]({image})", ""]
@@ -483,6 +531,8 @@ def render(sections, image):
         lines += side_by_side(sections)
     for section in sections:
         lines += section_lines(section, section["name"])
+    if sessions:
+        lines += session_lines(sessions)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -497,7 +547,17 @@ def main():
                         help=f"image to redraw and link from the report (default {plot.DEFAULT_OUTPUT})")
     parser.add_argument("--runs-dir", default=os.environ.get("AUTORESEARCH_RUNS_DIR", "runs"),
                         help="folder of the run JSON files (default: $AUTORESEARCH_RUNS_DIR, else runs)")
+    parser.add_argument("--serve", action="store_true",
+                        help="instead, serve the live page of this checkout's night (tools/live.py) until Ctrl-C")
+    parser.add_argument("--port", type=int, default=8765, help="port of the live page (default 8765; 0: any free one)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the live page listens on (default 127.0.0.1, this machine only; "
+                             "0.0.0.0 opens it to the network)")
     args = parser.parse_args()
+    if args.serve:
+        from tools import live  # only the page needs the server (and live reads no report code)
+        live.serve(args.host, args.port)
+        return
     files = args.files or ([] if args.branch else ["results.tsv"])
     series = plot.load_series(files, args.branch, parse=parse_rows)
     empty = [name for name, rows in series if not rows]
@@ -511,7 +571,9 @@ def main():
     if any(r["status"] != "crash" for _, rows in series for r in rows):
         plot.plot(series, args.plot)
         image = os.path.relpath(args.plot, Path(args.output).resolve().parent)
-    Path(args.output).write_text(render(sections, image))
+    # The agent's sessions are this checkout's, like run.log: only in the report of its results.tsv.
+    sessions = load_sessions() if files == ["results.tsv"] else []
+    Path(args.output).write_text(render(sections, image, sessions))
     print(f"wrote {args.output}" + (f" and {args.plot}" if image else ""))
 
 
