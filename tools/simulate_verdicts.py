@@ -268,6 +268,7 @@ def figures(nights, seed):
     null_night, null_runs = keep_rate(0.0, nights, 20, seed)
     power, power_runs = keep_rate(2 * sigma_c, per, 1, seed)
     power_raw, _ = keep_rate(2.0, per, 1, seed)
+    power_uncorrected, _ = keep_rate(2 * sigma_c, per, 1, seed, machine=False)
     with rule_constants(DROP_BELOW={**verdict.DROP_BELOW, 1: -math.inf}):
         no_stop_null, no_stop_null_runs = keep_rate(0.0, nights, 20, seed)
         no_stop_power, _ = keep_rate(2 * sigma_c, per, 1, seed)
@@ -289,7 +290,8 @@ def figures(nights, seed):
          f"{corrected_sigma():.4f} bpb, {sigma_c:.2f} of the raw {RAW_SIGMA:.4f}"),
         ("no-effect change kept, first experiment after a baseline", f"{100 * null_first:.1f}% ({null_first_runs:.2f} runs)"),
         ("no-effect change kept, over nights of 20", f"{100 * null_night:.1f}% ({null_runs:.2f} runs)"),
-        ("real gain of 2 corrected sigma kept", f"{100 * power:.1f}% ({power_runs:.2f} runs with confirmation)"),
+        ("real gain of 2 corrected sigma kept", f"{100 * power:.1f}% ({power_runs:.2f} runs with confirmation; "
+                                                f"{100 * power_uncorrected:.1f}% without the correction)"),
         ("real gain of 2 raw sigma (0.014 bpb) kept", f"{100 * power_raw:.1f}%"),
         (f"early stop (discard a first run at t < {verdict.DROP_BELOW[1]:g}): runs per no-effect / harmful (-1 sigma) idea",
          f"{null_runs:.2f} / {harm_runs:.2f}, against {no_stop_null_runs:.2f} / {no_stop_harm_runs:.2f} without"),
@@ -332,6 +334,7 @@ def markdown(rows, night_rows, nights, seed):
                      f"{100 * null_rate:.1f}% |")
     lines += ["", "| the kit's rule, per experiment | simulated |", "| --- | --- |"]
     lines += [f"| {label} | {value} |" for label, value in rows]
+    lines += ["", "How and why: [docs/design.md](docs/design.md#verdicts)."]
     return "\n".join(lines)
 
 
