@@ -662,7 +662,7 @@ def test_a_win_measured_under_another_load_than_the_best_is_not_judged(repo, env
     entries = [json.loads(line) for line in details.read_text().splitlines()]
     details.write_text("".join(json.dumps(dict(entry, other_cpu_share=0.9)) + "\n" for entry in entries))
     edit(repo, "faster only because the machine got quiet")
-    plan(env, 1.20, 1.21)
+    plan(env, 1.20, 1.202)
     done = runner(repo, env, "run", "faster only because the machine got quiet", "--script", "train.py",
                   "--max-disturbance", "1", quiet_machine=False)
     assert done.returncode == 2

@@ -2,11 +2,10 @@
 seeded simulation through the same functions the runner calls (tools/simulate_verdicts.py)."""
 
 import math
-import random
 
 import pytest
 
-from tools import simulate_verdicts, verdict
+from tools import verdict
 from tools.verdict import Outcome, decide, judge_candidate, pooled_noise, student_t_quantile
 
 

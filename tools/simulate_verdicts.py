@@ -1,7 +1,8 @@
 """Seeded simulation of the keep rule on a measured noise model: its error rates per experiment, and
 whole nights of it against upstream's one-run greedy rule.
 
-    uv run tools/simulate_verdicts.py                  # the tables (about half a minute on one core)
+    uv run tools/simulate_verdicts.py                  # the tables (about 20 s on one core)
+    uv run tools/simulate_verdicts.py --sensitivity    # and the nights at other probe errors
     uv run tools/simulate_verdicts.py --write-readme   # and put the figures in README.md's marked table
     uv run tools/simulate_verdicts.py --nights 50 --seed 7
 
@@ -18,9 +19,9 @@ confirm_best_runs, the functions the runner calls; the greedy rule runs each ide
 when its one run beats the best's one run.
 
 A night is 8 hours of RUN_SECONDS per run (the 300 s budget plus start-up and evaluation); it
-starts with the baseline and runs ideas from a mix of IDEA_MIXES until the time is up. Effects are in units of
-the raw sigma (0.0071 bpb); net true gain sums the true effects of the kept ideas (a kept harmful
-idea subtracts). Environment variables: none.
+starts with the baseline and runs ideas from one of IDEA_MIXES until the time is up. Effects are
+in units of the raw sigma (0.0071 bpb); net true gain sums the true effects of the kept ideas (a
+kept harmful idea subtracts). Environment variables: none.
 """
 
 import argparse
@@ -29,7 +30,6 @@ import math
 import random
 import re
 import statistics
-import sys
 from pathlib import Path
 
 from tools import verdict
@@ -120,13 +120,11 @@ def rule_constants(**overrides):
 class KitNight:
     """The kit's rule over one night: the best, the same-commit groups, the run count."""
 
-    def __init__(self, host, machine=True, recheck=True, best_runs=None):
+    def __init__(self, host, machine=True, recheck=True):
         self.host, self.machine, self.recheck = host, machine, recheck
         self.groups, self.group_speeds = [], []
         self.best_true = 0.0
-        target = best_runs or verdict.BEST_RUNS
-        self.best, self.best_speeds = confirm_best_runs(host.runner(0.0), [], [], target)
-        self.fixed_best_runs = best_runs
+        self.best, self.best_speeds = confirm_best_runs(host.runner(0.0), [], [], verdict.BEST_RUNS)
 
     def speeds(self, values):
         return values if self.machine else None
@@ -142,14 +140,13 @@ class KitNight:
             if result.drift:
                 self.groups.append(self.best)
                 self.group_speeds.append(self.best_speeds)
-            self.best, self.best_speeds = list(result.best_values), list(result.best_speeds or [])
-            if not self.machine:
-                self.best_speeds = [1.0] * len(self.best)
+            self.best = list(result.best_values)
+            self.best_speeds = list(result.best_speeds) if result.best_speeds else [None] * len(self.best)
         if result.status == "keep":
             self.groups.append(self.best)
             self.group_speeds.append(self.best_speeds)
             noise_now = result.decision.noise if result.decision else None
-            target = self.fixed_best_runs or verdict.best_runs_target(noise_now)
+            target = verdict.best_runs_target(noise_now)
             self.best, self.best_speeds = confirm_best_runs(
                 self.host.runner(true), list(result.values), list(result.speeds), target)
             self.best_true = true
@@ -272,7 +269,7 @@ def figures(nights, seed):
     with rule_constants(DROP_BELOW={**verdict.DROP_BELOW, 1: -math.inf}):
         no_stop_null, no_stop_null_runs = keep_rate(0.0, nights, 20, seed)
         no_stop_power, _ = keep_rate(2 * sigma_c, per, 1, seed)
-        no_stop_harm, no_stop_harm_runs = keep_rate(-1.0, nights, 20, seed)
+        _, no_stop_harm_runs = keep_rate(-1.0, nights, 20, seed)
     _, harm_runs = keep_rate(-1.0, nights, 20, seed)
     noisy, _ = keep_rate(0.0, per, 1, seed, noise=2.0)
     noisy_raw, _ = keep_rate(0.0, per, 1, seed, noise=2.0, machine=False)
@@ -286,12 +283,12 @@ def figures(nights, seed):
         drift_no_recheck = drift_keeps(per // 4, seed, hidden_drift=0.2)
     retries = retry_keeps(per // 4, seed)
     rows = [
-        ("corrected sigma the rule uses (probe error %.1f%%)" % (100 * PROBE_ERROR),
+        (f"corrected sigma the rule uses (probe error {100 * PROBE_ERROR:.1f}%)",
          f"{corrected_sigma():.4f} bpb, {sigma_c:.2f} of the raw {RAW_SIGMA:.4f}"),
         ("no-effect change kept, first experiment after a baseline", f"{100 * null_first:.1f}% ({null_first_runs:.2f} runs)"),
         ("no-effect change kept, over nights of 20", f"{100 * null_night:.1f}% ({null_runs:.2f} runs)"),
-        ("real gain of 2 corrected sigma kept", f"{100 * power:.1f}% ({power_runs:.2f} runs with confirmation; "
-                                                f"{100 * power_uncorrected:.1f}% without the correction)"),
+        ("real gain of 2 corrected sigma kept", (f"{100 * power:.1f}% ({power_runs:.2f} runs with confirmation; "
+                                                 f"{100 * power_uncorrected:.1f}% without the correction)")),
         ("real gain of 2 raw sigma (0.014 bpb) kept", f"{100 * power_raw:.1f}%"),
         (f"early stop (discard a first run at t < {verdict.DROP_BELOW[1]:g}): runs per no-effect / harmful (-1 sigma) idea",
          f"{null_runs:.2f} / {harm_runs:.2f}, against {no_stop_null_runs:.2f} / {no_stop_harm_runs:.2f} without"),
@@ -301,11 +298,11 @@ def figures(nights, seed):
         ("host drifting 0.2 sigma per run, 12 no-effect ideas: mean keeps, nights > 2 (probe sees it)",
          f"{drift_visible[0]:.2f}, {100 * drift_visible[1]:.1f}%"),
         ("same, drift the probe does not see (recheck of the best on a keep)",
-         f"{drift_hidden[0]:.2f}, {100 * drift_hidden[1]:.1f}% ({drift_no_recheck[0]:.2f}, "
-         f"{100 * drift_no_recheck[1]:.1f}% without the recheck)"),
+         (f"{drift_hidden[0]:.2f}, {100 * drift_hidden[1]:.1f}% ({drift_no_recheck[0]:.2f}, "
+          f"{100 * drift_no_recheck[1]:.1f}% without the recheck)")),
         ("--threshold 0 on a no-effect change (2 runs, the user owns it)", f"{100 * threshold_null:.1f}% ({threshold_runs:.2f} runs)"),
-        ("simplification costing the whole margin (%g corrected sigma) kept, first / over a night"
-         % verdict.SIMPLIFY_MARGIN, f"{100 * simplify_harm:.1f}% / {100 * simplify_harm_night:.1f}%"),
+        ((f"simplification costing the whole margin ({verdict.SIMPLIFY_MARGIN:g} corrected sigma) kept, "
+          "first / over a night"), f"{100 * simplify_harm:.1f}% / {100 * simplify_harm_night:.1f}%"),
         ("simplification with no effect kept", f"{100 * simplify_null:.1f}% ({simplify_runs:.2f} runs)"),
         ("one no-effect idea tried 5 times, kept at least once", f"{100 * retries:.1f}%"),
     ]
@@ -324,9 +321,9 @@ def sensitivity(nights, seed):
 
 
 def markdown(rows, night_rows, nights, seed):
-    lines = [f"Seeded simulations (`uv run tools/simulate_verdicts.py`, seed {seed}, {nights} nights of 8 h; "
-             f"noise measured on a 2-core AMD EPYC Zen 4 VM: raw sigma {RAW_SIGMA:.4f}, "
-             f"{RESIDUAL_SIGMA:.4f} after the machine; probe error assumed {100 * PROBE_ERROR:.1f}%):",
+    lines = [(f"Seeded simulations (`uv run tools/simulate_verdicts.py`, seed {seed}, {nights} nights of 8 h; "
+              f"noise measured on a 2-core AMD EPYC Zen 4 VM: raw sigma {RAW_SIGMA:.4f}, "
+              f"{RESIDUAL_SIGMA:.4f} after the machine; probe error assumed {100 * PROBE_ERROR:.1f}%):"),
              "", "| rule | experiments / 8 h | true keeps | false keeps | net true gain (raw sigma) | no-effect kept |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, (experiments, true_keeps, false_keeps, net, null_rate) in night_rows:
@@ -341,7 +338,7 @@ def markdown(rows, night_rows, nights, seed):
 def write_readme(text, path=README):
     """Replace what lies between the README's verdict-figures markers with text."""
     content = path.read_text()
-    pattern = re.compile(re.escape(MARKERS[0]) + r".*?" + re.escape(MARKERS[1]), re.S)
+    pattern = re.compile(re.escape(MARKERS[0]) + r".*?" + re.escape(MARKERS[1]), re.DOTALL)
     if not pattern.search(content):
         raise SystemExit(f"{path} has no {MARKERS[0]} ... {MARKERS[1]} markers: add them where the table goes")
     path.write_text(pattern.sub(lambda _: f"{MARKERS[0]}\n{text}\n{MARKERS[1]}", content))

@@ -253,7 +253,7 @@ def decide(candidate, best, repeat_groups=(), threshold=None, *, candidate_speed
     and the candidate's own runs are added here). The speeds, when given, are the runs' machine
     speeds in the same order (see compare). simplify judges a simplification (non-inferiority)."""
     k = len(candidate)
-    speeds = dict(candidate_speeds=candidate_speeds, best_speeds=best_speeds, repeat_speeds=repeat_speeds)
+    speeds = {"candidate_speeds": candidate_speeds, "best_speeds": best_speeds, "repeat_speeds": repeat_speeds}
     if threshold is not None:
         return _decide_threshold(candidate, best, repeat_groups, threshold, speeds)
     comparison = compare(candidate, best, repeat_groups, **speeds)
@@ -400,16 +400,12 @@ def judge_candidate(run_once, best, repeat_groups=(), threshold=None, *, best_sp
             continue
         values.append(outcome.value)
         speeds.append(outcome.speed)
-
-        def judge():
-            return decide(values, best, repeat_groups, threshold, candidate_speeds=speeds, best_speeds=best_speeds,
-                          repeat_speeds=repeat_speeds, simplify=simplify)
-
-        decision = judge()
+        options = {"candidate_speeds": speeds, "repeat_speeds": repeat_speeds, "simplify": simplify}
+        decision = decide(values, best, repeat_groups, threshold, best_speeds=best_speeds, **options)
         if decision.action == "keep" and run_best is not None and not checked:
             checked = True
             best, best_speeds, drift = _recheck_best(run_best, best, best_speeds, decision.noise)
-            decision = judge()
+            decision = decide(values, best, repeat_groups, threshold, best_speeds=best_speeds, **options)
         if decision.action != "rerun":
             rechecked = (tuple(best), tuple(best_speeds) if best_speeds is not None else None) if checked else (None, None)
             reason = decision.reason + ("; the best drifted and was re-measured" if drift else "")
