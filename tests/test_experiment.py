@@ -246,7 +246,7 @@ def test_baseline_runs_the_best_six_times_all_kept_and_tagged_with_their_kind(re
 def test_clear_win_is_confirmed_kept_and_the_branch_advances(repo, env):
     start = baseline(repo, env)
     edit(repo, "wider mlp")
-    plan(env, 1.20, 1.21, 1.205, 1.20, 1.21, 1.195)
+    plan(env, 1.20, 1.202, 1.205, 1.20, 1.21, 1.195)
     done = runner(repo, env, "run", "wider mlp")
     assert done.returncode == 0, done.stderr
     head = git(repo, "rev-parse", "HEAD")
@@ -257,11 +257,11 @@ def test_clear_win_is_confirmed_kept_and_the_branch_advances(repo, env):
     assert [r[0] for r in new] == [head[:7]] * 6 and [r[3] for r in new] == ["keep"] * 6
     assert new[1][4] == f"wider mlp [run 2] {KIND}"
     last = done.stdout.splitlines()[-1]
-    assert last.startswith("KEEP     1.205000 (mean of 2, 20 steps, 1,000 tok/s; best 1.300000 mean of 6, 20 steps, "
-                           "1,000 tok/s; -0.095000; sigma")
-    assert last.endswith(f"; best now 1.203333 mean of 6) {head[:7]} wider mlp")
+    assert last.startswith(f"KEEP     1.201000 (mean of 2, 20 steps, 1,000 tok/s; best 1.300000 mean of 6, 20 steps, "
+                           f"1,000 tok/s; -0.099000; sigma")
+    assert last.endswith(f"; best now 1.202000 mean of 6) {head[:7]} wider mlp")
     assert runner(repo, env, "best").stdout.strip() == (
-        f"{head[:7]}\t1.203333\t2.0\tkeep\twider mlp [mean of 6 runs] [{KIND[1:-1]}]")
+        f"{head[:7]}\t1.202000\t2.0\tkeep\twider mlp [mean of 6 runs] [{KIND[1:-1]}]")
 
 
 def test_clear_loser_is_discarded_after_one_run_and_only_the_script_commit_reverted(repo, env):
@@ -284,7 +284,7 @@ def test_clear_loser_is_discarded_after_one_run_and_only_the_script_commit_rever
 def test_grey_zone_result_is_rerun_before_the_verdict_and_every_run_is_a_row(repo, env):
     baseline(repo, env)
     edit(repo, "small change")
-    plan(env, 1.297, 1.2965, 1.296, 1.297)
+    plan(env, 1.295, 1.2965, 1.296, 1.297)
     done = runner(repo, env, "run", "small change")
     assert done.returncode == 0, done.stderr
     judged = rows(repo)[6:]
@@ -334,12 +334,12 @@ def test_unchanged_script_reruns_the_best_and_refines_its_mean(repo, env):
     assert "1.300857 mean of 7 runs" in done.stdout
 
 
-def test_explicit_threshold_replaces_the_rule_and_judges_after_one_run(repo, env):
+def test_explicit_threshold_replaces_the_rule_and_judges_the_mean_of_two_runs(repo, env):
     baseline(repo, env)
     edit(repo, "tiny gain")
-    plan(env, 1.299)
+    plan(env, 1.299, 1.298)
     done = runner(repo, env, "run", "tiny gain", "--threshold", "0.01")
-    assert rows(repo)[-1][3] == "discard" and len(rows(repo)) == 7
+    assert [r[3] for r in rows(repo)[6:]] == ["discard", "discard"]
     assert "threshold 0.010000 given" in done.stdout
 
 
@@ -477,12 +477,12 @@ def test_interrupt_mid_run_kills_training_undoes_commit_and_records_nothing(repo
 
 def test_interrupt_during_a_rerun_records_the_finished_run_as_unjudged(repo, env, tmp_path):
     kept = baseline(repo, env)
-    process, _ = start_hanging_run(repo, env, tmp_path, "grey idea", 1.2985)
+    process, _ = start_hanging_run(repo, env, tmp_path, "grey idea", 1.295)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=20)
     assert process.returncode == 130
     assert "its finished runs are recorded as unjudged" in stderr
-    assert rows(repo)[-1][1:] == ["1.298500", "2.0", "discard", f"grey idea [unjudged: interrupted] {KIND}"]
+    assert rows(repo)[-1][1:] == ["1.295000", "2.0", "discard", f"grey idea [unjudged: interrupted] {KIND}"]
     assert git(repo, "rev-parse", "HEAD") == kept
 
 
@@ -676,7 +676,7 @@ def test_a_win_measured_under_another_load_than_the_best_is_not_judged(repo, env
     entries = [json.loads(line) for line in details.read_text().splitlines()]
     details.write_text("".join(json.dumps(dict(entry, other_cpu_share=0.9)) + "\n" for entry in entries))
     edit(repo, "faster only because the machine got quiet")
-    plan(env, 1.20, 1.21)
+    plan(env, 1.20, 1.202)
     done = runner(repo, env, "run", "faster only because the machine got quiet", "--script", "train.py",
                   "--max-disturbance", "1", quiet_machine=False)
     assert done.returncode == 2

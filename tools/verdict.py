@@ -1,8 +1,9 @@
 """The keep rule: when is a candidate's val_bpb really better than the best's, and when to rerun.
 
-Everything here is plain statistics on lists of val_bpb values; it knows nothing of git, files or
-training, so it can be read on its own and simulated (tools/simulate_verdicts.py proves its error
-rates on seeded fake runs through these same functions).
+Everything here is plain statistics on lists of val_bpb values (and, when the runs carry them, the
+machine speeds of backends/machine_speed.py); it knows nothing of git, files or training, so it can
+be read on its own and simulated (tools/simulate_verdicts.py proves its error rates on seeded fake
+runs through these same functions).
 
 The rule, and why it is this one:
 - Noise is measured, never assumed. sigma is the spread of single runs of the same code, pooled
@@ -10,24 +11,46 @@ The rule, and why it is this one:
   sum of squared deviations from each group's mean over sum of (group size - 1). It counts only
   once it rests on at least MIN_NOISE_RUNS runs; before that the candidate is rerun, so its own
   reruns measure it.
-- The best's value is the mean of all its runs, and the best is confirmed until it has BEST_RUNS
-  of them: one lucky run cannot set the bar, and a rerun of the best refines it instead of moving
-  it by luck. The old rule (beat the best single run by one sigma) kept a change with no effect
-  about a quarter of the time, because the difference of two single runs has sigma * sqrt(2).
-- A candidate is judged by Student's t with the pooled sigma: t = (mean(best) - mean(candidate))
-  / (sigma * sqrt(1/m + 1/k)) on sigma's degrees of freedom, looked at after each of its
-  at most MAX_RUNS runs (a small group-sequential test). A clear loser is discarded after one run,
-  a keep always needs a confirming second run, and the grey zone in between is rerun. The
-  boundaries (KEEP_LEVEL, DROP_BELOW, BEST_RUNS) were chosen by simulation so that a change with
-  no effect is kept at most 5% of the time and a real gain of 2 sigma at least 80% of the time,
-  even for the first experiment after a baseline, when sigma has its fewest degrees of freedom
-  (the keep levels add up to 6.5%: since each look's t is exactly t-distributed, that bounds the
-  false keeps at any dof, and the looks overlap enough that about 4% happen). A null idea costs
-  about two runs, a clear loser one (docs/design.md has the measured table).
+- The machine is taken out. On a shared host the same code trains more or fewer steps in the
+  budget as the host's speed moves, and that is most of the spread. When every run of the best and
+  the candidate carries the probe's machine speed, val_bpb is regressed on log(machine speed)
+  within each same-commit group (one slope, pooled over every group, like sigma), and every value
+  is corrected to a common speed: sigma is then the residual spread, one degree of freedom
+  poorer, and the comparison's standard error includes the slope's own uncertainty. The probe
+  measures the machine with fixed work, never the run's own steps or tokens per second, so a code
+  change that makes the step slower still pays for it.
+- The best's value is the mean of all its runs, and the best is confirmed until it has
+  best_runs_target() of them (BEST_RUNS without the correction; fewer when the corrected sigma
+  makes fewer runs as precise in val_bpb as BEST_RUNS raw runs were): one lucky run cannot set the
+  bar, and a rerun of the best refines it instead of moving it by luck.
+- A candidate is judged by Student's t: t = (mean(best) - mean(candidate)) / standard error,
+  looked at after each of its at most MAX_RUNS runs (a small group-sequential test). A first run
+  under DROP_BELOW[1] is discarded at once (the early stop: most ideas do nothing or harm), a keep
+  always needs a second run whose two runs agree within the noise (AGREE), and the grey zone in
+  between is rerun. Until the candidate has WELCH_RUNS runs the standard error is
+  sigma * sqrt(1/m + 1/k); from then on its own spread counts (Welch): sigma^2/m for the best, the
+  candidate's own variance/k for it, on Welch-Satterthwaite's degrees of freedom, so a candidate
+  noisier than the best cannot buy keeps with the best's small sigma. The boundaries were chosen
+  by simulating whole nights on the measured noise model (tools/simulate_verdicts.py): a change
+  with no effect is kept under 5% of the time, also for the first experiment after a baseline,
+  when sigma has its fewest degrees of freedom, and for a candidate twice as noisy as the best,
+  while a night finds as much real gain as the early stop and the small confirmations allow
+  (docs/design.md has the figures).
   A sequential t-test was preferred to a bootstrap (too few runs to resample) and to a Bayesian
   rule (it would need a prior on effect sizes that nobody can state for a new machine).
+- Drift. The host can speed up or slow down over a night, and the best's runs were taken hours
+  ago. When the caller can run the best (judge_candidate's run_best), a would-be keep first reruns
+  the best RECHECK_RUNS times: if the fresh runs moved from the old mean by more than DRIFT_T
+  standard errors, the old runs are stale and the best is the fresh runs alone; else they join it.
+  The candidate is then judged again. probe_drift() says when the probe itself has left the range
+  the best was measured in, so the best should be re-measured before the next experiment.
 - An explicit threshold (`run --threshold X`) replaces the test: keep when the mean improves on
-  the best's by more than X, after one run. The user then owns the error rate.
+  the best's by more than X, judged from THRESHOLD_RUNS runs, never one. The user then owns the
+  error rate.
+- A simplification (a change that removes lines) is kept by a non-inferiority test: when the
+  candidate is not worse than the best by SIMPLIFY_MARGIN sigma, at the one-sided levels
+  SIMPLIFY_LEVEL: a removal that really costs the whole margin is kept under 5% of the time
+  (simulated: 2.8% right after a baseline, 1.7% over a night).
 """
 
 import math
@@ -35,24 +58,42 @@ from dataclasses import dataclass
 
 MAX_RUNS = 4            # a candidate's first run and at most three automatic reruns
 MIN_KEEP_RUNS = 2       # a keep is always confirmed by a second run of the same commit
-BEST_RUNS = 6           # the best is rerun (confirmed) until its mean rests on this many runs
+BEST_RUNS = 6           # the best is rerun (confirmed) until its mean rests on this many runs...
+MIN_BEST_RUNS = 3       # ...or on as few as this when the corrected sigma is small (best_runs_target)
 MIN_NOISE_RUNS = 3      # sigma counts only when pooled from at least this many runs
-KEEP_LEVEL = {2: 0.01, 3: 0.02, 4: 0.035}  # one-sided t level for a keep at a candidate's run k
-DROP_BELOW = {1: -0.5, 2: 0.5, 3: 1.0}     # t under which a candidate is discarded, no rerun
+WELCH_RUNS = 3          # from this many runs, a candidate's own spread counts (Welch)
+KEEP_LEVEL = {2: 0.02, 3: 0.03, 4: 0.04}   # one-sided t level for a keep at a candidate's run k
+DROP_BELOW = {1: 0.5, 2: 0.8, 3: 1.2}      # t under which a candidate is discarded, no rerun
+AGREE = 0.7             # a keep at k=2 needs |run1 - run2| <= AGREE * sigma * sqrt(2), else a third run
 MAX_VOID_RUNS = 2       # runs that are not evidence (disturbed) tolerated per experiment
+THRESHOLD_RUNS = 2      # an explicit --threshold judges the mean of at least this many runs
+RECHECK_RUNS = 1        # fresh runs of the best before a keep, when the caller can run the best
+DRIFT_T = 2.0           # fresh best runs this many standard errors off the old mean: the host drifted
+PROBE_DRIFT = 0.05      # the probe left the best's speed range by this fraction: re-measure the best
+SIMPLIFY_MARGIN = 1.0   # a simplification may cost up to this many sigma...
+SIMPLIFY_LEVEL = {2: 0.03, 3: 0.04, 4: 0.05}  # ...one that costs it all is kept ~3% (simulated)
+SIMPLIFY_DROP_BELOW = {1: -0.5, 2: 0.0, 3: 0.5}  # non-inferiority t under which it is discarded
 
 
 @dataclass(frozen=True)
 class Noise:
-    """Pooled run-to-run spread: sigma (None until measured), the runs it rests on, its dof."""
+    """Pooled run-to-run spread: sigma (None until measured), the runs it rests on, its dof.
+    With machine speeds: sigma is the residual after the machine, slope is d val_bpb / d log(speed),
+    speed_sxx the pooled within-group sum of squares of log(speed), raw_sigma the uncorrected one."""
     sigma: float | None
     runs: int
     dof: int
+    slope: float | None = None
+    speed_sxx: float | None = None
+    raw_sigma: float | None = None
 
     def describe(self):
         if self.sigma is None:
             return f"sigma not measured yet ({self.runs} repeat runs, needs {MIN_NOISE_RUNS})"
-        return f"sigma {self.sigma:.6f} from {self.runs} runs"
+        if self.slope is None:
+            return f"sigma {self.sigma:.6f} from {self.runs} runs"
+        return (f"sigma {self.sigma:.6f} corrected for the machine's speed from {self.runs} runs "
+                f"(raw {self.raw_sigma:.6f})")
 
 
 @dataclass(frozen=True)
@@ -60,7 +101,7 @@ class Decision:
     """What to do with a candidate after its latest run: keep, discard or rerun, and why."""
     action: str
     reason: str
-    difference: float = math.nan  # mean(best) - mean(candidate): positive is an improvement
+    difference: float = math.nan  # mean(best) - mean(candidate), corrected: positive is an improvement
     t: float = math.nan
     noise: Noise | None = None
 
@@ -69,15 +110,57 @@ def mean(values):
     return sum(values) / len(values)
 
 
-def pooled_noise(groups):
-    """Noise from groups of same-commit runs (lists of val_bpb); groups of one run add nothing."""
-    repeated = [g for g in groups if len(g) >= 2]
-    runs = sum(len(g) for g in repeated)
-    dof = sum(len(g) - 1 for g in repeated)
+def _sums(groups, log_speeds):
+    """Within-group sums (Syy, Sxy, Sxx, runs, dof) over groups of at least two runs."""
+    syy = sxy = sxx = 0.0
+    runs = dof = 0
+    for values, speeds in zip(groups, log_speeds):
+        if len(values) < 2:
+            continue
+        y_mean = mean(values)
+        x_mean = mean(speeds) if speeds is not None else 0.0
+        for i, y in enumerate(values):
+            x = speeds[i] - x_mean if speeds is not None else 0.0
+            syy += (y - y_mean) ** 2
+            sxy += x * (y - y_mean)
+            sxx += x * x
+        runs += len(values)
+        dof += len(values) - 1
+    return syy, sxy, sxx, runs, dof
+
+
+def pooled_noise(groups, speed_groups=None):
+    """Noise from groups of same-commit runs (lists of val_bpb); groups of one run add nothing.
+
+    speed_groups: the machine speeds of those runs, a list per group in the same order. Given,
+    val_bpb is regressed on log(speed) within groups and sigma is the residual spread (the groups
+    whose runs lack a speed are left out: their spread includes the machine). Without enough runs
+    to fit the slope and keep MIN_NOISE_RUNS worth of spread, the raw sigma is returned."""
+    raw = _raw_noise(groups)
+    if speed_groups is None:
+        return raw
+    kept = [(g, [math.log(s) for s in sp]) for g, sp in zip(groups, speed_groups)
+            if sp is not None and len(sp) == len(g) and all(s and s > 0 for s in sp)]
+    syy, sxy, sxx, runs, dof = _sums([g for g, _ in kept], [x for _, x in kept])
+    if runs < MIN_NOISE_RUNS + 1 or dof < 2 or sxx <= 0:
+        return raw
+    slope = sxy / sxx
+    residual = max(syy - slope * sxy, 0.0)
+    return Noise(math.sqrt(residual / (dof - 1)), runs, dof - 1, slope, sxx, raw.sigma)
+
+
+def _raw_noise(groups):
+    syy, _, _, runs, dof = _sums(groups, [None] * len(groups))
     if runs < MIN_NOISE_RUNS or dof < 1:
         return Noise(None, runs, dof)
-    squares = sum(sum((x - mean(g)) ** 2 for x in g) for g in repeated)
-    return Noise(math.sqrt(squares / dof), runs, dof)
+    return Noise(math.sqrt(syy / dof), runs, dof)
+
+
+def corrected(values, speeds, noise):
+    """values corrected to the machine speed 1.0 with noise's slope (unchanged without one)."""
+    if noise.slope is None or speeds is None:
+        return list(values)
+    return [v - noise.slope * math.log(s) for v, s in zip(values, speeds)]
 
 
 def student_t_cdf(x, dof, intervals=400):
@@ -95,89 +178,262 @@ _QUANTILES = {}
 
 
 def student_t_quantile(p, dof):
-    """x with P(T <= x) = p, by bisection (cached: the rule asks for a handful of levels)."""
-    key = (p, dof)
+    """x with P(T <= x) = p, by bisection (cached by rounded dof: the rule asks for a few levels)."""
+    key = (p, round(dof, 1))
     if key not in _QUANTILES:
         low, high = -100.0, 100.0
         for _ in range(60):
             middle = (low + high) / 2
-            low, high = (middle, high) if student_t_cdf(middle, dof) < p else (low, middle)
+            low, high = (middle, high) if student_t_cdf(middle, key[1]) < p else (low, middle)
         _QUANTILES[key] = (low + high) / 2
     return _QUANTILES[key]
 
 
-def decide(candidate, best, repeat_groups=(), threshold=None):
+@dataclass(frozen=True)
+class Comparison:
+    """The corrected difference mean(best) - mean(candidate), its standard error and dof."""
+    difference: float
+    error: float
+    dof: float
+    noise: Noise
+
+    @property
+    def t(self):
+        if self.error == 0:
+            return math.inf if self.difference > 0 else (-math.inf if self.difference < 0 else 0.0)
+        return self.difference / self.error
+
+
+def compare(candidate, best, repeat_groups=(), candidate_speeds=None, best_speeds=None, repeat_speeds=None):
+    """The comparison the rule judges, or a Noise whose sigma is None while noise is unmeasured.
+
+    Speeds are used only when every run of the best and the candidate has one (repeat_speeds: a
+    list per repeat group, None for a group without)."""
+    k, m = len(candidate), len(best)
+    speeds = None
+    if _complete(candidate_speeds, k) and _complete(best_speeds, m):
+        speeds = [*(repeat_speeds or [None] * len(repeat_groups)), list(best_speeds), list(candidate_speeds)]
+    groups = [*repeat_groups, list(best), list(candidate)]
+    noise = pooled_noise(groups, speeds)
+    if noise.sigma is None:
+        return noise
+    cand = corrected(candidate, candidate_speeds, noise)
+    base = corrected(best, best_speeds, noise)
+    difference = mean(base) - mean(cand)
+    slope_term = 0.0
+    if noise.slope is not None:
+        gap = mean([math.log(s) for s in best_speeds]) - mean([math.log(s) for s in candidate_speeds])
+        slope_term = gap * gap / noise.speed_sxx
+    if k < WELCH_RUNS:
+        error = noise.sigma * math.sqrt(1 / m + 1 / k + slope_term)
+        return Comparison(difference, error, noise.dof, noise)
+    # Welch: the best's part rests on the pooled sigma of the other groups, the candidate's on its own spread.
+    others = pooled_noise(groups[:-1], speeds[:-1] if speeds else None)
+    if others.sigma is None or (noise.slope is not None and others.slope is None):
+        others = noise
+    own = sum((v - mean(cand)) ** 2 for v in cand) / (k - 1)
+    best_part = others.sigma ** 2 * (1 / m + slope_term)
+    cand_part = own / k
+    error = math.sqrt(best_part + cand_part)
+    if best_part + cand_part == 0:
+        return Comparison(difference, 0.0, others.dof, noise)
+    dof = (best_part + cand_part) ** 2 / (best_part ** 2 / others.dof + cand_part ** 2 / (k - 1))
+    return Comparison(difference, error, dof, noise)
+
+
+def _complete(speeds, count):
+    return speeds is not None and len(speeds) == count and all(s and s > 0 for s in speeds)
+
+
+def decide(candidate, best, repeat_groups=(), threshold=None, *, candidate_speeds=None, best_speeds=None,
+           repeat_speeds=None, simplify=False):
     """Keep, discard or rerun a candidate with these runs against the best's runs.
 
     repeat_groups: the other same-commit groups of the same kind, for the pooled sigma (the best's
-    and the candidate's own runs are added here).
-    """
-    k, m = len(candidate), len(best)
-    difference = mean(best) - mean(candidate)
+    and the candidate's own runs are added here). The speeds, when given, are the runs' machine
+    speeds in the same order (see compare). simplify judges a simplification (non-inferiority)."""
+    k = len(candidate)
+    speeds = {"candidate_speeds": candidate_speeds, "best_speeds": best_speeds, "repeat_speeds": repeat_speeds}
     if threshold is not None:
-        action = "keep" if difference > threshold else "discard"
-        return Decision(action, f"threshold {threshold:.6f} given", difference)
-    noise = pooled_noise([*repeat_groups, list(best), list(candidate)])
-    if noise.sigma is None:
-        if k < MAX_RUNS:
-            return Decision("rerun", noise.describe(), difference, noise=noise)
-        return Decision("discard", noise.describe(), difference, noise=noise)
-    if noise.sigma == 0:
-        t = math.inf if difference > 0 else (-math.inf if difference < 0 else 0.0)
-    else:
-        t = difference / (noise.sigma * math.sqrt(1 / m + 1 / k))
-    if k >= MIN_KEEP_RUNS and t > student_t_quantile(1 - KEEP_LEVEL[min(k, MAX_RUNS)], noise.dof):
-        return Decision("keep", f"better by {t:.1f} standard errors", difference, t, noise)
+        return _decide_threshold(candidate, best, repeat_groups, threshold, speeds)
+    comparison = compare(candidate, best, repeat_groups, **speeds)
+    if isinstance(comparison, Noise):
+        raw_difference = mean(best) - mean(candidate)
+        action = "rerun" if k < MAX_RUNS else "discard"
+        return Decision(action, comparison.describe(), raw_difference, noise=comparison)
+    if simplify:
+        return _decide_simplification(comparison, k)
+    t, noise = comparison.t, comparison.noise
+    args = (comparison.difference, t, noise)
+    if k >= MIN_KEEP_RUNS and t > student_t_quantile(1 - KEEP_LEVEL[min(k, MAX_RUNS)], comparison.dof):
+        if k == 2 and _runs_disagree(candidate, candidate_speeds, noise):
+            return Decision("rerun", f"{t:+.1f} standard errors, but its two runs disagree: a third", *args)
+        return Decision("keep", f"better by {t:.1f} standard errors", *args)
     if k < MAX_RUNS and t < DROP_BELOW[k]:
-        return Decision("discard", f"{t:+.1f} standard errors: not worth a rerun", difference, t, noise)
+        return Decision("discard", f"{t:+.1f} standard errors: not worth a rerun", *args)
     if k < MAX_RUNS:
-        return Decision("rerun", f"{t:+.1f} standard errors: grey zone", difference, t, noise)
-    return Decision("discard", f"{t:+.1f} standard errors after {k} runs", difference, t, noise)
+        return Decision("rerun", f"{t:+.1f} standard errors: grey zone", *args)
+    return Decision("discard", f"{t:+.1f} standard errors after {k} runs", *args)
+
+
+def _runs_disagree(candidate, speeds, noise):
+    """Two runs further apart than AGREE * sigma * sqrt(2): the candidate may be noisier than the
+    best, which two runs cannot measure, so a third run lets Welch's test see it."""
+    first, second = corrected(candidate, speeds, noise)
+    return abs(first - second) > AGREE * noise.sigma * math.sqrt(2)
+
+
+def _decide_threshold(candidate, best, repeat_groups, threshold, speeds):
+    """The user's rule: keep when the (corrected) mean beats the best's by more than threshold,
+    judged on THRESHOLD_RUNS runs."""
+    k = len(candidate)
+    comparison = compare(candidate, best, repeat_groups, **speeds)
+    difference = (comparison.difference if isinstance(comparison, Comparison)
+                  else mean(best) - mean(candidate))
+    if k < THRESHOLD_RUNS:
+        return Decision("rerun", f"threshold {threshold:.6f} given: it judges {THRESHOLD_RUNS} runs, "
+                                 f"this is run {k}", difference)
+    action = "keep" if difference > threshold else "discard"
+    return Decision(action, f"threshold {threshold:.6f} given, mean of {k} runs", difference)
+
+
+def _decide_simplification(comparison, k):
+    """Non-inferiority: keep when the candidate is not worse than the best by SIMPLIFY_MARGIN sigma."""
+    margin = SIMPLIFY_MARGIN * comparison.noise.sigma
+    t = comparison.t if comparison.error == 0 else (comparison.difference + margin) / comparison.error
+    args = (comparison.difference, t, comparison.noise)
+    reason = f"{t:+.1f} standard errors inside the margin of {margin:.6f}"
+    if k >= MIN_KEEP_RUNS and t > student_t_quantile(1 - SIMPLIFY_LEVEL[min(k, MAX_RUNS)], comparison.dof):
+        return Decision("keep", f"simplification not worse: {reason}", *args)
+    if k < MAX_RUNS and t < SIMPLIFY_DROP_BELOW[k]:
+        return Decision("discard", f"simplification worse: {reason}", *args)
+    if k < MAX_RUNS:
+        return Decision("rerun", f"simplification in the grey zone: {reason}", *args)
+    return Decision("discard", f"simplification not shown harmless after {k} runs: {reason}", *args)
+
+
+def best_runs_target(noise):
+    """How many runs the best's mean should rest on: BEST_RUNS raw runs' precision in val_bpb,
+    sigma_corrected^2 / m <= sigma_raw^2 / BEST_RUNS, between MIN_BEST_RUNS and BEST_RUNS."""
+    if noise is None or noise.sigma is None or noise.slope is None or not noise.raw_sigma:
+        return BEST_RUNS
+    needed = math.ceil(BEST_RUNS * (noise.sigma / noise.raw_sigma) ** 2 - 1e-9)
+    return max(MIN_BEST_RUNS, min(BEST_RUNS, needed))
+
+
+def probe_drift(best_speeds, recent_speeds):
+    """Why the best should be re-measured because the machine's speed left the range it was measured
+    in (the correction's slope would extrapolate), or None. Fractions of the speed index."""
+    if not best_speeds or not recent_speeds:
+        return None
+    recent = math.exp(mean([math.log(s) for s in recent_speeds]))
+    low, high = min(best_speeds), max(best_speeds)
+    if recent > high * (1 + PROBE_DRIFT):
+        return f"the machine is {100 * (recent / high - 1):.0f}% faster than in any of the best's runs"
+    if recent < low * (1 - PROBE_DRIFT):
+        return f"the machine is {100 * (1 - recent / low):.0f}% slower than in any of the best's runs"
+    return None
+
+
+def drifted(old, fresh, noise, old_speeds=None, fresh_speeds=None):
+    """Did the best's fresh runs move from its old mean by more than DRIFT_T standard errors?"""
+    if noise is None or noise.sigma is None or not old or not fresh:
+        return False
+    speeds_ok = _complete(old_speeds, len(old)) and _complete(fresh_speeds, len(fresh))
+    then = mean(corrected(old, old_speeds if speeds_ok else None, noise))
+    now = mean(corrected(fresh, fresh_speeds if speeds_ok else None, noise))
+    error = noise.sigma * math.sqrt(1 / len(old) + 1 / len(fresh))
+    return error > 0 and abs(now - then) > DRIFT_T * error
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """One run as the loop sees it: a val_bpb; or a crash or a rejection (over budget), which end
-    the experiment as the idea's failure; or void (a disturbed machine: not evidence, rerun)."""
+    """One run as the loop sees it: a val_bpb (with the machine's speed when probed); or a crash or
+    a rejection (over budget), which end the experiment as the idea's failure; or void (a disturbed
+    machine: not evidence, rerun)."""
     value: float | None = None
     crash: str | None = None
     rejected: str | None = None
     void: str | None = None
+    speed: float | None = None
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The end of one experiment: status keep/discard/crash/void, the candidate's evidence values."""
+    """The end of one experiment: status keep/discard/crash/void, the candidate's evidence values.
+    When the best was rechecked: its values (and speeds) as the verdict used them, and whether the
+    old ones were dropped as drifted."""
     status: str
     values: tuple
     decision: Decision | None = None
     reason: str = ""
+    speeds: tuple = ()
+    best_values: tuple | None = None
+    best_speeds: tuple | None = None
+    drift: bool = False
 
 
-def judge_candidate(run_once, best, repeat_groups=(), threshold=None):
+def judge_candidate(run_once, best, repeat_groups=(), threshold=None, *, best_speeds=None, repeat_speeds=None,
+                    simplify=False, run_best=None):
     """Run a candidate until the rule decides. run_once(attempt) -> Outcome; attempt counts from 1.
 
     A crash ends the experiment (a script that crashes sometimes is broken). A void run (disturbed
     machine) is rerun, up to MAX_VOID_RUNS times, then the experiment is void: no verdict on the
     idea. The candidate's values are evidence only inside this experiment and for sigma.
+    run_best(attempt) -> Outcome runs the best once more: given, a would-be keep first rechecks the
+    best (RECHECK_RUNS runs) for drift. Speeds are used when every run carries one.
     """
-    values, voids, attempt = [], 0, 0
+    values, speeds, voids, attempt = [], [], 0, 0
+    best, best_speeds = list(best), (list(best_speeds) if best_speeds is not None else None)
+    checked = drift = False
     while True:
         attempt += 1
         outcome = run_once(attempt)
         if outcome.crash is not None:
-            return Verdict("crash", tuple(values), reason=outcome.crash)
+            return Verdict("crash", tuple(values), reason=outcome.crash, speeds=tuple(speeds))
         if outcome.rejected is not None:
-            return Verdict("discard", tuple(values), reason=outcome.rejected)
+            return Verdict("discard", tuple(values), reason=outcome.rejected, speeds=tuple(speeds))
         if outcome.value is None:
             voids += 1
             if voids > MAX_VOID_RUNS:
-                return Verdict("void", tuple(values), reason=outcome.void or "not evidence")
+                return Verdict("void", tuple(values), reason=outcome.void or "not evidence", speeds=tuple(speeds))
             continue
         values.append(outcome.value)
-        decision = decide(values, best, repeat_groups, threshold)
+        speeds.append(outcome.speed)
+        options = {"candidate_speeds": speeds, "repeat_speeds": repeat_speeds, "simplify": simplify}
+        decision = decide(values, best, repeat_groups, threshold, best_speeds=best_speeds, **options)
+        if decision.action == "keep" and run_best is not None and not checked:
+            checked = True
+            best, best_speeds, drift = _recheck_best(run_best, best, best_speeds, decision.noise)
+            decision = decide(values, best, repeat_groups, threshold, best_speeds=best_speeds, **options)
         if decision.action != "rerun":
-            return Verdict(decision.action, tuple(values), decision, decision.reason)
+            rechecked = (tuple(best), tuple(best_speeds) if best_speeds is not None else None) if checked else (None, None)
+            reason = decision.reason + ("; the best drifted and was re-measured" if drift else "")
+            return Verdict(decision.action, tuple(values), decision, reason, tuple(speeds), *rechecked, drift)
+
+
+def _recheck_best(run_best, best, best_speeds, noise):
+    """RECHECK_RUNS fresh runs of the best; (values, speeds, drifted). When the fresh runs moved
+    from the old mean (drifted), the old runs are stale and the best stands on the fresh runs
+    alone (more fresh runs would only make the next drifted keep easier); else old and fresh
+    runs together. A void run is retried up to MAX_VOID_RUNS times; a crash stops the recheck."""
+    fresh, fresh_speeds, misses, attempt = [], [], 0, 0
+    while len(fresh) < RECHECK_RUNS and misses <= MAX_VOID_RUNS:
+        attempt += 1
+        outcome = run_best(attempt)
+        if outcome.crash is not None or outcome.rejected is not None:
+            break
+        if outcome.value is None:
+            misses += 1
+        else:
+            fresh.append(outcome.value)
+            fresh_speeds.append(outcome.speed)
+    if not fresh:
+        return best, best_speeds, False
+    with_speeds = best_speeds is not None and _complete(fresh_speeds, len(fresh))
+    if drifted(best, fresh, noise, best_speeds, fresh_speeds):
+        return fresh, (fresh_speeds if with_speeds else None), True
+    return best + fresh, (best_speeds + fresh_speeds if with_speeds else None), False
 
 
 def confirm_best(run_once, best, target=BEST_RUNS):
@@ -187,7 +443,13 @@ def confirm_best(run_once, best, target=BEST_RUNS):
     times; a crash or an over-budget run stops the confirmation: the code itself is at fault, and
     rerunning it would only spend the night.
     """
-    values, voids, attempt = list(best), 0, 0
+    return confirm_best_runs(run_once, best, None, target)[0]
+
+
+def confirm_best_runs(run_once, best, best_speeds=None, target=BEST_RUNS):
+    """confirm_best that also returns the runs' machine speeds: (values, speeds), speeds None when
+    best_speeds is None."""
+    values, speeds, voids, attempt = list(best), (list(best_speeds) if best_speeds is not None else None), 0, 0
     while len(values) < target and voids <= MAX_VOID_RUNS:
         attempt += 1
         outcome = run_once(attempt)
@@ -197,4 +459,6 @@ def confirm_best(run_once, best, target=BEST_RUNS):
             voids += 1
         else:
             values.append(outcome.value)
-    return values
+            if speeds is not None:
+                speeds.append(outcome.speed)
+    return values, speeds

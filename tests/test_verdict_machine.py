@@ -1,0 +1,218 @@
+"""tools/verdict.py with the machine taken out: the speed correction, Welch, drift, thresholds,
+simplifications and the number of runs, on fake runs whose val_bpb depends on the machine's speed
+and the code's; and tools/simulate_verdicts.py's figures at a small, seeded size."""
+
+import math
+import random
+
+import pytest
+
+from tools import simulate_verdicts, verdict
+from tools.verdict import Noise, Outcome, compare, decide, judge_candidate, pooled_noise
+
+STEPS_SLOPE = -0.1146   # val_bpb per log(steps), as measured on the 2-core VM
+RESIDUAL = 0.0029       # what is left after log(steps)
+HOST_SPREAD = 0.057     # the host's log speed from run to run
+PROBE_ERROR = 0.01      # the fake probe's own error
+
+
+def fake_run(rng, base, code_speed=1.0, machine=None):
+    """(val_bpb, probe speed) of one run: the steps in the budget are the machine's speed times the
+    code's; the probe sees only the machine's."""
+    machine = math.exp(rng.gauss(0.0, HOST_SPREAD)) if machine is None else machine * math.exp(rng.gauss(0.0, 0.01))
+    value = base + STEPS_SLOPE * math.log(machine * code_speed) + rng.gauss(0.0, RESIDUAL)
+    return value, machine * math.exp(rng.gauss(0.0, PROBE_ERROR))
+
+
+def fake_groups(rng, groups=10, runs=6):
+    """Same-commit groups of code that trains at the same speed, each commit its own val_bpb."""
+    values, speeds = [], []
+    for g in range(groups):
+        pairs = [fake_run(rng, 1.28 + 0.001 * g) for _ in range(runs)]
+        values.append([v for v, _ in pairs])
+        speeds.append([s for _, s in pairs])
+    return values, speeds
+
+
+def test_the_corrected_sigma_is_the_residual_and_the_slope_the_machines():
+    values, speeds = fake_groups(random.Random(4))
+    raw = pooled_noise(values)
+    noise = pooled_noise(values, speeds)
+    expected = math.hypot(RESIDUAL, STEPS_SLOPE * PROBE_ERROR)  # what the probe's error leaves
+    assert noise.sigma == pytest.approx(expected, rel=0.3)
+    assert raw.sigma > 2 * noise.sigma and noise.raw_sigma == raw.sigma
+    assert noise.slope == pytest.approx(STEPS_SLOPE, rel=0.25)
+    assert (noise.runs, noise.dof) == (60, 49)  # one degree of freedom pays for the slope
+    assert "corrected for the machine's speed" in noise.describe()
+
+
+def test_a_change_that_makes_the_step_slower_pays_for_it_even_on_a_faster_machine():
+    """The candidate's code is 10% slower per step and otherwise the same; its runs happen to land
+    on a host 30% faster, so raw it trains more steps and looks better. Corrected on the probe
+    (not on its steps), it is what it is: worse by the steps it lost."""
+    rng = random.Random(7)
+    groups, group_speeds = fake_groups(rng)
+    best_pairs = [fake_run(rng, 1.28) for _ in range(6)]
+    best, best_speeds = [v for v, _ in best_pairs], [s for _, s in best_pairs]
+    raw_keeps = corrected_keeps = 0
+    differences = []
+    for _ in range(100):
+        pairs = [fake_run(rng, 1.28, code_speed=0.9, machine=1.3) for _ in range(2)]
+        candidate, speeds = [v for v, _ in pairs], [s for _, s in pairs]
+        raw_keeps += decide(candidate, best, groups).action == "keep"
+        decision = decide(candidate, best, groups, candidate_speeds=speeds, best_speeds=best_speeds,
+                          repeat_speeds=group_speeds)
+        corrected_keeps += decision.action == "keep"
+        differences.append(decision.difference)
+    assert raw_keeps > 50 and corrected_keeps == 0
+    cost = STEPS_SLOPE * math.log(0.9)  # what 10% fewer steps cost: 0.0121 bpb
+    assert -sum(differences) / len(differences) == pytest.approx(cost, rel=0.25)
+
+
+def test_a_no_effect_change_on_a_faster_hour_of_the_host_is_not_kept():
+    rng = random.Random(11)
+    groups, group_speeds = fake_groups(rng)
+    best_pairs = [fake_run(rng, 1.28) for _ in range(6)]
+    best, best_speeds = [v for v, _ in best_pairs], [s for _, s in best_pairs]
+    raw_keeps = corrected_keeps = 0
+    for _ in range(100):
+        pairs = [fake_run(rng, 1.28, machine=1.12) for _ in range(2)]
+        candidate, speeds = [v for v, _ in pairs], [s for _, s in pairs]
+        raw_keeps += decide(candidate, best, groups).action == "keep"
+        corrected_keeps += decide(candidate, best, groups, candidate_speeds=speeds, best_speeds=best_speeds,
+                                  repeat_speeds=group_speeds).action == "keep"
+    assert raw_keeps > 30 and corrected_keeps <= 5
+
+
+def test_runs_without_a_probe_leave_the_rule_uncorrected():
+    values, speeds = fake_groups(random.Random(2), groups=3)
+    assert pooled_noise(values, [None, None, None]).slope is None
+    decision = decide(values[0][:2], values[1], [values[2]], candidate_speeds=[None, 1.0], best_speeds=speeds[1])
+    assert decision.noise.slope is None
+
+
+def test_from_three_runs_a_wide_candidate_is_judged_on_its_own_spread():
+    best = [1.300, 1.301, 1.299, 1.300, 1.302, 1.298]
+    groups = [[1.310, 1.311, 1.309], [1.320, 1.321, 1.319, 1.320]]
+    narrow = compare([1.296, 1.2965, 1.2955], best, groups)
+    wide = compare([1.286, 1.306, 1.296], best, groups)
+    assert narrow.difference == pytest.approx(wide.difference, abs=1e-9)
+    assert wide.error > 3 * narrow.error and wide.dof < 3  # Welch-Satterthwaite: the wide spread's 2 dof
+    assert decide([1.286, 1.306, 1.296], best, groups).action != "keep"
+    two_runs = compare([1.286, 1.306], best, groups)
+    assert two_runs.dof == pooled_noise([*groups, best, [1.286, 1.306]]).dof  # under 3 runs: the pooled sigma
+
+
+def test_two_runs_that_disagree_get_a_third_before_a_keep():
+    best = [1.300, 1.310, 1.290, 1.300, 1.305, 1.295]
+    assert decide([1.250, 1.251], best).action == "keep"
+    disagree = decide([1.240, 1.262], best)
+    assert disagree.action == "rerun" and "disagree" in disagree.reason
+
+
+def test_a_simplification_is_kept_when_not_worse_by_the_margin_and_dropped_when_it_is():
+    rng = random.Random(3)
+    groups = [[1.3 + rng.gauss(0, 0.003) for _ in range(6)] for _ in range(8)]
+    best = [1.3 + rng.gauss(0, 0.003) for _ in range(6)]
+    same = [sum(best) / 6 + d for d in (-0.0003, 0.0003, 0.0, 0.0)]
+    kept = next(decide(same[:k], best, groups, simplify=True) for k in (2, 3, 4)
+                if decide(same[:k], best, groups, simplify=True).action != "rerun")
+    assert kept.action == "keep" and "not worse" in kept.reason
+    worse = decide([sum(best) / 6 + 0.012], best, groups, simplify=True)
+    assert worse.action == "discard" and "worse" in worse.reason
+
+
+def test_the_best_needs_fewer_runs_when_the_corrected_sigma_is_small():
+    assert verdict.best_runs_target(None) == verdict.BEST_RUNS
+    assert verdict.best_runs_target(Noise(0.007, 6, 5)) == verdict.BEST_RUNS  # not corrected
+    small = Noise(0.003, 20, 17, slope=-0.1, speed_sxx=0.05, raw_sigma=0.007)
+    assert verdict.best_runs_target(small) == verdict.MIN_BEST_RUNS  # 6 * (3/7)^2 = 1.1 runs, floor 3
+    assert verdict.best_runs_target(Noise(0.006, 20, 17, -0.1, 0.05, 0.007)) == 5  # 6 * (6/7)^2 = 4.4
+
+
+def test_probe_drift_says_when_the_machine_left_the_speed_range_of_the_best():
+    best_speeds = [40.0, 41.0, 42.0]
+    assert "faster" in verdict.probe_drift(best_speeds, [45.0, 46.0])
+    assert "slower" in verdict.probe_drift(best_speeds, [36.0])
+    assert verdict.probe_drift(best_speeds, [41.5, 43.0]) is None
+    assert verdict.probe_drift([], [41.0]) is None
+
+
+BEST = [1.300, 1.310, 1.290, 1.300, 1.305, 1.295]
+
+
+def test_a_keep_against_a_stale_best_rechecks_it_and_the_drift_is_caught():
+    candidate = iter([Outcome(value=v) for v in (1.285, 1.2852, 1.2851, 1.2849)])
+    result = judge_candidate(lambda attempt: next(candidate), BEST,
+                             run_best=lambda attempt: Outcome(value=1.2845))
+    assert result.drift and result.best_values == (1.2845,)
+    assert result.status == "discard" and "re-measured" in result.reason
+
+
+def test_a_keep_against_a_steady_best_adds_the_fresh_run_and_stands():
+    candidate = iter([Outcome(value=v) for v in (1.280, 1.2805)])
+    result = judge_candidate(lambda attempt: next(candidate), BEST, run_best=lambda attempt: Outcome(value=1.301))
+    assert result.status == "keep" and not result.drift
+    assert result.best_values == (*BEST, 1.301)
+
+
+def test_confirm_best_runs_returns_the_speeds_of_the_runs():
+    outcomes = iter([Outcome(value=1.0, speed=40.0), Outcome(void="busy"), Outcome(value=1.1, speed=41.0)])
+    values, speeds = verdict.confirm_best_runs(lambda attempt: next(outcomes), [0.9], [39.0], target=3)
+    assert values == [0.9, 1.0, 1.1] and speeds == [39.0, 40.0, 41.0]
+
+
+# --- the simulation, at a small seeded size -----------------------------------------------------
+
+def test_the_simulated_noise_model_is_the_measured_table():
+    assert simulate_verdicts.RAW_SIGMA == pytest.approx(0.00713, abs=1e-5)
+    assert simulate_verdicts.RESIDUAL_SIGMA == pytest.approx(0.00293, abs=1e-5)
+    assert simulate_verdicts.corrected_sigma() / simulate_verdicts.RAW_SIGMA <= 0.5
+
+
+def test_simulated_no_effect_keeps_stay_under_five_percent_and_large_gains_are_found():
+    first, _ = simulate_verdicts.keep_rate(0.0, 400, 1, seed=1)
+    night, runs = simulate_verdicts.keep_rate(0.0, 20, 20, seed=1)
+    gain, _ = simulate_verdicts.keep_rate(2.0, 200, 1, seed=1)
+    assert first <= 0.05 and night <= 0.05
+    assert gain >= 0.8
+    assert runs < 1.6  # a no-effect idea mostly ends after its first run
+
+
+def test_simulated_drift_of_a_fifth_sigma_per_run_keeps_at_most_two_of_twelve():
+    visible, _ = simulate_verdicts.drift_keeps(40, seed=1, drift=0.2)
+    hidden, _ = simulate_verdicts.drift_keeps(40, seed=1, hidden_drift=0.2)
+    with simulate_verdicts.rule_constants(RECHECK_RUNS=0):
+        unchecked, _ = simulate_verdicts.drift_keeps(40, seed=1, hidden_drift=0.2)
+    assert visible <= 2 and hidden <= 2 and unchecked > 4
+
+
+def test_simulated_early_stop_saves_runs_on_no_effect_ideas():
+    _, runs = simulate_verdicts.keep_rate(0.0, 20, 20, seed=2)
+    with simulate_verdicts.rule_constants(DROP_BELOW={**verdict.DROP_BELOW, 1: -math.inf}):
+        _, runs_without = simulate_verdicts.keep_rate(0.0, 20, 20, seed=2)
+    assert runs < runs_without - 0.5
+
+
+def test_simulated_simplification_costing_the_margin_is_rarely_kept():
+    sigma = simulate_verdicts.corrected_sigma() / simulate_verdicts.RAW_SIGMA
+    harm, _ = simulate_verdicts.keep_rate(-verdict.SIMPLIFY_MARGIN * sigma, 400, 1, seed=1, simplify=True)
+    assert harm <= 0.05
+
+
+def test_simulated_nights_keep_far_fewer_false_changes_than_the_greedy_rule():
+    kit = simulate_verdicts.night_figures(simulate_verdicts.kit_night, 6, seed=1)
+    greedy = simulate_verdicts.night_figures(simulate_verdicts.greedy_night, 6, seed=1)
+    assert greedy[0] == pytest.approx(simulate_verdicts.NIGHT_SECONDS / simulate_verdicts.RUN_SECONDS, abs=1)
+    assert kit[2] < greedy[2] / 5 and kit[4] <= 0.05 < greedy[4]
+
+
+def test_write_readme_replaces_only_the_marked_table(tmp_path):
+    readme = tmp_path / "README.md"
+    start, end = simulate_verdicts.MARKERS
+    readme.write_text(f"before\n{start}\nold table\n{end}\nafter\n")
+    simulate_verdicts.write_readme("new table", readme)
+    assert readme.read_text() == f"before\n{start}\nnew table\n{end}\nafter\n"
+    readme.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="markers"):
+        simulate_verdicts.write_readme("new table", readme)
