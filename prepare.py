@@ -17,6 +17,8 @@ prepared last; AUTORESEARCH_DATASET overrides it.
 
 import argparse
 import bisect
+import contextlib
+import json
 import math
 import os
 import signal
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset_builders import (_DAMAGED_PICKLE_ERRORS, ACTIVE_DATASET_FILE, CLIMBMIX_DEFAULT_SHARDS, DATASET_FORMAT,
+from dataset_builders import (_DAMAGED_PICKLE_ERRORS, _atomic_write_bytes, ACTIVE_DATASET_FILE, CLIMBMIX_DEFAULT_SHARDS, DATASET_FORMAT,
                               DATASETS, DEFAULT_CACHE_ROOT, DOWNLOAD_URL_ENV, VAL_SHARD, DataError, Tokenizer,
                               _check_dataset_name, _human, _out_of_space, _prepare_command, _read_dataset_info,
                               _read_token_cache, _shard_document_count, _shard_texts, _split_shards,

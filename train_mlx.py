@@ -265,7 +265,6 @@ class GPT(nn.Module):
     def __call__(self, idx, targets=None, reduction="mean"):
         """Logits [B, T, V] (fp32, softcapped); with targets, the cross-entropy loss instead:
         a scalar for reduction='mean', per-token nats [B, T] for reduction='none'."""
-        T = idx.shape[1]
         # Embeddings come out in fp32; cast so the whole residual stream is in the compute dtype.
         x = self.transformer["wte"](idx).astype(self.compute_dtype)
         x = norm(x)

@@ -257,8 +257,8 @@ def test_clear_win_is_confirmed_kept_and_the_branch_advances(repo, env):
     assert [r[0] for r in new] == [head[:7]] * 6 and [r[3] for r in new] == ["keep"] * 6
     assert new[1][4] == f"wider mlp [run 2] {KIND}"
     last = done.stdout.splitlines()[-1]
-    assert last.startswith(f"KEEP     1.201000 (mean of 2, 20 steps, 1,000 tok/s; best 1.300000 mean of 6, 20 steps, "
-                           f"1,000 tok/s; -0.099000; sigma")
+    assert last.startswith("KEEP     1.201000 (mean of 2, 20 steps, 1,000 tok/s; best 1.300000 mean of 6, 20 steps, "
+                           "1,000 tok/s; -0.099000; sigma")
     assert last.endswith(f"; best now 1.202000 mean of 6) {head[:7]} wider mlp")
     assert runner(repo, env, "best").stdout.strip() == (
         f"{head[:7]}\t1.202000\t2.0\tkeep\twider mlp [mean of 6 runs] [{KIND[1:-1]}]")

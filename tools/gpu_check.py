@@ -103,6 +103,7 @@ def step_flex_kernels(dry_run):
     q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16, generator=generator)
                .requires_grad_(backward) for _ in range(3))
     dense = torch_ops.window_mask(T, window, device)
+    block_mask = torch_ops.sliding_window_block_mask(T, window, torch.device(device))
     grad_out = torch.randn_like(q)
     paths = {
         "flex": lambda: torch_ops.flex_window_attention(q, k, v, window),
