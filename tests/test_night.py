@@ -82,9 +82,12 @@ def checkout(repo, env, monkeypatch):  # noqa: F811 (pytest fixtures)
 
 
 @pytest.fixture
-def kit(checkout, env):  # noqa: F811 (pytest fixtures)
-    """The checkout with its baseline done; the best commit."""
-    return baseline(checkout, env)
+def kit(checkout, env, monkeypatch):  # noqa: F811 (pytest fixtures)
+    """The checkout with its baseline done; the best commit. baseline() may put a copy of a kit
+    measured earlier in the checkout's place, so the current directory is entered again."""
+    best = baseline(checkout, env)
+    monkeypatch.chdir(checkout)
+    return best
 
 
 def test_an_agent_that_exits_early_is_restarted_with_a_digest_until_the_deadline(kit, repo, tmp_path):  # noqa: F811

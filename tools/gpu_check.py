@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FLEX_CONSTANT = "from backends import torch_ops  # noqa: E402"
+FLEX_CONSTANT = "from backends import torch_ops"
 DEFAULT_SECONDS = 60
 
 
@@ -166,7 +166,9 @@ def step_bench_mask(dry_run, seconds):
         raise RuntimeError(f"train.py has no line {FLEX_CONSTANT!r} to switch off: update FLEX_CONSTANT")
     with tempfile.TemporaryDirectory() as folder:
         variant = Path(folder) / "train.py"
-        variant.write_text(source.replace(FLEX_CONSTANT, FLEX_CONSTANT + "\ntorch_ops.FLEX_DEVICES = ()"))
+        lines = source.splitlines(keepends=True)
+        at = next(i for i, line in enumerate(lines) if line.startswith(FLEX_CONSTANT))
+        variant.write_text("".join(lines[:at + 1]) + "torch_ops.FLEX_DEVICES = ()\n" + "".join(lines[at + 1:]))
         return bench(bench_args(dry_run, seconds), Path(folder) / "bench.json", variant)
 
 
