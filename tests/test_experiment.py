@@ -699,3 +699,87 @@ def test_the_kind_comes_from_the_harness_of_the_checkout_being_run(tmp_path, mon
     (checkout / "prepare.py").write_text("raise ValueError('no dataset prepared here')\n")
     monkeypatch.setenv("AUTORESEARCH_DATASET", "another")  # a new environment is asked again
     assert kind.probe_harness(checkout)["kind_error"] == "no dataset prepared here"
+
+
+# ---------------------------------------------------------------------------------------------
+# what a user sees after faults
+
+def leader_start_time(pid):
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def leave_orphaned_training(repo):
+    """A training process group as a runner killed with kill -9 leaves it: alive, recorded in the state."""
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    state_file = repo / ".autoresearch" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["training_group"] = {"pgid": sleeper.pid, "started": leader_start_time(sleeper.pid)}
+    state_file.write_text(json.dumps(state))
+    return sleeper
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process start times from /proc")
+def test_status_after_a_killed_runner_names_the_interrupted_experiment_and_ends_its_training(repo, env):
+    kept = baseline(repo, env)
+    edit(repo, "orphaned idea")
+    git(repo, "commit", "--quiet", "-am", "orphaned idea")
+    commit = git(repo, "rev-parse", "HEAD")
+    state_file = repo / ".autoresearch" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["in_progress"] = {"commit": commit, "kept": kept, "committed": True, "script": "train.py",
+                            "description": "orphaned idea", "pending": [{
+                                "commit": commit, "val_bpb": 1.25, "memory_gb": 2.0, "crash": False,
+                                "evidence": True, "kind_tag": KIND, "description": f"orphaned idea {KIND}",
+                                "details": {}}]}
+    state_file.write_text(json.dumps(state))
+    sleeper = leave_orphaned_training(repo)
+
+    done = runner(repo, env, "status")
+    assert done.returncode == 0, done.stderr
+    lines = {line[:13].strip(): line[13:] for line in done.stdout.splitlines()}
+    assert lines["interrupted"] == (f"the runner was stopped before judging {commit[:7]} (orphaned idea); the next "
+                                    f"run undoes that commit, keeps its edit staged in train.py, records its 1 "
+                                    f"finished run(s) as unjudged and stops so you can check the file")
+    assert lines["best"] == f"1.300000 mean of 6 runs, {kept[:7]} baseline [{KIND[1:-1]}]"
+    assert "has no results" not in done.stdout
+    assert wait_for_death(sleeper.pid)
+    sleeper.wait(timeout=5)
+    assert "training_group" not in json.loads(state_file.read_text())
+
+    sleeper = leave_orphaned_training(repo)  # a locked command ends it before anything else, too
+    done = runner(repo, env, "run", "next idea")
+    assert wait_for_death(sleeper.pid)
+    sleeper.wait(timeout=5)
+    assert done.returncode == 2 and "the last runner stopped before judging" in done.stderr
+    assert git(repo, "rev-parse", "HEAD") == kept
+    assert git(repo, "status", "--porcelain", "--", "train.py") == "M  train.py"
+    assert rows(repo)[-1] == [commit[:7], "1.250000", "2.0", "discard",
+                              f"orphaned idea [unjudged: the runner was stopped] {KIND}"]
+
+
+def test_status_shows_the_best_of_the_kind_this_environment_runs_and_names_the_others(repo, env):
+    best = baseline(repo, env)[:7]
+    other = "standard 300s/standard/tinystories/cpu/cpu/x1"
+    with open(repo / "results.tsv", "a") as results:  # the last runs were of another kind
+        results.write(f"{best}\t1.800000\t2.0\tkeep\tbaseline [{other}]\n{best}\t1.810000\t2.0\tkeep\tbaseline [run 2] [{other}]\n")
+    lines = {line[:13].strip(): line[13:] for line in runner(repo, env, "status").stdout.splitlines()}
+    assert lines["kind"] == f"{KIND[1:-1]} (what a run started here now has; best and noise are of this kind)"
+    assert lines["best"] == f"1.300000 mean of 6 runs, {best} baseline [{KIND[1:-1]}]"
+    assert lines["other kinds"] == f"{best} also has results of kind {other} (2 runs)"
+    env["AUTORESEARCH_DATASET"] = "tinystories"
+    lines = {line[:13].strip(): line[13:] for line in runner(repo, env, "status").stdout.splitlines()}
+    assert lines["kind"].startswith(f"{other} (")
+    assert lines["best"] == f"1.805000 mean of 2 runs, {best} baseline [{other}]"
+    assert lines["other kinds"] == f"{best} also has results of kind {KIND[1:-1]} (6 runs)"
+
+
+def test_submit_without_ray_is_a_one_line_set_up_refusal(repo, env, tmp_path):
+    missing = tmp_path / "no_ray" / "ray"
+    missing.mkdir(parents=True)
+    (missing / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    env["PYTHONPATH"] = os.pathsep.join([str(missing.parent), *filter(None, [env.get("PYTHONPATH")])])
+    edit(repo, "idea")
+    done = runner(repo, env, "submit", "idea")
+    assert done.returncode == 2
+    assert done.stderr == "refusing to run: Ray is not installed: run `uv sync --group parallel` (parallel experiments need it)\n"
+    assert git(repo, "status", "--porcelain", "--", "train.py") == "M train.py"

@@ -67,10 +67,10 @@ import time
 from tools import cluster, ledger, monitor, scheduler, verdict
 from tools.checkout import (branch_base, candidate_commit, current_branch, git, harness_changes, head, repo_root,
                             require_clean_harness)
-from tools.kind import default_timeout, expected_kind, ready_ledger, require_script, training_script
+from tools.kind import default_timeout, expected_kind, kind_or_problem, ready_ledger, require_script, training_script
 from tools.parallel import LOCK_PATIENCE_SECONDS, planned_slot_threads, queue_status, settle, slot_options
-from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, HANDLED_SIGNALS, Interrupted, exclusive_lock,
-                                load_state, lock_holder, raise_interrupted, refuse, signals_held)
+from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, HANDLED_SIGNALS, Interrupted, end_orphaned_training,
+                                exclusive_lock, load_state, lock_holder, raise_interrupted, refuse, signals_held)
 from tools.serial import (baseline_runs, experiment_setup, first_description, judge_experiment,
                           recover_interrupted)
 from tools.training_run import RunPlan
@@ -138,26 +138,49 @@ def queue_baseline(args, script, rows):
 
 def cmd_status(args):
     rows = ready_ledger()
+    holder = lock_holder()
+    if not holder:
+        end_orphaned_training()
     state = load_state()
     branch = current_branch() or "(detached HEAD)"
     base_name, base = branch_base()
     changed = harness_changes(base)
     harness = f"CHANGED: {', '.join(changed)}" if changed else "unchanged"
     print(f"branch       {branch} (base {base[:7]} on {base_name}; harness {harness})")
-    best = head()[:7]
-    kinds = list(dict.fromkeys(r.kind for r in rows if r.commit == best))
-    for kind in kinds or ["-"]:
+    # A killed runner leaves its unjudged experiment commit at HEAD: the best is the commit it was
+    # judged against, and HEAD's advice ("run baseline") would make the unjudged change the best.
+    interrupted = None if holder else state.get("in_progress")
+    best = (interrupted["kept"] if interrupted else head())[:7]
+    if interrupted:
+        finished = len(interrupted.get("pending", []))
+        print(f"interrupted  the runner was stopped before judging {interrupted['commit'][:7]} "
+              f"({interrupted['description']}); the next run undoes that commit, keeps its edit staged in "
+              f"{interrupted['script']}, records its {finished} finished run(s) as unjudged and stops "
+              f"so you can check the file")
+    # The kind a run started here now has (as `run` computes it): the best of that kind is the
+    # bar the next experiment meets, whatever kind the last runs had.
+    kind, problem = kind_or_problem()
+    present = list(dict.fromkeys(r.kind for r in rows if r.commit == best))
+    if kind is None:
+        print(f"kind         unknown: {problem}")
+    else:
+        kind = str(kind)
+        print(f"kind         {kind} (what a run started here now has; best and noise are of this kind)")
         values = ledger.values_of(rows, best, kind)
         if values:
             print(f"best         {verdict.mean(values):.6f} mean of {len(values)} runs, {best} "
                   f"{first_description(rows, best, kind, '')} [{kind}]")
             noise = verdict.pooled_noise([*ledger.repeat_groups(rows, kind, exclude={best}), values])
             print(f"noise        {noise.describe()}" + (f", {noise.dof} degrees of freedom" if noise.sigma else ""))
-    if not kinds:
-        print(f"best         {best} has no results yet (start with: uv run tools/experiment.py baseline)")
+        else:
+            print(f"best         {best} has no results of this kind yet (measure it with: "
+                  f"uv run tools/experiment.py baseline)")
+    others = [k for k in present if k != kind]
+    if others:
+        print(f"other kinds  {best} also has results of kind " + "; ".join(
+            f"{k} ({len(ledger.values_of(rows, best, k))} runs)" for k in others))
     counts = {status: sum(r.status == status for r in rows) for status in ledger.STATUSES}
     print(f"experiments  {len(rows)} runs ({', '.join(f'{n} {status}' for status, n in counts.items())})")
-    holder = lock_holder()
     if holder:
         print(f"running      {holder}")
     print(f"last verdict {state.get('last_verdict', 'none yet')}")

@@ -145,7 +145,7 @@ def confirm_runs(plan, commit, description, values, what, target=verdict.BEST_RU
         kind = plan.kind
         number = ledger.next_run_number(ledger.read(), commit, str(kind))
         run_line(plan, f"{what} (run {number} of {commit[:7]}, until {target} count)")
-        run = execute(plan)
+        run = execute(plan, record_group=True)
         status = "crash" if run.outcome.crash else ("keep" if run.outcome.value is not None else "discard")
         note = run.note if status != "crash" else crash_note(run.outcome.crash)
         with signals_held():
@@ -177,7 +177,7 @@ def judge_experiment(plan, best, rows, description, *, threshold=None, max_load_
     def run_once(attempt):
         number = attempt
         run_line(plan, "running" if attempt == 1 else f"rerun {attempt}")
-        run = execute(plan)
+        run = execute(plan, record_group=True)
         runs.append(run)
         note = run.note if run.outcome.crash is None else crash_note(run.outcome.crash)
         with signals_held():
