@@ -783,3 +783,66 @@ def test_submit_without_ray_is_a_one_line_set_up_refusal(repo, env, tmp_path):
     assert done.returncode == 2
     assert done.stderr == "refusing to run: Ray is not installed: run `uv sync --group parallel` (parallel experiments need it)\n"
     assert git(repo, "status", "--porcelain", "--", "train.py") == "M train.py"
+
+
+def add_module(repo, idea):
+    """An experiment that moves code into a new module the training script imports."""
+    (repo / "my_layers.py").write_text(f"IDEA = {idea!r}\n")
+    edit(repo, idea)
+    with open(repo / "train.py", "a") as f:
+        f.write("import my_layers\n")
+
+
+def fresh_clone(repo, tmp_path, name):
+    clone = tmp_path / name
+    subprocess.run(["git", "clone", "--quiet", "--branch", "autoresearch/test", str(repo), str(clone)],
+                   check=True, capture_output=True)
+    return clone
+
+
+@pytest.mark.parametrize("outcome", ["discard", "crash"])
+def test_a_new_module_leaves_with_its_discarded_or_crashed_experiment(repo, env, tmp_path, outcome):
+    kept = baseline(repo, env)
+    add_module(repo, "layers in a module")
+    plan(env, 1.5 if outcome == "discard" else {"mode": "fail"})
+    done = runner(repo, env, "run", "layers in a module")
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith(outcome.upper()) and last.endswith("layers in a module [with my_layers.py]")
+    assert git(repo, "show", "--name-only", "--format=", rows(repo)[-1][0]).split() == ["my_layers.py", "train.py"]
+    assert git(repo, "rev-parse", "HEAD") == kept
+    assert not (repo / "my_layers.py").exists()  # reset --keep took it out: nothing stale is left
+    assert git(repo, "status", "--porcelain", "--untracked-files=all") == "M results.tsv"
+    assert not (fresh_clone(repo, tmp_path, "clone") / "my_layers.py").exists()
+
+
+def test_a_kept_experiment_commits_its_new_module_so_a_fresh_clone_runs_it(repo, env, tmp_path):
+    kept = baseline(repo, env)
+    add_module(repo, "layers in a module")
+    (repo / "run.log").write_text("an old log\n")
+    plan(env, 1.20, 1.202, 1.205, 1.20, 1.21, 1.195)
+    done = runner(repo, env, "run", "layers in a module")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("KEEP")
+    assert "layers in a module [with my_layers.py]" in done.stdout.splitlines()[-1]
+    assert git(repo, "rev-parse", "HEAD~1") == kept
+    assert git(repo, "show", "--name-only", "--format=", "HEAD").split() == ["my_layers.py", "train.py"]
+    clone = fresh_clone(repo, tmp_path, "clone")
+    imported = subprocess.run([sys.executable, "-c", "import my_layers; print(my_layers.IDEA)"], cwd=clone,
+                              capture_output=True, text=True)
+    assert imported.stdout == "layers in a module\n", imported.stderr
+    assert (clone / "results.tsv").read_text() == HEADER + "\n"  # results.tsv and run.log are never committed
+    assert not (clone / "run.log").exists()
+
+
+def test_an_interrupted_experiment_leaves_its_new_module_staged_with_the_edit(repo, env, tmp_path):
+    kept = baseline(repo, env)
+    (repo / "my_layers.py").write_text("IDEA = 'interrupted'\n")
+    process, marker = start_hanging_run(repo, env, tmp_path, "layers in a module")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert "the change to train.py, my_layers.py is back in the working tree (staged)" in stderr
+    assert git(repo, "rev-parse", "HEAD") == kept
+    assert git(repo, "status", "--porcelain", "--", "my_layers.py", "train.py").splitlines() == [
+        "A  my_layers.py", "M  train.py"]

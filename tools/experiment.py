@@ -11,9 +11,10 @@
 `run` refuses (exit 2, nothing changed) when another runner holds the lock, when prepare.py or
 backends/ differ from the branch's base (its merge-base with main or master), when results.tsv
 is missing or malformed or lost rows, or when the current best has no runs of this kind yet. Else
-it commits the training-script change (train.py, or train_mlx.py when the backend is mlx) with
-the description as message and runs it, output in run.log, under a hard timeout that kills the
-whole process group. Each run becomes one results.tsv row; tools/verdict.py decides after each
+it commits the training-script change (train.py, or train_mlx.py when the backend is mlx), with
+any other new or changed file outside the harness, results.tsv and run outputs (a module the
+script imports; the verdict line names them), with the description as message, and runs it,
+output in run.log, under a hard timeout that kills the whole process group. Each run becomes one results.tsv row; tools/verdict.py decides after each
 run whether to keep, discard or rerun (grey zone), and a kept change is rerun until its mean rests
 on verdict.BEST_RUNS runs. Then the branch advances (keep) or goes back to the best (discard, crash).
 
@@ -29,8 +30,9 @@ What a run counts as:
 
 How the pieces stay consistent:
 - One runner at a time per checkout (a lock under .autoresearch/); a second one refuses at once.
-- Reverts use `git reset --keep <best>`: only the training script's commit is undone. results.tsv
-  is never committed; every row the runner writes is also appended to .autoresearch/results.tsv.
+- Reverts use `git reset --keep <best>`: only the experiment's commit is undone (its new files
+  leave the working tree with it). results.tsv is never committed; every row the runner writes
+  is also appended to .autoresearch/results.tsv.
 - Ctrl-C, SIGTERM or SIGHUP (a closed terminal) kills the training process group, records the
   candidate's finished runs as unjudged, undoes the experiment commit with `git reset --soft` (the
   edit stays, staged) and exits 130. If the runner itself is killed, the next one finishes that
@@ -65,8 +67,8 @@ import sys
 import time
 
 from tools import cluster, ledger, monitor, scheduler, verdict
-from tools.checkout import (branch_base, candidate_commit, current_branch, git, harness_changes, head, repo_root,
-                            require_clean_harness)
+from tools.checkout import (branch_base, candidate_commit, current_branch, experiment_files, git, harness_changes, head,
+                            repo_root, require_clean_harness)
 from tools.kind import default_timeout, expected_kind, kind_or_problem, ready_ledger, require_script, training_script
 from tools.parallel import LOCK_PATIENCE_SECONDS, planned_slot_threads, queue_status, settle, slot_options
 from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, HANDLED_SIGNALS, Interrupted, end_orphaned_training,
@@ -84,7 +86,7 @@ def cmd_run(args):
         refuse("give the experiment a description: what does this change try?")
     with exclusive_lock():
         plan, rows, best = experiment_setup(args)
-        if not git("status", "--porcelain", "--", plan.script):
+        if not any(git("status", "--porcelain", "--", path) for path in experiment_files(plan.script)):
             print(f"note: {plan.script} has no changes since {best.commit[:7]}; rerunning the best to refine its mean")
             baseline_runs(plan, best.commit, rows, repeat=1)
             return
@@ -155,7 +157,7 @@ def cmd_status(args):
         finished = len(interrupted.get("pending", []))
         print(f"interrupted  the runner was stopped before judging {interrupted['commit'][:7]} "
               f"({interrupted['description']}); the next run undoes that commit, keeps its edit staged in "
-              f"{interrupted['script']}, records its {finished} finished run(s) as unjudged and stops "
+              f"{', '.join([interrupted['script'], *interrupted.get('files', [])])}, records its {finished} finished run(s) as unjudged and stops "
               f"so you can check the file")
     # The kind a run started here now has (as `run` computes it): the best of that kind is the
     # bar the next experiment meets, whatever kind the last runs had.
