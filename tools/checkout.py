@@ -92,14 +92,17 @@ def not_experiment(path):
 
 
 def experiment_files(script):
-    """The files an experiment commits: the training script and every other file that is new
-    (not git-ignored) or changed since HEAD, outside the harness, results.tsv and run outputs.
+    """The files an experiment commits: the training script, every other tracked file changed
+    since HEAD and every new Python file (not git-ignored), outside the harness, results.tsv and
+    run outputs.
 
     An agent that moves a layer into a module of its own is doing research: the kept commit must
-    hold that module, or a fresh clone of the branch cannot run its best. So new and changed files
-    go into the experiment's commit (and out again with it on a discard), rather than refusing."""
+    hold that module, or a fresh clone of the branch cannot run its best. So such files go into
+    the experiment's commit (and out of the working tree with it on a discard), rather than
+    refusing. New files that are not Python (an agent's notes, a scratch file) are left alone, as
+    untracked files always were: a discard would otherwise take them away."""
     changed = git("diff", "--name-only", "--no-renames", "HEAD").splitlines()
-    added = git("ls-files", "--others", "--exclude-standard").splitlines()
+    added = [path for path in git("ls-files", "--others", "--exclude-standard").splitlines() if path.endswith(".py")]
     others = sorted({path for path in changed + added if path and path != script and not not_experiment(path)})
     return [script, *others]
 
