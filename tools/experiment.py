@@ -71,8 +71,9 @@ from tools.checkout import (branch_base, candidate_commit, current_branch, exper
                             repo_root, require_clean_harness)
 from tools.kind import default_timeout, expected_kind, kind_or_problem, ready_ledger, require_script, training_script
 from tools.parallel import LOCK_PATIENCE_SECONDS, planned_slot_threads, queue_status, settle, slot_options
-from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, HANDLED_SIGNALS, Interrupted, end_orphaned_training,
-                                exclusive_lock, load_state, lock_holder, raise_interrupted, refuse, signals_held)
+from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, HANDLED_SIGNALS, Interrupted,
+                                end_orphaned_training_unless_locked, exclusive_lock, load_state, lock_holder,
+                                raise_interrupted, refuse, signals_held)
 from tools.serial import (baseline_runs, experiment_setup, first_description, judge_experiment,
                           recover_interrupted)
 from tools.training_run import RunPlan
@@ -140,9 +141,8 @@ def queue_baseline(args, script, rows):
 
 def cmd_status(args):
     rows = ready_ledger()
+    end_orphaned_training_unless_locked()
     holder = lock_holder()
-    if not holder:
-        end_orphaned_training()
     state = load_state()
     branch = current_branch() or "(detached HEAD)"
     base_name, base = branch_base()

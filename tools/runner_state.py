@@ -161,6 +161,24 @@ def end_orphaned_training():
     return ended
 
 
+def end_orphaned_training_unless_locked():
+    """end_orphaned_training for a command that does not take the lock (status): only while no
+    runner holds it, checked by holding it for that moment, so a runner that starts meanwhile
+    never has its own training ended."""
+    if not LOCK_FILE.exists():
+        return
+    fd = os.open(LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return
+    try:
+        end_orphaned_training()
+    finally:
+        os.close(fd)
+
+
 def remember(line):
     """Keep a verdict line as the last verdict that `status` shows."""
     with signals_held():
