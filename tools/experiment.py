@@ -12,10 +12,10 @@
 backends/ differ from the branch's base (its merge-base with main or master), when results.tsv
 is missing or malformed or lost rows, or when the current best has no runs of this kind yet. Else
 it commits the training-script change (train.py, or train_mlx.py when the backend is mlx), with
-any other new or changed file outside the harness, results.tsv and run outputs (a module the
-script imports; the verdict line names them), with the description as message, and runs it,
-output in run.log, under a hard timeout that kills the whole process group. Each run becomes one results.tsv row; tools/verdict.py decides after each
-run whether to keep, discard or rerun (grey zone), and a kept change is rerun until its mean rests
+every new Python file and changed tracked file outside the harness, results.tsv and run outputs
+(a module the script imports; the verdict line names them), with the description as message, and
+runs it, output in run.log, under a hard timeout that kills the whole process group. Each run
+becomes one results.tsv row; tools/verdict.py decides after each run whether to keep, discard or rerun (grey zone), and a kept change is rerun until its mean rests
 on verdict.BEST_RUNS runs. Then the branch advances (keep) or goes back to the best (discard, crash).
 
 What a run counts as:
