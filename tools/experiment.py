@@ -15,8 +15,9 @@ it commits the training-script change (train.py, or train_mlx.py when the backen
 every new Python file and changed tracked file outside the harness, results.tsv and run outputs
 (a module the script imports; the verdict line names them), with the description as message, and
 runs it, output in run.log, under a hard timeout that kills the whole process group. Each run
-becomes one results.tsv row; tools/verdict.py decides after each run whether to keep, discard or rerun (grey zone), and a kept change is rerun until its mean rests
-on verdict.BEST_RUNS runs. Then the branch advances (keep) or goes back to the best (discard, crash).
+becomes one results.tsv row; tools/verdict.py decides after each run whether to keep, discard or
+rerun (grey zone), and a kept change is rerun until its mean rests on verdict.BEST_RUNS runs.
+Then the branch advances (keep) or goes back to the best (discard, crash).
 
 What a run counts as:
 - a result: val_bpb, compared with the best's mean under the verdict rule;
