@@ -699,3 +699,150 @@ def test_the_kind_comes_from_the_harness_of_the_checkout_being_run(tmp_path, mon
     (checkout / "prepare.py").write_text("raise ValueError('no dataset prepared here')\n")
     monkeypatch.setenv("AUTORESEARCH_DATASET", "another")  # a new environment is asked again
     assert kind.probe_harness(checkout)["kind_error"] == "no dataset prepared here"
+
+
+# ---------------------------------------------------------------------------------------------
+# what a user sees after faults
+
+def leader_start_time(pid):
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def leave_orphaned_training(repo):
+    """A training process group as a runner killed with kill -9 leaves it: alive, recorded in the state."""
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    state_file = repo / ".autoresearch" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["training_group"] = {"pgid": sleeper.pid, "started": leader_start_time(sleeper.pid)}
+    state_file.write_text(json.dumps(state))
+    return sleeper
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process start times from /proc")
+def test_status_after_a_killed_runner_names_the_interrupted_experiment_and_ends_its_training(repo, env):
+    kept = baseline(repo, env)
+    edit(repo, "orphaned idea")
+    git(repo, "commit", "--quiet", "-am", "orphaned idea")
+    commit = git(repo, "rev-parse", "HEAD")
+    state_file = repo / ".autoresearch" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["in_progress"] = {"commit": commit, "kept": kept, "committed": True, "script": "train.py",
+                            "description": "orphaned idea", "pending": [{
+                                "commit": commit, "val_bpb": 1.25, "memory_gb": 2.0, "crash": False,
+                                "evidence": True, "kind_tag": KIND, "description": f"orphaned idea {KIND}",
+                                "details": {}}]}
+    state_file.write_text(json.dumps(state))
+    sleeper = leave_orphaned_training(repo)
+
+    done = runner(repo, env, "status")
+    assert done.returncode == 0, done.stderr
+    lines = {line[:13].strip(): line[13:] for line in done.stdout.splitlines()}
+    assert lines["interrupted"] == (f"the runner was stopped before judging {commit[:7]} (orphaned idea); the next "
+                                    f"run undoes that commit, keeps its edit staged in train.py, records its 1 "
+                                    f"finished run(s) as unjudged and stops so you can check the file")
+    assert lines["best"] == f"1.300000 mean of 6 runs, {kept[:7]} baseline [{KIND[1:-1]}]"
+    assert "has no results" not in done.stdout
+    assert wait_for_death(sleeper.pid)
+    sleeper.wait(timeout=5)
+    assert "training_group" not in json.loads(state_file.read_text())
+
+    sleeper = leave_orphaned_training(repo)  # a locked command ends it before anything else, too
+    done = runner(repo, env, "run", "next idea")
+    assert wait_for_death(sleeper.pid)
+    sleeper.wait(timeout=5)
+    assert done.returncode == 2 and "the last runner stopped before judging" in done.stderr
+    assert git(repo, "rev-parse", "HEAD") == kept
+    assert git(repo, "status", "--porcelain", "--", "train.py") == "M  train.py"
+    assert rows(repo)[-1] == [commit[:7], "1.250000", "2.0", "discard",
+                              f"orphaned idea [unjudged: the runner was stopped] {KIND}"]
+
+
+def test_status_shows_the_best_of_the_kind_this_environment_runs_and_names_the_others(repo, env):
+    best = baseline(repo, env)[:7]
+    other = "standard 300s/standard/tinystories/cpu/cpu/x1"
+    with open(repo / "results.tsv", "a") as results:  # the last runs were of another kind
+        results.write(f"{best}\t1.800000\t2.0\tkeep\tbaseline [{other}]\n{best}\t1.810000\t2.0\tkeep\tbaseline [run 2] [{other}]\n")
+    lines = {line[:13].strip(): line[13:] for line in runner(repo, env, "status").stdout.splitlines()}
+    assert lines["kind"] == f"{KIND[1:-1]} (what a run started here now has; best and noise are of this kind)"
+    assert lines["best"] == f"1.300000 mean of 6 runs, {best} baseline [{KIND[1:-1]}]"
+    assert lines["other kinds"] == f"{best} also has results of kind {other} (2 runs)"
+    env["AUTORESEARCH_DATASET"] = "tinystories"
+    lines = {line[:13].strip(): line[13:] for line in runner(repo, env, "status").stdout.splitlines()}
+    assert lines["kind"].startswith(f"{other} (")
+    assert lines["best"] == f"1.805000 mean of 2 runs, {best} baseline [{other}]"
+    assert lines["other kinds"] == f"{best} also has results of kind {KIND[1:-1]} (6 runs)"
+
+
+def test_submit_without_ray_is_a_one_line_set_up_refusal(repo, env, tmp_path):
+    missing = tmp_path / "no_ray" / "ray"
+    missing.mkdir(parents=True)
+    (missing / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    env["PYTHONPATH"] = os.pathsep.join([str(missing.parent), *filter(None, [env.get("PYTHONPATH")])])
+    edit(repo, "idea")
+    done = runner(repo, env, "submit", "idea")
+    assert done.returncode == 2
+    assert done.stderr == "refusing to run: Ray is not installed: run `uv sync --group parallel` (parallel experiments need it)\n"
+    assert git(repo, "status", "--porcelain", "--", "train.py") == "M train.py"
+
+
+def add_module(repo, idea):
+    """An experiment that moves code into a new module the training script imports."""
+    (repo / "my_layers.py").write_text(f"IDEA = {idea!r}\n")
+    edit(repo, idea)
+    with open(repo / "train.py", "a") as f:
+        f.write("import my_layers\n")
+
+
+def fresh_clone(repo, tmp_path, name):
+    clone = tmp_path / name
+    subprocess.run(["git", "clone", "--quiet", "--branch", "autoresearch/test", str(repo), str(clone)],
+                   check=True, capture_output=True)
+    return clone
+
+
+@pytest.mark.parametrize("outcome", ["discard", "crash"])
+def test_a_new_module_leaves_with_its_discarded_or_crashed_experiment(repo, env, tmp_path, outcome):
+    kept = baseline(repo, env)
+    add_module(repo, "layers in a module")
+    plan(env, 1.5 if outcome == "discard" else {"mode": "fail"})
+    done = runner(repo, env, "run", "layers in a module")
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith(outcome.upper()) and last.endswith("layers in a module [with my_layers.py]")
+    assert git(repo, "show", "--name-only", "--format=", rows(repo)[-1][0]).split() == ["my_layers.py", "train.py"]
+    assert git(repo, "rev-parse", "HEAD") == kept
+    assert not (repo / "my_layers.py").exists()  # reset --keep took it out: nothing stale is left
+    assert git(repo, "status", "--porcelain", "--untracked-files=all") == "M results.tsv"
+    assert not (fresh_clone(repo, tmp_path, "clone") / "my_layers.py").exists()
+
+
+def test_a_kept_experiment_commits_its_new_module_so_a_fresh_clone_runs_it(repo, env, tmp_path):
+    kept = baseline(repo, env)
+    add_module(repo, "layers in a module")
+    (repo / "run.log").write_text("an old log\n")
+    plan(env, 1.20, 1.202, 1.205, 1.20, 1.21, 1.195)
+    done = runner(repo, env, "run", "layers in a module")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("KEEP")
+    assert "layers in a module [with my_layers.py]" in done.stdout.splitlines()[-1]
+    assert git(repo, "rev-parse", "HEAD~1") == kept
+    assert git(repo, "show", "--name-only", "--format=", "HEAD").split() == ["my_layers.py", "train.py"]
+    clone = fresh_clone(repo, tmp_path, "clone")
+    imported = subprocess.run([sys.executable, "-c", "import my_layers; print(my_layers.IDEA)"], cwd=clone,
+                              capture_output=True, text=True)
+    assert imported.stdout == "layers in a module\n", imported.stderr
+    assert (clone / "results.tsv").read_text() == HEADER + "\n"  # results.tsv and run.log are never committed
+    assert not (clone / "run.log").exists()
+
+
+def test_an_interrupted_experiment_leaves_its_new_module_staged_with_the_edit(repo, env, tmp_path):
+    kept = baseline(repo, env)
+    (repo / "my_layers.py").write_text("IDEA = 'interrupted'\n")
+    process, marker = start_hanging_run(repo, env, tmp_path, "layers in a module")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert "the change to train.py, my_layers.py is back in the working tree (staged)" in stderr
+    assert git(repo, "rev-parse", "HEAD") == kept
+    assert git(repo, "status", "--porcelain", "--", "my_layers.py", "train.py").splitlines() == [
+        "A  my_layers.py", "M  train.py"]

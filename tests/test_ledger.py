@@ -63,3 +63,26 @@ def test_append_writes_whole_rows_after_a_file_without_a_final_newline(tmp_path)
     assert results.read_text().splitlines() == [ledger.HEADER, "abc1234\t1.000000\t1.0\tkeep\tx",
                                                 "abc1234\t1.100000\t1.0\tkeep\ty"]
     assert mirror.read_text() == results.read_text()
+
+
+def test_check_ready_names_an_edited_row_as_changed_and_a_deleted_one_as_lost(tmp_path):
+    results, mirror = tmp_path / "results.tsv", tmp_path / "mirror.tsv"
+    first = ledger.format_row("abc1234", 1.3, 2.0, "keep", ledger.describe("a", KIND))
+    second = ledger.format_row("def5678", 1.4, 2.0, "discard", ledger.describe("b", KIND))
+    ledger.append([first, second], results, mirror)
+    results.write_text(ledger.HEADER + "\n" + first + "\n" + second.replace("1.400000", "1.200000") + "\n")
+    with pytest.raises(ledger.LedgerError, match=r"1 row\(s\) the runner wrote that were changed \(first: "
+                                                 r"`def5678 1.400000 .*` now reads `def5678 1.200000 ") as changed:
+        ledger.check_ready(results, mirror)
+    assert "lost" not in str(changed.value)
+    results.write_text(ledger.HEADER + "\n" + first + "\n")
+    with pytest.raises(ledger.LedgerError, match=r"lost 1 row\(s\) the runner wrote \(first: def5678 b") as lost:
+        ledger.check_ready(results, mirror)
+    assert "changed" not in str(lost.value)
+
+
+def test_parse_line_is_the_check_every_reader_applies():
+    assert ledger.parse_line("abc1234\t1.5\t2.0\tkeep\tidea").commit == "abc1234"
+    for bad in ("zzzzzzz\t1.5\t2.0\tkeep\tidea", "abc1234\t1.5\t2.0\tKEEP\tidea", "abc1234\t1.5\t2.0\tkeep"):
+        with pytest.raises(ValueError):
+            ledger.parse_line(bad)

@@ -192,10 +192,11 @@ def test_report_warns_when_most_changes_land_within_the_noise(tmp_path):
 
 def test_report_skips_unreadable_lines_and_says_so(night):
     with open(night / "results.tsv", "a") as results:
-        results.write("garbage line without tabs\nabc1234\tnot-a-number\t1.0\tkeep\tx\n")
+        results.write("garbage line without tabs\nabc1234\tnot-a-number\t1.0\tkeep\tx\n"
+                      "not-hex\t1.400000\t1.0\tkeep\tx\n")
     done = report(night)
     assert done.returncode == 0, done.stderr
-    assert "- **Unreadable lines skipped:** 2" in (night / "report.md").read_text()
+    assert "- **Unreadable lines skipped:** 3" in (night / "report.md").read_text()
 
 
 def test_report_explains_an_empty_results_file(tmp_path):
@@ -241,3 +242,15 @@ def test_rows_written_by_the_runner_give_kind_reruns_and_crash_causes():
     assert {row["kind"] for row in rows} == {kind[1:-1]}
     assert [row["role"] for row in rows] == ["baseline", "baseline", "rerun", "experiment"]
     assert module.cause_group(module.crash_cause(rows[3], "")) == "diverged (NaN or exploding loss)"
+
+
+def test_report_and_plot_reject_the_same_lines():
+    """One parser: a line tools/plot.py refuses is an unreadable line for the report, never a row."""
+    module = load_report_module()
+    from tools import plot
+    bad = "xyz!123\t1.400000\t1.0\tkeep\tnot a commit id\n"
+    with pytest.raises(SystemExit, match="line 2"):
+        plot.parse_results(HEADER + bad)
+    rows = module.parse_rows(HEADER + "a000001\t1.500000\t2.0\tkeep\tbaseline\n" + bad)
+    assert [row["commit"] for row in rows] == ["a000001"]
+    assert rows[0]["unreadable_lines"] == 1

@@ -9,9 +9,11 @@ import os
 import subprocess
 from pathlib import Path
 
-from backends.report import LOCKED_PATHS
+from backends.report import LOCKED_PATHS, runs_dir
 from tools import scheduler
+from tools.ledger import MIRROR_FILE, RESULTS_FILE
 from tools.runner_state import STATE_DIR, refuse
+from tools.training_run import LOG_FILE
 
 BASE_BRANCHES = ("main", "master")
 
@@ -82,13 +84,38 @@ def require_clean_harness():
                f"from {base[:7]} ({base_name}); undo that with: git checkout {base[:7]} -- {' '.join(LOCKED_PATHS)}")
 
 
-def commit_script(script, message):
-    """Commit the training script alone; False when it has no change to commit."""
-    if not git("status", "--porcelain", "--", script):
-        return False
-    git("add", "--", script)
-    git("commit", "--quiet", "-m", message, "--", script)
-    return True
+def not_experiment(path):
+    """True for what an experiment never commits: the locked harness, the ledger, run outputs and
+    the runner's own files."""
+    outside = (*LOCKED_PATHS, str(RESULTS_FILE), str(MIRROR_FILE), str(LOG_FILE), str(runs_dir()), str(STATE_DIR))
+    return any(path == other or path.startswith(other.rstrip("/") + "/") for other in outside)
+
+
+def experiment_files(script):
+    """The files an experiment commits: the training script, every other tracked file changed
+    since HEAD and every new Python file (not git-ignored), outside the harness, results.tsv and
+    run outputs.
+
+    An agent that moves a layer into a module of its own is doing research: the kept commit must
+    hold that module, or a fresh clone of the branch cannot run its best. So such files go into
+    the experiment's commit (and out of the working tree with it on a discard), rather than
+    refusing. New files that are not Python (an agent's notes, a scratch file) are left alone, as
+    untracked files always were: a discard would otherwise take them away."""
+    changed = git("diff", "--name-only", "--no-renames", "HEAD").splitlines()
+    added = [path for path in git("ls-files", "--others", "--exclude-standard").splitlines() if path.endswith(".py")]
+    others = sorted({path for path in changed + added if path and path != script and not not_experiment(path)})
+    return [script, *others]
+
+
+def commit_experiment(script, message):
+    """Commit the training script and the experiment's other files (experiment_files); returns
+    the other files committed. Only those paths: anything else staged stays out of the commit."""
+    paths = [path for path in experiment_files(script) if git("status", "--porcelain", "--", path)]
+    if not paths:
+        return []
+    git("add", "--all", "--", *paths)
+    git("commit", "--quiet", "-m", message, "--", *paths)
+    return [path for path in paths if path != script]
 
 
 def candidate_commit(script, description, parent):

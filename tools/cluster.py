@@ -43,7 +43,7 @@ from pathlib import Path
 from backends.report import harness_hash
 from tools import ledger, scheduler
 from tools.kind import expected_kind
-from tools.runner_state import Refused
+from tools.runner_state import Refused, refuse
 from tools.training_run import LOG_FILE, RunPlan, execute
 
 SCHEDULER_LOCK = scheduler.PARALLEL_DIR / "scheduler.lock"
@@ -64,7 +64,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise SystemExit(INSTALL_HINT)
+        refuse(INSTALL_HINT)  # a set-up refusal like every other: one line, exit 2
     return ray
 
 

@@ -11,11 +11,13 @@
 `run` refuses (exit 2, nothing changed) when another runner holds the lock, when prepare.py or
 backends/ differ from the branch's base (its merge-base with main or master), when results.tsv
 is missing or malformed or lost rows, or when the current best has no runs of this kind yet. Else
-it commits the training-script change (train.py, or train_mlx.py when the backend is mlx) with
-the description as message and runs it, output in run.log, under a hard timeout that kills the
-whole process group. Each run becomes one results.tsv row; tools/verdict.py decides after each
-run whether to keep, discard or rerun (grey zone), and a kept change is rerun until its mean rests
-on verdict.BEST_RUNS runs. Then the branch advances (keep) or goes back to the best (discard, crash).
+it commits the training-script change (train.py, or train_mlx.py when the backend is mlx), with
+every new Python file and changed tracked file outside the harness, results.tsv and run outputs
+(a module the script imports; the verdict line names them), with the description as message, and
+runs it, output in run.log, under a hard timeout that kills the whole process group. Each run
+becomes one results.tsv row; tools/verdict.py decides after each run whether to keep, discard or
+rerun (grey zone), and a kept change is rerun until its mean rests on verdict.BEST_RUNS runs.
+Then the branch advances (keep) or goes back to the best (discard, crash).
 
 What a run counts as:
 - a result: val_bpb, compared with the best's mean under the verdict rule;
@@ -29,8 +31,9 @@ What a run counts as:
 
 How the pieces stay consistent:
 - One runner at a time per checkout (a lock under .autoresearch/); a second one refuses at once.
-- Reverts use `git reset --keep <best>`: only the training script's commit is undone. results.tsv
-  is never committed; every row the runner writes is also appended to .autoresearch/results.tsv.
+- Reverts use `git reset --keep <best>`: only the experiment's commit is undone (its new files
+  leave the working tree with it). results.tsv is never committed; every row the runner writes
+  is also appended to .autoresearch/results.tsv.
 - Ctrl-C, SIGTERM or SIGHUP (a closed terminal) kills the training process group, records the
   candidate's finished runs as unjudged, undoes the experiment commit with `git reset --soft` (the
   edit stays, staged) and exits 130. If the runner itself is killed, the next one finishes that
@@ -65,12 +68,13 @@ import sys
 import time
 
 from tools import cluster, ledger, monitor, scheduler, verdict
-from tools.checkout import (branch_base, candidate_commit, current_branch, git, harness_changes, head, repo_root,
-                            require_clean_harness)
-from tools.kind import default_timeout, expected_kind, ready_ledger, require_script, training_script
+from tools.checkout import (branch_base, candidate_commit, current_branch, experiment_files, git, harness_changes, head,
+                            repo_root, require_clean_harness)
+from tools.kind import default_timeout, expected_kind, kind_or_problem, ready_ledger, require_script, training_script
 from tools.parallel import LOCK_PATIENCE_SECONDS, planned_slot_threads, queue_status, settle, slot_options
-from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, HANDLED_SIGNALS, Interrupted, exclusive_lock,
-                                load_state, lock_holder, raise_interrupted, refuse, signals_held)
+from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, HANDLED_SIGNALS, Interrupted,
+                                end_orphaned_training_unless_locked, exclusive_lock, load_state, lock_holder,
+                                raise_interrupted, refuse, signals_held)
 from tools.serial import (baseline_runs, experiment_setup, first_description, judge_experiment,
                           recover_interrupted)
 from tools.training_run import RunPlan
@@ -84,7 +88,7 @@ def cmd_run(args):
         refuse("give the experiment a description: what does this change try?")
     with exclusive_lock():
         plan, rows, best = experiment_setup(args)
-        if not git("status", "--porcelain", "--", plan.script):
+        if not any(git("status", "--porcelain", "--", path) for path in experiment_files(plan.script)):
             print(f"note: {plan.script} has no changes since {best.commit[:7]}; rerunning the best to refine its mean")
             baseline_runs(plan, best.commit, rows, repeat=1)
             return
@@ -138,26 +142,48 @@ def queue_baseline(args, script, rows):
 
 def cmd_status(args):
     rows = ready_ledger()
+    end_orphaned_training_unless_locked()
+    holder = lock_holder()
     state = load_state()
     branch = current_branch() or "(detached HEAD)"
     base_name, base = branch_base()
     changed = harness_changes(base)
     harness = f"CHANGED: {', '.join(changed)}" if changed else "unchanged"
     print(f"branch       {branch} (base {base[:7]} on {base_name}; harness {harness})")
-    best = head()[:7]
-    kinds = list(dict.fromkeys(r.kind for r in rows if r.commit == best))
-    for kind in kinds or ["-"]:
+    # A killed runner leaves its unjudged experiment commit at HEAD: the best is the commit it was
+    # judged against, and HEAD's advice ("run baseline") would make the unjudged change the best.
+    interrupted = None if holder else state.get("in_progress")
+    best = (interrupted["kept"] if interrupted else head())[:7]
+    if interrupted:
+        finished = len(interrupted.get("pending", []))
+        print(f"interrupted  the runner was stopped before judging {interrupted['commit'][:7]} "
+              f"({interrupted['description']}); the next run undoes that commit, keeps its edit staged in "
+              f"{', '.join([interrupted['script'], *interrupted.get('files', [])])}, records its {finished} finished run(s) as unjudged and stops "
+              f"so you can check the file")
+    # The kind a run started here now has (as `run` computes it): the best of that kind is the
+    # bar the next experiment meets, whatever kind the last runs had.
+    kind, problem = kind_or_problem()
+    present = list(dict.fromkeys(r.kind for r in rows if r.commit == best))
+    if kind is None:
+        print(f"kind         unknown: {problem}")
+    else:
+        kind = str(kind)
+        print(f"kind         {kind} (what a run started here now has; best and noise are of this kind)")
         values = ledger.values_of(rows, best, kind)
         if values:
             print(f"best         {verdict.mean(values):.6f} mean of {len(values)} runs, {best} "
                   f"{first_description(rows, best, kind, '')} [{kind}]")
             noise = verdict.pooled_noise([*ledger.repeat_groups(rows, kind, exclude={best}), values])
             print(f"noise        {noise.describe()}" + (f", {noise.dof} degrees of freedom" if noise.sigma else ""))
-    if not kinds:
-        print(f"best         {best} has no results yet (start with: uv run tools/experiment.py baseline)")
+        else:
+            print(f"best         {best} has no results of this kind yet (measure it with: "
+                  f"uv run tools/experiment.py baseline)")
+    others = [k for k in present if k != kind]
+    if others:
+        print(f"other kinds  {best} also has results of kind " + "; ".join(
+            f"{k} ({len(ledger.values_of(rows, best, k))} runs)" for k in others))
     counts = {status: sum(r.status == status for r in rows) for status in ledger.STATUSES}
     print(f"experiments  {len(rows)} runs ({', '.join(f'{n} {status}' for status, n in counts.items())})")
-    holder = lock_holder()
     if holder:
         print(f"running      {holder}")
     print(f"last verdict {state.get('last_verdict', 'none yet')}")

@@ -86,17 +86,25 @@ def expected_kind(threads=None):
     threads than the machine has (a slot of `submit --workers N`) is a kind of its own, tier
     suffix -Nt: its runs train fewer tokens in the budget, so they are never compared with runs
     that had the whole machine. Refuses (one line) on a set-up problem: no data, bad environment."""
+    kind, problem = kind_or_problem(threads)
+    if problem:
+        refuse(f"set-up error, nothing ran: {problem}")
+    return kind
+
+
+def kind_or_problem(threads=None):
+    """(the Kind expected_kind gives, None), or (None, the set-up problem's one line)."""
     answer = probe_harness()
     problem = answer.get("backend_error") or answer.get("kind_error")
     if problem:
-        refuse(f"set-up error, nothing ran: {problem}")
+        return None, problem
     backend, tier = answer["backend"], answer["tier"]
     threads = threads or allotted_threads()
     on_cpu = backend == "cpu" or (backend == "mlx" and not answer["apple"])
     if on_cpu and threads < scheduler.machine_threads():
         tier = f"{tier}-{threads}t"
     return ledger.Kind(answer["time_budget"], answer["profile"], answer["dataset"], backend, tier, 1,
-                       answer["standard"])
+                       answer["standard"]), None
 
 
 def result_kind(fields, expected):

@@ -100,6 +100,20 @@ def row_kind(description):
     return f"legacy {float(legacy.group(1)):g}s" if legacy else "legacy"
 
 
+def parse_line(line):
+    """The Row of one results.tsv line; ValueError when it is not commit (hex), val_bpb, memory_gb,
+    status (keep/discard/crash), description separated by tabs. The one check of a line that every
+    reader (the runner, tools/plot.py, tools/report.py) applies."""
+    parts = line.rstrip("\r").split("\t")
+    if len(parts) < 5:
+        raise ValueError("fewer than 5 columns")
+    commit, val_bpb, memory_gb, status = parts[0], float(parts[1]), float(parts[2]), parts[3]
+    if status not in STATUSES or not re.fullmatch(r"[0-9a-f]{4,40}", commit):
+        raise ValueError("bad status or commit")
+    description = " ".join(parts[4:])
+    return Row(commit, val_bpb, memory_gb, status, description, row_kind(description))
+
+
 def parse(text, source=RESULTS_FILE):
     """Rows of a results.tsv text. A bad header or line raises LedgerError naming it."""
     lines = text.splitlines()
@@ -109,16 +123,11 @@ def parse(text, source=RESULTS_FILE):
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
-        parts = line.rstrip("\r").split("\t")
         try:
-            commit, val_bpb, memory_gb, status = parts[0], float(parts[1]), float(parts[2]), parts[3]
-            if status not in STATUSES or not re.fullmatch(r"[0-9a-f]{4,40}", commit) or len(parts) < 5:
-                raise ValueError
-        except (IndexError, ValueError):
+            rows.append(parse_line(line))
+        except ValueError:
             raise LedgerError(f"{source} line {number} is not commit, val_bpb, memory_gb, status "
                               f"(keep/discard/crash), description separated by tabs")
-        description = " ".join(parts[4:])
-        rows.append(Row(commit, val_bpb, memory_gb, status, description, row_kind(description)))
     return rows
 
 
@@ -138,8 +147,20 @@ def check_ready(path=RESULTS_FILE, mirror=MIRROR_FILE):
     except LedgerError as error:
         raise LedgerError(f"{error}; fix or delete that line, or {restore}") from None
     if mirror.exists():
-        present = set(Path(path).read_text(errors="replace").splitlines())
-        lost = [line for line in mirror.read_text(errors="replace").splitlines()[1:] if line and line not in present]
+        current = Path(path).read_text(errors="replace").splitlines()
+        present = set(current)
+        missing = [line for line in mirror.read_text(errors="replace").splitlines()[1:] if line and line not in present]
+        # A row the runner wrote that is absent was either edited (a line of the file is not one the
+        # runner wrote, so it took that row's place) or deleted; the fix differs, so the words do too.
+        written = set(mirror.read_text(errors="replace").splitlines())
+        foreign = [line for line in current[1:] if line.strip() and line not in written]
+        changed = list(zip(missing, foreign))
+        lost = missing[len(changed):]
+        if changed:
+            was, now = changed[0]
+            raise LedgerError(f"{path} has {len(changed)} row(s) the runner wrote that were changed (first: "
+                              f"`{was.replace(chr(9), ' ')[:80]}` now reads `{now.replace(chr(9), ' ')[:80]}`)"
+                              + (f" and lost {len(lost)} more" if lost else "") + f"; {restore}")
         if lost:
             raise LedgerError(f"{path} lost {len(lost)} row(s) the runner wrote (first: {lost[0].split(chr(9))[0]} "
                               f"{lost[0].split(chr(9))[-1][:60]}); {restore}")

@@ -37,7 +37,6 @@ from tools import ledger, plot
 ENVIRONMENT = """environment:
   AUTORESEARCH_RUNS_DIR  where the run JSON files are (default: ./runs); --runs-dir overrides it"""
 DEFAULT_OUTPUT = "report.md"
-STATUSES = ("keep", "discard", "crash")
 STANDARD = "standard"
 NONSTANDARD = re.compile(r"^non-standard, ([0-9.]+)s budget$")
 NOT_EVIDENCE = ("disturbed", "over budget")  # runner tags of runs that say nothing about their code
@@ -61,18 +60,14 @@ def parse_rows(text, source="results.tsv"):
     for line in text.splitlines():
         if not line.strip() or line.startswith("commit\t"):
             continue
-        parts = line.split("\t")
         try:
-            val_bpb, memory_gb, status = float(parts[1]), float(parts[2]), parts[3].strip().lower()
-        except (IndexError, ValueError):
+            parsed = ledger.parse_line(line)  # the runner's and tools/plot.py's check of a line
+        except ValueError:
             skipped += 1
             continue
-        if status not in STATUSES:
-            skipped += 1
-            continue
-        description = " ".join(part.strip() for part in parts[4:]).strip()
-        row = {"index": len(rows) + 1, "commit": parts[0].strip()[:7], "val_bpb": val_bpb, "memory_gb": memory_gb,
-               "status": status, "description": description}
+        description = parsed.description.strip()
+        row = {"index": len(rows) + 1, "commit": parsed.commit[:7], "val_bpb": parsed.val_bpb,
+               "memory_gb": parsed.memory_gb, "status": parsed.status, "description": description}
         row["text"], row["tags"] = plot.split_tags(description)
         kinds = [tag for tag in row["tags"] if NONSTANDARD.match(tag)]
         if ledger.KIND_TAG.search(description):

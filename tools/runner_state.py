@@ -2,7 +2,8 @@
 
 One runner command at a time per checkout holds .autoresearch/lock. .autoresearch/state.json
 remembers an experiment in progress (so the next runner can finish the clean-up of a killed one)
-and the last verdict. runs/experiments.jsonl keeps the details of every run (steps, tok/s, load).
+the process group of the training it started (so the next runner ends it if the runner was
+killed) and the last verdict. runs/experiments.jsonl keeps the details of every run (steps, tok/s, load).
 Every step that changes git or results.tsv runs inside signals_held(), so an interruption never
 lands between a commit and its bookkeeping.
 """
@@ -87,6 +88,7 @@ def exclusive_lock(patience=0.0):
                        f"(uv run tools/experiment.py status shows it)")
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}: {shlex.join(sys.argv[1:])}, since {time.strftime('%H:%M:%S')}".encode())
+        end_orphaned_training()
         yield
     finally:
         os.close(fd)
@@ -112,6 +114,69 @@ def save_state(state):
     tmp = STATE_FILE.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     os.replace(tmp, STATE_FILE)
+
+
+def process_start_time(pid):
+    """When the process started (clock ticks since boot, /proc), or None where it is unknown."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def record_training_group(pgid):
+    """Remember the process group of the training now starting (None: it has ended)."""
+    with signals_held():
+        state = load_state()
+        if pgid is None:
+            state.pop("training_group", None)
+        else:
+            state["training_group"] = {"pgid": pgid, "started": process_start_time(pgid)}
+        save_state(state)
+
+
+def end_orphaned_training():
+    """Kill the recorded training process group of a runner that was killed (kill -9) before it
+    could: that training would otherwise go on overlapping the next runs. Called by every runner
+    command as soon as it holds the lock, so no runner of this checkout still owns that group.
+    SIGKILL at once: no runner is left to record what it finishes. A live leader with another
+    start time is a reused pid, left alone; a group whose leader is gone can only be the old one,
+    since Linux never hands out a pid still in use as a process group id."""
+    state = load_state()
+    group = state.get("training_group")
+    if not isinstance(group, dict) or not isinstance(group.get("pgid"), int):
+        return None
+    pgid, ended = group["pgid"], None
+    started = process_start_time(pgid)
+    if started is None or group.get("started") in (None, started):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            ended = pgid
+        except (ProcessLookupError, PermissionError):
+            pass
+    state.pop("training_group")
+    save_state(state)
+    if ended:
+        print(f"note: ended the training (process group {pgid}) that a killed runner left running", file=sys.stderr)
+    return ended
+
+
+def end_orphaned_training_unless_locked():
+    """end_orphaned_training for a command that does not take the lock (status): only while no
+    runner holds it, checked by holding it for that moment, so a runner that starts meanwhile
+    never has its own training ended."""
+    if not LOCK_FILE.exists():
+        return
+    fd = os.open(LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return
+    try:
+        end_orphaned_training()
+    finally:
+        os.close(fd)
 
 
 def remember(line):

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 
 from tools import ledger, verdict
-from tools.checkout import commit_script, git, head, require_clean_harness
+from tools.checkout import commit_experiment, git, head, require_clean_harness
 from tools.kind import default_timeout, expected_kind, ready_ledger, require_script, training_script
 from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, Interrupted, Refused, details_of, load_state,
                                 record_details, refuse, remember, save_state, signals_held)
@@ -40,7 +40,7 @@ def recover_interrupted():
         save_state(state)
     if undone:
         refuse(f"the last runner stopped before judging {progress['commit'][:7]} ({progress['description']}); "
-               f"its commit was undone and its edit is staged in {progress['script']} together with any "
+               f"its commit was undone and its edit is staged in {', '.join([progress['script'], *progress.get('files', [])])} together with any "
                f"newer change: check the file, then run again")
 
 
@@ -145,7 +145,7 @@ def confirm_runs(plan, commit, description, values, what, target=verdict.BEST_RU
         kind = plan.kind
         number = ledger.next_run_number(ledger.read(), commit, str(kind))
         run_line(plan, f"{what} (run {number} of {commit[:7]}, until {target} count)")
-        run = execute(plan)
+        run = execute(plan, record_group=True)
         status = "crash" if run.outcome.crash else ("keep" if run.outcome.value is not None else "discard")
         note = run.note if status != "crash" else crash_note(run.outcome.crash)
         with signals_held():
@@ -165,19 +165,20 @@ def judge_experiment(plan, best, rows, description, *, threshold=None, max_load_
     rows, then keep (and confirm it as the new best) or revert to `best` (a Best)."""
     script, kind, kept = plan.script, plan.kind, best.commit
     with signals_held():
-        commit_script(script, description)
+        files = commit_experiment(script, description)
         commit = head()
         state = load_state()
         state["in_progress"] = {"commit": commit, "kept": kept, "committed": True, "script": script,
-                                "description": description, "pending": []}
+                                "files": files, "description": description, "pending": []}
         save_state(state)
+    label = f"{description} [with {', '.join(files)}]" if files else description
     repeats = ledger.repeat_groups(rows, str(kind), exclude={kept[:7], commit[:7]})
     runs = []
 
     def run_once(attempt):
         number = attempt
         run_line(plan, "running" if attempt == 1 else f"rerun {attempt}")
-        run = execute(plan)
+        run = execute(plan, record_group=True)
         runs.append(run)
         note = run.note if run.outcome.crash is None else crash_note(run.outcome.crash)
         with signals_held():
@@ -203,7 +204,7 @@ def judge_experiment(plan, best, rows, description, *, threshold=None, max_load_
             git("reset", "--quiet", "--soft", kept)
             state.pop("in_progress", None)
             save_state(state)
-        where = f"the change to {script} is back in the working tree (staged)"
+        where = f"the change to {', '.join([script, *files])} is back in the working tree (staged)"
         if isinstance(stop, Refused):
             print(f"refusing to judge: {stop}; {where}", file=sys.stderr)
             raise SystemExit(EXIT_REFUSED)
@@ -225,23 +226,25 @@ def judge_experiment(plan, best, rows, description, *, threshold=None, max_load_
     if result.status == "void":
         with signals_held():
             git("reset", "--quiet", "--soft", kept)
-        line = f"{'VOID':<8} not judged: {result.reason} {commit[:7]} {description}"
+        line = f"{'VOID':<8} not judged: {result.reason} {commit[:7]} {label}"
         print(line, file=sys.stderr)
-        print(f"the change to {script} is back in the working tree (staged): rerun it when the machine is "
+        print(f"the change to {', '.join([script, *files])} is back in the working tree (staged): rerun it when the machine is "
               f"quiet, or pass --max-disturbance (see program.md)", file=sys.stderr)
         remember(line)
         raise SystemExit(EXIT_REFUSED)
     if result.status == "keep":
         values = confirm_runs(plan, commit, description, list(result.values), "confirming the new best")
-        line = verdict_line(result, commit, description, kind, best, runs,
+        line = verdict_line(result, commit, label, kind, best, runs,
                             f"best now {verdict.mean(values):.6f} mean of {len(values)}")
     else:
-        line = verdict_line(result, commit, description, kind, best, runs)
+        line = verdict_line(result, commit, label, kind, best, runs)
         with signals_held():
-            if git("status", "--porcelain", "--", script):
+            # reset --keep takes the experiment's new files out of the working tree with its commit
+            edited = [path for path in [script, *files] if git("status", "--porcelain", "--", path)]
+            if edited:
                 remember(line)
                 print(line, flush=True)
-                raise SystemExit(f"{script} was edited while it ran, so {commit[:7]} is not reverted yet; "
+                raise SystemExit(f"{', '.join(edited)} changed while it ran, so {commit[:7]} is not reverted yet; "
                                  f"save your edit elsewhere, then run: git reset --keep {kept[:7]}")
             git("reset", "--quiet", "--keep", kept)
     remember(line)

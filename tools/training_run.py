@@ -18,7 +18,7 @@ from pathlib import Path
 from backends.report import parse_summary, read_run_json, runner_score_problem, runs_dir
 from tools import budget, ledger, monitor, verdict
 from tools.kind import result_kind
-from tools.runner_state import Refused, signals_held
+from tools.runner_state import Refused, record_training_group, signals_held
 
 LOG_FILE = Path("run.log")
 KILL_GRACE_SECONDS = 5  # between SIGTERM and SIGKILL for the training process group
@@ -55,15 +55,20 @@ def kill_group(process):
             pass
 
 
-def run_training(command, timeout, load_monitor):
+def run_training(command, timeout, load_monitor, record_group=False):
     """Run the command with all output in run.log, in its own process group. Returns (exit code,
-    timed out). The group is always killed at the end, stragglers included."""
+    timed out). The group is always killed at the end, stragglers included. record_group: keep
+    the group's id in the runner's state while it runs, so the next runner can end it if this one
+    is killed (the serial runner; a parallel slot's scheduler ends its own)."""
     process = None
     try:
-        with open(LOG_FILE, "wb") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True,
-                                       env={**os.environ, "AUTORESEARCH_RUNNER_PID": str(os.getpid())})
+        with signals_held():
+            with open(LOG_FILE, "wb") as log:
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True,
+                                           env={**os.environ, "AUTORESEARCH_RUNNER_PID": str(os.getpid())})
+            if record_group:
+                record_training_group(process.pid)
         load_monitor.watch(process.pid)
         return process.wait(timeout=timeout), False
     except subprocess.TimeoutExpired:
@@ -72,6 +77,8 @@ def run_training(command, timeout, load_monitor):
         if process is not None:
             with signals_held():
                 kill_group(process)
+                if record_group:
+                    record_training_group(None)
 
 
 class Run:
@@ -105,13 +112,14 @@ def log_lines():
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def execute(plan):
-    """Run plan.script once and classify what happened. Raises Refused on a set-up error."""
+def execute(plan, record_group=False):
+    """Run plan.script once and classify what happened. Raises Refused on a set-up error.
+    record_group: see run_training."""
     script, timeout, kind, max_disturbance = plan.script, plan.timeout, plan.kind, plan.max_disturbance
     (runs_dir() / "last_run.json").unlink(missing_ok=True)
     load_monitor = monitor.LoadMonitor(watch_gpu=None if kind.backend == "cuda" else False).start()
     started = time.monotonic()
-    exit_code, timed_out = run_training(train_command(script), timeout, load_monitor)
+    exit_code, timed_out = run_training(train_command(script), timeout, load_monitor, record_group)
     wall = time.monotonic() - started
     load = load_monitor.finish()
     lines = log_lines()
