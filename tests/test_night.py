@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from test_experiment import RUNNER, baseline, git, plan, rows, wait_for, wait_for_death
-from test_experiment import env, repo  # noqa: F401 (fixtures)
+from test_experiment import env, measured_kits, repo  # noqa: F401 (fixtures)
 from test_report_tool import night, report  # noqa: F401 (night is a fixture)
 from tools import night as supervisor
 from tools import report as morning

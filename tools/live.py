@@ -27,9 +27,7 @@ method is answered 405.
 Reads no environment variables.
 """
 
-import html
 import json
-import math
 import os
 import re
 import subprocess
@@ -43,6 +41,7 @@ from pathlib import Path
 import psutil
 
 from tools import cluster, ledger, plot, scheduler, verdict
+from tools.live_chart import chart_svg
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -57,25 +56,6 @@ PROGRESS = re.compile(r"step (\d+) \(([0-9.]+)%\) \| loss (\S+)(?:.*?remaining (
 BUDGET = re.compile(r"^(?:non-)?standard ([0-9.]+)s/")
 LOCK_PID = re.compile(r"^pid (\d+)")
 
-# The chart, in SVG user units (the page scales it to its width).
-WIDTH, HEIGHT = 960, 380
-LEFT, RIGHT, TOP, BOTTOM = 64, 16, 14, 44
-MAX_X_TICKS = 12
-BLUE, RED, GREY = "#1f77b4", "#d62728", "#555555"
-# Presentation inline, so the SVG looks the same on the page and saved on its own.
-STYLES = {
-    "kept": f'fill="{BLUE}" stroke="#000" stroke-width="0.8"',
-    "discarded": f'fill="{BLUE}" fill-opacity="0.35"',
-    "off-scale": f'fill="{BLUE}" fill-opacity="0.35"',
-    "baseline": f'fill="#fff" stroke="{BLUE}" stroke-width="1.4"',
-    "rerun": f'fill="#fff" stroke="{BLUE}" stroke-width="1.4"',
-    "crash": f'fill="none" stroke="{RED}" stroke-width="2"',
-    "best-line": f'fill="none" stroke="{BLUE}" stroke-width="2" stroke-opacity="0.9"',
-    "frame": 'fill="none" stroke="#ccc"',
-    "grid": 'stroke="#eee"',
-    "crash-band": 'stroke="#bbb" stroke-dasharray="2 3"',
-    "text": f'font-size="11" font-family="sans-serif" fill="{GREY}"',
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,93 +231,6 @@ def branch():
 
 
 # ---------------------------------------------------------------------------------------------
-# the chart: every run of the kind in order, kept ones highlighted, running best, crashes
-
-def nice_step(span, count=5):
-    raw = span / count
-    power = 10 ** math.floor(math.log10(raw))
-    return next(step * power for step in (1, 2, 5, 10) if step * power >= raw)
-
-
-def marker(shape, x, y, cls, title, size=5.0):
-    """One SVG mark with its tooltip; shape circle, diamond, square, triangle or cross."""
-    attributes = f'class="{cls}" {STYLES[cls]}'
-    tip = f"<title>{html.escape(title)}</title>"
-    if shape == "circle":
-        return f'<circle {attributes} cx="{x:.1f}" cy="{y:.1f}" r="{size:.1f}">{tip}</circle>'
-    if shape == "square":
-        half = size * 0.8
-        return (f'<rect {attributes} x="{x - half:.1f}" y="{y - half:.1f}" width="{2 * half:.1f}" '
-                f'height="{2 * half:.1f}">{tip}</rect>')
-    if shape == "cross":
-        return (f'<path {attributes} d="M{x - size:.1f},{y - size:.1f}L{x + size:.1f},{y + size:.1f}'
-                f'M{x - size:.1f},{y + size:.1f}L{x + size:.1f},{y - size:.1f}">{tip}</path>')
-    corners = {"diamond": [(0, -1), (1, 0), (0, 1), (-1, 0)], "triangle": [(0, -1), (1, 0.7), (-1, 0.7)]}[shape]
-    points = " ".join(f"{x + dx * size:.1f},{y + dy * size:.1f}" for dx, dy in corners)
-    return f'<polygon {attributes} points="{points}">{tip}</polygon>'
-
-
-def chart_svg(rows):
-    """The progress chart of these rows (plot.py's dicts) as an SVG element."""
-    inner_w, inner_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
-             f'aria-label="val_bpb of every run">',
-             f'<text {STYLES["text"]} x="{LEFT + inner_w / 2}" y="{HEIGHT - 6}" text-anchor="middle">run #</text>',
-             f'<text {STYLES["text"]} transform="translate(14,{TOP + inner_h / 2}) rotate(-90)" '
-             f'text-anchor="middle">val_bpb (lower is better)</text>']
-    finished = [r for r in rows if r["status"] != "crash"]
-    if not finished:
-        message = "every run crashed so far" if rows else "no runs yet"
-        parts.append(f'<text class="empty" {STYLES["text"]} x="{LEFT + inner_w / 2}" y="{TOP + inner_h / 2}" '
-                     f'text-anchor="middle">{message}</text></svg>')
-        return "".join(parts)
-    bottom, top, clip = plot.value_range([("", rows)])
-    count = len(rows)
-    sx = lambda x: LEFT + (x - 0.5) / count * inner_w  # noqa: E731
-    sy = lambda v: TOP + (top - v) / (top - bottom) * inner_h  # noqa: E731
-    band = TOP + (1 - plot.crash_row(1)) * inner_h
-    crash_y = TOP + (1 - plot.crash_row(0.5)) * inner_h
-    parts.append(f'<rect {STYLES["frame"]} x="{LEFT}" y="{TOP}" width="{inner_w}" height="{inner_h}"/>')
-    low = min(r["val_bpb"] for r in finished)
-    step = nice_step(max(clip - low, 1e-6))
-    decimals = max(0, -math.floor(math.log10(step)))
-    above_crashes = bottom + (top - bottom) * plot.crash_row(1)
-    first = math.ceil(above_crashes / step)
-    for number in range(first, math.floor(top / step) + 1):
-        y = sy(number * step)
-        parts.append(f'<line {STYLES["grid"]} x1="{LEFT}" x2="{LEFT + inner_w}" y1="{y:.1f}" y2="{y:.1f}"/>'
-                     f'<text {STYLES["text"]} x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">'
-                     f'{number * step:.{decimals}f}</text>')
-    parts.append(f'<line {STYLES["crash-band"]} x1="{LEFT}" x2="{LEFT + inner_w}" y1="{band:.1f}" y2="{band:.1f}"/>')
-    for x in range(1, count + 1, max(1, math.ceil(count / MAX_X_TICKS))):
-        parts.append(f'<text {STYLES["text"]} x="{sx(x):.1f}" y="{TOP + inner_h + 16}" text-anchor="middle">{x}</text>')
-    xs, ys = plot.running_best(rows)
-    if xs:
-        points = [f"M{sx(xs[0]):.1f},{sy(ys[0]):.1f}"]
-        for x, y in zip(xs[1:], ys[1:]):
-            points.append(f"H{sx(x):.1f}V{sy(y):.1f}")
-        points.append(f"H{sx(count + 0.5):.1f}")
-        parts.append(f'<path class="best-line" {STYLES["best-line"]} d="{"".join(points)}">'
-                     f'<title>running best {ys[-1]:.6f}</title></path>')
-    for x, row in enumerate(rows, start=1):
-        text, _ = plot.split_tags(row["description"])
-        title = f"#{x} {row['commit']} {row['val_bpb']:.6f} {row['status']}: {text}"
-        role = plot.row_role(row)
-        if row["status"] == "crash":
-            parts.append(marker("cross", sx(x), crash_y, "crash", f"#{x} {row['commit']} crash: {text}", 4.5))
-        elif row["val_bpb"] > clip:
-            parts.append(marker("triangle", sx(x), sy(clip), "off-scale", title, 5))
-        elif role in ("baseline", "rerun"):
-            parts.append(marker("diamond" if role == "baseline" else "square", sx(x), sy(row["val_bpb"]), role, title))
-        elif row["status"] == "keep":
-            parts.append(marker("circle", sx(x), sy(row["val_bpb"]), "kept", title, 6))
-        else:
-            parts.append(marker("circle", sx(x), sy(row["val_bpb"]), "discarded", title, 3.5))
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------
 # the state the page polls
 
 def guarded(errors, name, read, default=None):
@@ -389,138 +282,7 @@ def snapshot(verdicts=None):
 # ---------------------------------------------------------------------------------------------
 # the server
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>autoresearch: live</title>
-<style>
-body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 12px; color: #222; }
-h1 { font-size: 18px; margin: 4px 0; } h2 { font-size: 13px; text-transform: uppercase; color: #666; margin: 0 0 4px; }
-#connection { color: #666; font-size: 12px; } #connection.lost { color: #d62728; font-weight: bold; }
-.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(230px, 1fr)); gap: 10px; margin: 10px 0; }
-.card { border: 1px solid #ddd; border-radius: 6px; padding: 8px 10px; }
-.big { font-size: 22px; font-weight: 600; font-variant-numeric: tabular-nums; }
-.small { color: #555; font-size: 12px; overflow-wrap: anywhere; }
-.bar { height: 8px; background: #eee; border-radius: 4px; margin: 4px 0; }
-.bar > div { height: 8px; background: #1f77b4; border-radius: 4px; width: 0; }
-svg { width: 100%; height: auto; display: block; }
-table { border-collapse: collapse; width: 100%; font-size: 13px; }
-td, th { text-align: left; padding: 3px 6px; border-bottom: 1px solid #eee; vertical-align: top; }
-td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
-.keep { color: #1a7f37; font-weight: 600; } .discard { color: #666; } .crash { color: #d62728; font-weight: 600; }
-#errors { color: #d62728; } .hidden { display: none; }
-</style></head><body>
-<h1>autoresearch <span id="branch"></span></h1>
-<div id="connection">connecting...</div>
-<div class="cards">
- <div class="card"><h2>Best</h2><div class="big" id="best-value">-</div><div class="small" id="best-detail"></div></div>
- <div class="card"><h2>Noise</h2><div class="big" id="sigma-value">-</div><div class="small" id="sigma-detail"></div></div>
- <div class="card"><h2>Runs</h2><div class="big" id="counts-value">-</div><div class="small" id="counts-detail"></div></div>
- <div class="card"><h2>Machine</h2><div class="big" id="load-value">-</div><div class="small" id="load-detail"></div></div>
-</div>
-<div class="card"><h2>Run in progress</h2><div id="running-detail">-</div>
- <div class="bar"><div id="running-bar"></div></div><div class="small" id="running-line"></div></div>
-<div class="card hidden" id="parallel"><h2>Slots and queue</h2><table><tbody id="parallel-rows"></tbody></table>
- <div class="small" id="parallel-detail"></div></div>
-<div class="card"><h2>Progress</h2><div id="chart"></div></div>
-<div class="card"><h2>Last verdicts</h2><div id="verdicts" class="small"></div></div>
-<div class="card"><h2>Last runs</h2><table><thead><tr><th>#</th><th>commit</th><th>status</th><th>val_bpb</th>
- <th>vs best</th><th>change</th><th>notes</th></tr></thead><tbody id="last-rows"></tbody></table></div>
-<div class="small" id="errors"></div>
-<script>
-"use strict";
-const POLL_MS = __POLL_MS__;
-function put(id, value) { document.getElementById(id).textContent = value; }
-function minutes(seconds) { return seconds >= 120 ? (seconds / 60).toFixed(1) + " min" : Math.round(seconds) + " s"; }
-function cell(row, value, className) {
-  const td = document.createElement("td"); td.textContent = value; if (className) td.className = className; row.appendChild(td);
-}
-function render(state) {
-  const results = state.results;
-  put("branch", state.branch ? "· " + state.branch : "");
-  const best = results.best;
-  put("best-value", best ? best.mean.toFixed(6) : "none yet");
-  put("best-detail", best ? best.commit + " " + best.description + " · mean of " + best.runs + " run" + (best.runs === 1 ? "" : "s")
-      : (results.note || "no kept run yet"));
-  const sigma = results.sigma;
-  put("sigma-value", sigma && sigma.value !== null ? "σ " + sigma.value.toFixed(6) : "not measured");
-  put("sigma-detail", sigma ? sigma.text : "");
-  const counts = results.counts;
-  put("counts-value", results.rows);
-  put("counts-detail", results.rows ? (counts.keep || 0) + " kept, " + (counts.discard || 0) + " discarded, " + (counts.crash || 0)
-      + " crashed · " + (results.kind || "") + (results.other_kinds ? " · " + results.other_kinds + " rows of other kinds not shown" : "")
-      + (results.unreadable ? " · " + results.unreadable + " unreadable lines skipped" : "") : (results.note || ""));
-  const load = state.load;
-  put("load-value", load ? "CPU " + Math.round(load.cpu_percent) + "%" : "-");
-  put("load-detail", load ? load.threads + " threads · load " + load.load_average.join(" / ") + " · memory "
-      + Math.round(load.memory_percent) + "% of " + load.memory_gib.toFixed(0) + " GiB" : "");
-  const running = state.running;
-  let share = 0;
-  if (running) {
-    const progress = running.progress;
-    let detail = running.holder;
-    if (running.description) detail = running.commit + " " + running.description + " · " + running.runs_done + " run(s) of it done · " + detail;
-    put("running-detail", detail);
-    if (progress) {
-      share = running.budget && running.elapsed !== null ? Math.min(1, running.elapsed / running.budget) : progress.percent / 100;
-      put("running-line", "step " + progress.step + " · loss " + progress.loss + " · " + (running.elapsed !== null
-          ? minutes(running.elapsed) + " of " + minutes(running.budget) : progress.percent + "%") + " of the budget");
-    } else {
-      put("running-line", running.last_line ? "run.log: " + running.last_line : "starting");
-    }
-  } else {
-    put("running-detail", "no experiment running");
-    put("running-line", "");
-  }
-  document.getElementById("running-bar").style.width = (100 * share).toFixed(1) + "%";
-  const parallel = state.parallel;
-  document.getElementById("parallel").classList.toggle("hidden", !parallel);
-  if (parallel) {
-    const body = document.getElementById("parallel-rows"); body.replaceChildren();
-    for (const slot of parallel.slots) {
-      const tr = document.createElement("tr"); cell(tr, "slot " + slot.slot); cell(tr, slot.commit);
-      cell(tr, slot.description + " (" + slot.purpose + ")"); cell(tr, minutes(slot.elapsed), "num"); body.appendChild(tr);
-    }
-    for (const item of parallel.queued) {
-      const tr = document.createElement("tr"); cell(tr, "queued"); cell(tr, item.commit);
-      cell(tr, item.description + " (" + item.purpose + ")"); cell(tr, "waiting " + minutes(item.waiting), "num"); body.appendChild(tr);
-    }
-    put("parallel-detail", "scheduler " + (parallel.scheduler ? "running" : "not running") + " · "
-        + parallel.slots.length + " running, " + parallel.queued.length + " queued, " + parallel.unjudged + " finished and not judged yet");
-  }
-  document.getElementById("chart").innerHTML = state.chart;
-  const verdicts = document.getElementById("verdicts"); verdicts.replaceChildren();
-  for (const line of (state.verdicts.length ? state.verdicts : [state.last_verdict || "none yet"])) {
-    const div = document.createElement("div"); div.textContent = line; verdicts.appendChild(div);
-  }
-  const body = document.getElementById("last-rows"); body.replaceChildren();
-  for (const run of results.last) {
-    const tr = document.createElement("tr");
-    cell(tr, run.index, "num"); cell(tr, run.commit); cell(tr, run.status + (run.role !== "experiment" ? " (" + run.role + ")" : ""), run.status);
-    cell(tr, run.status === "crash" ? "-" : run.val_bpb.toFixed(6), "num");
-    cell(tr, run.vs_best === null ? "" : (run.vs_best >= 0 ? "+" : "") + run.vs_best.toFixed(6), "num");
-    cell(tr, run.description); cell(tr, run.notes.join("; "));
-    body.appendChild(tr);
-  }
-  put("errors", state.errors.length ? "could not read: " + state.errors.join(" · ") : "");
-}
-async function refresh() {
-  const connection = document.getElementById("connection");
-  try {
-    const response = await fetch("state.json", {cache: "no-store"});
-    if (!response.ok) throw new Error("HTTP " + response.status);
-    render(await response.json());
-    connection.textContent = "live · updated " + new Date().toLocaleTimeString();
-    connection.className = "";
-  } catch (error) {
-    connection.textContent = "cannot reach the live page's server (" + error.message + "); retrying";
-    connection.className = "lost";
-  }
-  setTimeout(refresh, POLL_MS);
-}
-refresh();
-</script></body></html>
-"""
+PAGE = (Path(__file__).resolve().parent / "live_page.html").read_text()  # the page, self-contained
 
 SECURITY_HEADERS = {
     # Everything is inline or drawn here: the page may fetch nothing from anywhere else.

@@ -47,12 +47,12 @@ from pathlib import Path
 
 import psutil
 
-from tools import ledger, report
+from tools import ledger, night_files, report
 
 STATE_DIR = Path(".autoresearch")
 LOCK_FILE = STATE_DIR / "night.lock"
 DIGEST_FILE = STATE_DIR / "digest.md"
-AGENT_LOG = report.AGENT_LOG
+AGENT_LOG = night_files.AGENT_LOG
 RUNNER = Path(__file__).resolve().parent / "experiment.py"
 BRANCH_PREFIX = "autoresearch/"
 QUICK_EXIT_SECONDS = 30.0   # a session this short that ran no experiment is a failed start
@@ -96,7 +96,7 @@ def clock_text(seconds):
 def night_rows():
     """The rows of results.tsv as the morning report reads them (damaged lines skipped)."""
     try:
-        return report.parse_rows(ledger.RESULTS_FILE.read_text(errors="replace"))
+        return night_files.parse_rows(ledger.RESULTS_FILE.read_text(errors="replace"))
     except OSError:
         return []
 
@@ -131,7 +131,7 @@ def worth_a_rerun(rows):
     disturbed runs."""
     if not rows:
         return []
-    runs = report.load_runs(os.environ.get("AUTORESEARCH_RUNS_DIR", "runs"))
+    runs = night_files.load_runs(os.environ.get("AUTORESEARCH_RUNS_DIR", "runs"))
     section = report.build_sections([("results.tsv", rows)], runs, None)[-1]
     return [f"- #{row['index']} {row['commit']} {row['text']}: {row['val_bpb']:.6f} "
             f"({delta:+.6f} against the best then): {why}" for row, delta, why in section["worth"]]

@@ -56,6 +56,8 @@ The rule, and why it is this one:
 import math
 from dataclasses import dataclass
 
+from tools.student_t import student_t_quantile
+
 MAX_RUNS = 4            # a candidate's first run and at most three automatic reruns
 MIN_KEEP_RUNS = 2       # a keep is always confirmed by a second run of the same commit
 BEST_RUNS = 6           # the best is rerun (confirmed) until its mean rests on this many runs...
@@ -161,32 +163,6 @@ def corrected(values, speeds, noise):
     if noise.slope is None or speeds is None:
         return list(values)
     return [v - noise.slope * math.log(s) for v, s in zip(values, speeds)]
-
-
-def student_t_cdf(x, dof, intervals=400):
-    """P(T <= x) for Student's t with dof degrees of freedom (Simpson's rule on the density)."""
-    scale = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
-    density = lambda u: scale * (1 + u * u / dof) ** (-(dof + 1) / 2)  # noqa: E731
-    a = min(abs(x), 100.0)  # beyond 100 the tail is negligible at the levels used
-    h = a / intervals
-    area = density(0) + density(a) + sum((4 if i % 2 else 2) * density(i * h) for i in range(1, intervals))
-    upper_half = area * h / 3
-    return 0.5 + upper_half if x >= 0 else 0.5 - upper_half
-
-
-_QUANTILES = {}
-
-
-def student_t_quantile(p, dof):
-    """x with P(T <= x) = p, by bisection (cached by rounded dof: the rule asks for a few levels)."""
-    key = (p, round(dof, 1))
-    if key not in _QUANTILES:
-        low, high = -100.0, 100.0
-        for _ in range(60):
-            middle = (low + high) / 2
-            low, high = (middle, high) if student_t_cdf(middle, key[1]) < p else (low, middle)
-        _QUANTILES[key] = (low + high) / 2
-    return _QUANTILES[key]
 
 
 @dataclass(frozen=True)
