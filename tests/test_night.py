@@ -152,6 +152,7 @@ def start_night(repo, env, agent, until=None):  # noqa: F811
                             text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupting_the_night_mid_experiment_leaves_no_lock_and_no_half_made_commit(
         kit, repo, env, tmp_path, signum):  # noqa: F811

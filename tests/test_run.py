@@ -14,7 +14,8 @@ import pytest
 from backends import run
 from test_train_torch import REPO_ROOT, run_script
 
-SCRIPTS = ["train.py", "train_mlx.py"]
+# The MLX twin of each real run is an end-to-end test behind the slow marker (.ci/run runs it).
+SCRIPTS = ["train.py", pytest.param("train_mlx.py", marks=pytest.mark.slow)]
 
 
 def script_env(tiny_dataset, script, **extra):

@@ -119,8 +119,8 @@ def test_submit_without_ray_says_which_command_installs_it(tmp_path):
     done = subprocess.run([sys.executable, str(KIT / "tools" / "experiment.py"), "submit", "an idea"],
                           cwd=tmp_path / "repo", capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=str(fake.parent)))
-    assert done.returncode == 1
-    assert done.stderr.strip() == "Ray is not installed: run `uv sync --group parallel` (parallel experiments need it)"
+    assert done.returncode == 2
+    assert done.stderr.strip() == "refusing to run: Ray is not installed: run `uv sync --group parallel` (parallel experiments need it)"
 
 
 @pytest.mark.parametrize("command", ["submit", "wait"])

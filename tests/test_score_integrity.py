@@ -95,6 +95,7 @@ def kit(request, tiny_dataset, tmp_path_factory):
     return repo, env, script
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", list(EDITS))
 def test_an_edit_that_fakes_the_score_is_refused_as_a_crash(kit, edit):
     repo, env, script = kit
