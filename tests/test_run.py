@@ -181,6 +181,7 @@ child.wait()
 """
 
 
+@pytest.mark.slow
 def test_the_training_ends_when_the_runner_that_started_it_is_killed(tiny_dataset, tmp_path):
     # The runner's stand-in starts the training in its own process group, as tools/experiment.py
     # does, and is then killed with SIGKILL: nothing of it can clean up.

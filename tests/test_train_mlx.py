@@ -134,7 +134,8 @@ def test_nan_loss_fails_fast_with_exit_1(tiny_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("bf16, fp32, forced, dtype", [
-    (0.05e12, 0.2e12, None, "fp32"), (2e12, 0.5e12, None, "bf16"), (2e12, 0.5e12, "fp32", "fp32"),
+    pytest.param(0.05e12, 0.2e12, None, "fp32", marks=pytest.mark.slow), (2e12, 0.5e12, None, "bf16"),
+    pytest.param(2e12, 0.5e12, "fp32", "fp32", marks=pytest.mark.slow),
 ])
 def test_a_run_computes_in_the_dtype_its_calibration_measured_faster(calibrated_dataset, tmp_path,
                                                                      bf16, fp32, forced, dtype):
