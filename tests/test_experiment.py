@@ -106,6 +106,12 @@ def make_kit(root, fake_train):
     (root / "backends" / "tiers.py").write_text(STAND_IN_TIERS)
     (root / "prepare.py").write_text(STAND_IN_PREPARE)
     (root / "train.py").write_text(fake_train)
+    return commit_kit(root)
+
+
+def commit_kit(root):
+    """Header-only results, the runner's ignores, and the files in root committed on main, then the
+    branch autoresearch/test checked out."""
     (root / "results.tsv").write_text(HEADER + "\n")
     (root / ".gitignore").write_text("run.log\nruns/\n__pycache__/\n")
     git(root, "init", "--quiet", "-b", "main")

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_experiment import HEADER, KIT, RUNNER, git, rows
+from test_experiment import HEADER, KIT, RUNNER, commit_kit, git, rows
 
 BASELINE_VALUE = 9.0  # far worse than any smoke run: a score the runner took would be a keep
 
@@ -53,16 +53,10 @@ EDITS = {
 
 def make_real_kit(root):
     root.mkdir()
-    for name in ("train.py", "train_mlx.py", "prepare.py"):
+    for name in ("train.py", "train_mlx.py", "prepare.py", "dataset_builders.py"):
         shutil.copy(KIT / name, root / name)
     shutil.copytree(KIT / "backends", root / "backends", ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "results.tsv").write_text(HEADER + "\n")
-    (root / ".gitignore").write_text("run.log\nruns/\n__pycache__/\n")
-    git(root, "init", "--quiet", "-b", "main")
-    git(root, "add", ".")
-    git(root, "commit", "--quiet", "-m", "kit")
-    git(root, "checkout", "--quiet", "-b", "autoresearch/test")
-    return root
+    return commit_kit(root)
 
 
 def kind_tag(repo, env):
