@@ -1,31 +1,34 @@
-"""The machine's own speed, apart from the code's: a short fixed probe the run takes before and after
-training, so the keep rule can take the machine out of the noise (tools/verdict.py).
+"""The machine's own speed, apart from the code's: a short fixed probe a run takes before training,
+every PROBE_EVERY_SECONDS of timed training and after it, so the keep rule can take the machine out
+of the noise (tools/verdict.py).
 
 The probe does the same work on the same shapes in every run of every commit, whatever the training
 script does, so its rate moves only when the machine does: another tenant on the host, a clock
 that changed, a GPU that throttles. It times a float32 matmul (compute) and a large array copy
 (memory bandwidth), the two things a training step waits on, and keeps the median of PROBE_REPEATS
 timings of each. The work is fixed (no growing the matrix until it takes long enough, as the peak
-calibration in backends/flops.py does): a different amount of work would be a different probe. It
-costs about 0.1-0.3 s on a CPU, under 0.2% of a 300 s budget before and after together.
+calibration in backends/flops.py does): a different amount of work would be a different probe. One
+probe costs about 0.1 s on a CPU; the run's clock does not count it (it runs between steps).
 
     measure(device="cpu") -> {
-        "matmul_gflops":   float32 matmul rate, GFLOP/s (MATMUL_SIZE[kind] square, MATMULS_PER_TIMING a timing)
-        "memory_gb_per_s": bytes read plus written per second by a copy of COPY_MB[kind] MB
+        "matmul_gflops":   float32 matmul rate, GFLOP/s (MATMUL_SIZE[device] square, MATMULS_PER_TIMING a timing)
+        "memory_gb_per_s": bytes read plus written per second by a copy of COPY_MB[device] MB
         "speed_index":     sqrt(matmul_gflops * memory_gb_per_s): the machine's speed as one number
         "probe_seconds":   the probe's own wall time, warm-up included
-        "device":          "cpu", "cuda" or "mps": what was measured
+        "device":          "cpu", "cuda", "mps" or "mlx": what was measured
     }
-    combine(before, after) -> {
-        "machine_speed":        geometric mean of the two speed indexes: the run's machine speed
-        "machine_speed_change": after / before - 1 (the host moved during the run)
-        "machine_speed_before", "machine_speed_after": the two measure() dicts
+    summarize(probes) -> {               the run's record from its probes in order (None: one failed)
+        "machine_speed":          geometric mean of the speed indexes: the run's machine speed
+        "machine_speed_change":   last / first - 1 (the host moved during the run)
+        "machine_speed_probes":   every probe's speed index, in order
+        "probe_matmul_gflops", "probe_memory_gb_per_s": the medians over the probes
+        "probe_seconds":          the probes' cost together
     }
 
-On "cpu" the probe uses numpy, whatever the backend, so MLX and torch runs of one machine read the
-same probe; on "cuda" and "mps" it uses torch on that device (imported only then), synchronized
-around every timing. Only ratios of speed indexes between runs of one kind mean anything: the
-verdict regresses val_bpb on log(machine_speed), so the unit cancels.
+On "cpu" the probe uses numpy, whatever the backend, so MLX and torch runs of one CPU read the
+same probe; on "cuda" and "mps" it uses torch on that device and on "mlx" MLX's default device (a
+Mac's GPU), synchronized around every timing. Only ratios of speed indexes between runs of one
+kind mean anything: the verdict regresses val_bpb on log(machine_speed), so the unit cancels.
 """
 
 import math
@@ -34,8 +37,11 @@ import time
 
 PROBE_REPEATS = 5                       # timings per operation; their median is the rate
 MATMULS_PER_TIMING = 4                  # products in one timing, so a timing is not a single call
-MATMUL_SIZE = {"cpu": 512, "gpu": 4096}  # fixed shapes: the probe's work never changes
-COPY_MB = {"cpu": 32, "gpu": 256}        # larger than any last-level cache, so the copy hits memory
+PROBE_EVERY_SECONDS = 60                # of timed training between two probes (backends/run.py)
+# Fixed shapes per device: the probe's work never changes. A Mac's GPU gets a smaller product
+# than a CUDA one so that a probe stays near 0.1 s on the smallest of them.
+MATMUL_SIZE = {"cpu": 512, "cuda": 4096, "mps": 2048, "mlx": 2048}
+COPY_MB = {"cpu": 32, "cuda": 256, "mps": 128, "mlx": 128}  # past any last-level cache: the copy hits memory
 
 
 def _rates(matmul, copy, synchronize, size, copy_bytes):
@@ -72,7 +78,7 @@ def _numpy_rates():
 
 def _torch_rates(device):
     import torch
-    size, count = MATMUL_SIZE["gpu"], COPY_MB["gpu"] * 2 ** 20 // 4
+    size, count = MATMUL_SIZE[device], COPY_MB[device] * 2 ** 20 // 4
     generator = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(device)
     b = torch.randn(size, size, generator=generator).to(device)
@@ -83,12 +89,25 @@ def _torch_rates(device):
                         synchronize, size, count * 4)
 
 
+def _mlx_rates():
+    import mlx.core as mx
+    size, count = MATMUL_SIZE["mlx"], COPY_MB["mlx"] * 2 ** 20 // 4
+    key = mx.random.key(0)
+    a, b = mx.random.normal((size, size), key=key), mx.random.normal((size, size), key=mx.random.split(key)[0])
+    source = mx.ones((count,))
+    results = []
+    # MLX is lazy: each call builds the result and mx.eval runs it, so "synchronize" is the eval.
+    return _rates(lambda: results.append(a @ b), lambda: results.append(source + 0),
+                  lambda: (mx.eval(results), results.clear()), size, count * 4)
+
+
 def measure(device="cpu"):
     """Probe the machine's speed now; see the module's docstring for the keys."""
-    if device not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"machine speed probe: unknown device {device!r}; use cpu, cuda or mps")
+    if device not in MATMUL_SIZE:
+        raise ValueError(f"machine speed probe: unknown device {device!r}; use cpu, cuda, mps or mlx")
     started = time.perf_counter()
-    gflops, gb_per_s = _numpy_rates() if device == "cpu" else _torch_rates(device)
+    rates = {"cpu": _numpy_rates, "mlx": _mlx_rates}
+    gflops, gb_per_s = rates[device]() if device in rates else _torch_rates(device)
     return {"matmul_gflops": round(gflops, 3), "memory_gb_per_s": round(gb_per_s, 3),
             "speed_index": round(speed_index(gflops, gb_per_s), 4),
             "probe_seconds": round(time.perf_counter() - started, 4), "device": device}
@@ -100,14 +119,16 @@ def speed_index(matmul_gflops, memory_gb_per_s):
     return math.sqrt(matmul_gflops * memory_gb_per_s)
 
 
-def combine(before, after):
-    """The run's record from the probes before and after training (see the module's docstring).
-    Either may be None (a probe that failed): the other one stands alone; both None gives None."""
-    indexes = [p["speed_index"] for p in (before, after) if p]
-    if not indexes:
+def summarize(probes):
+    """The run's record from its probes in order (see the module's docstring). A probe that failed
+    is None and is left out; no probe at all gives None."""
+    done = [p for p in probes if p]
+    if not done:
         return None
-    speed = math.exp(sum(math.log(i) for i in indexes) / len(indexes))
-    change = after["speed_index"] / before["speed_index"] - 1 if before and after else None
-    return {"machine_speed": round(speed, 4),
-            "machine_speed_change": None if change is None else round(change, 4),
-            "machine_speed_before": before, "machine_speed_after": after}
+    indexes = [p["speed_index"] for p in done]
+    return {"machine_speed": round(math.exp(sum(math.log(i) for i in indexes) / len(indexes)), 4),
+            "machine_speed_change": round(indexes[-1] / indexes[0] - 1, 4),
+            "machine_speed_probes": indexes,
+            "probe_matmul_gflops": statistics.median(p["matmul_gflops"] for p in done),
+            "probe_memory_gb_per_s": statistics.median(p["memory_gb_per_s"] for p in done),
+            "probe_seconds": round(sum(p["probe_seconds"] for p in done), 3)}

@@ -10,8 +10,10 @@ Both scripts build the comparability fields with run_context() and add the TIMIN
 (where the run's wall-clock time went) and the PRECISION_KEYS, which tools/bench.py reads, then
 the BUDGET_KEYS (the token accounting tools/budget.py checks). total_tokens_M counts every step,
 the untimed ones too: total_tokens_M = (timed_tokens + untimed_tokens) / 1e6 = num_steps *
-total_batch_size / 1e6. Last come the EVAL_KEYS of the final evaluation (backends/run.py): what
-it scored, which score_problem() checks before the runner takes val_bpb as a result.
+total_batch_size / 1e6. Then come the EVAL_KEYS of the final evaluation (backends/run.py): what
+it scored, which score_problem() checks before the runner takes val_bpb as a result. Last, the
+MACHINE_KEYS: the machine's own speed during the run (backends/machine_speed.py), which the keep
+rule uses to take the machine out of the noise.
 """
 
 import hashlib
@@ -41,6 +43,9 @@ BUDGET_KEYS = ("untimed_steps", "untimed_tokens", "timed_tokens", "total_batch_s
 # What the evaluation scored: the targets that have bytes, their UTF-8 bytes and the nats summed
 # over them (val_bpb = eval_nats / (ln 2 * eval_bytes)).
 EVAL_KEYS = ("eval_scored_tokens", "eval_bytes", "eval_nats")
+# The probes of the machine's speed (backends/machine_speed.summarize); absent when none ran.
+MACHINE_KEYS = ("machine_speed", "machine_speed_change", "machine_speed_probes", "probe_matmul_gflops",
+                "probe_memory_gb_per_s", "probe_seconds")
 # How each numeric field is written, so every run prints the same widths and decimals.
 _FORMATS = {
     "val_bpb": "{:.6f}", "training_seconds": "{:.1f}", "total_seconds": "{:.1f}",
@@ -48,6 +53,8 @@ _FORMATS = {
     "num_params_M": "{:.1f}", "startup_seconds": "{:.2f}", "untimed_seconds": "{:.2f}",
     "train_tokens_per_second": "{:.0f}", "data_wait_percent": "{:.2f}", "eval_seconds": "{:.2f}",
     "eval_tokens_per_second": "{:.0f}", "peak_tflops": "{:.3f}", "eval_nats": "{:.6f}",
+    "machine_speed": "{:.4f}", "machine_speed_change": "{:+.4f}", "probe_matmul_gflops": "{:.3f}",
+    "probe_memory_gb_per_s": "{:.3f}", "probe_seconds": "{:.3f}",
 }
 LOCKED_PATHS = ("prepare.py", "dataset_builders.py", "backends")  # the harness; the agent never edits it
 
@@ -96,6 +103,8 @@ def _format_value(key, value):
         return "true" if value else "false"
     if key in _FORMATS and isinstance(value, (int, float)):
         return _FORMATS[key].format(value)
+    if isinstance(value, list):  # a series (the speed probes): space-separated numbers
+        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return str(value)
 
 

@@ -3,11 +3,14 @@
     run = TrainingRun(backend, rank, world_size, time_budget=, untimed_steps=, total_batch_size=)
         checks before any work that the record can be written, turns SIGTERM into the same
         "interrupted" line as Ctrl-C, and ends the run when the runner that started it dies
-    run.start(...)                  the banner; the run's clock starts after it
+    run.start(...)                  the banner and the first probe of the machine's speed
+                                    (backends/machine_speed.py); the run's clock starts after it
     run.end_step(step, loss, seconds, data_wait_seconds, lrm)
                                     rank agreement, the budget (untimed steps, then timed ones),
-                                    the diverged-loss check, the collector, the progress line
+                                    the diverged-loss check, the collector, the progress line,
+                                    a probe every machine_speed.PROBE_EVERY_SECONDS of training
     run.budget_spent(steps)         True once the timed steps have used the time budget
+    run.end_training()              the last probe, the collector back on
     run.finish(logits_fn, tokenizer, eval_batch_size)
                                     the final evaluation (prepare.evaluate_bpb, with the nats of
                                     backends/torch_ops.py or mlx_ops.py), the summary block and
@@ -31,7 +34,7 @@ import time
 import psutil
 
 import backends
-from backends import distributed
+from backends import distributed, machine_speed
 from backends.report import format_summary, run_context, runs_dir, write_run_json
 
 RUNNER_PID_ENV = "AUTORESEARCH_RUNNER_PID"  # set by tools/experiment.py: the run ends with it
@@ -170,6 +173,21 @@ class TrainingRun:
         if rank == 0:
             check_record_writable()
         self.watchdog = None
+        self.speed_probes, self.next_probe_seconds = [], machine_speed.PROBE_EVERY_SECONDS
+
+    def probe_machine_speed(self):
+        """Rank 0 measures the machine (backends/machine_speed.py) between steps, outside the
+        clock. A probe that fails is recorded as missing: it must never cost the run."""
+        if self.rank != 0:
+            return
+        device = self.backend if self.backend in ("cuda", "mps") else "cpu"
+        if self.backend == "mlx":
+            import mlx.core as mx
+            device = "mlx" if mx.default_device() == mx.gpu else "cpu"
+        try:
+            self.speed_probes.append(machine_speed.measure(device))
+        except Exception:  # noqa: BLE001 - any failure of the probe only loses the probe
+            self.speed_probes.append(None)
 
     def print0(self, *args, **kwargs):
         """print on rank 0 only: one progress line and one summary however many ranks train."""
@@ -201,6 +219,7 @@ class TrainingRun:
                     f"{self.time_budget:g}s", flush=True)
         self.watchdog = distributed.Watchdog(self.rank, self.world_size)
         self.startup_seconds = time.time() - self.process_start
+        self.probe_machine_speed()
 
     def agree_across_ranks(self, train_loss, step_seconds):
         """Every rank takes the mean loss over the ranks and rank 0's step time, so all of them
@@ -238,6 +257,9 @@ class TrainingRun:
             gc.disable()
         elif step % GC_EVERY_STEPS == 0:
             gc.collect()
+        if self.training_seconds >= self.next_probe_seconds:
+            self.probe_machine_speed()
+            self.next_probe_seconds += machine_speed.PROBE_EVERY_SECONDS
         self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * train_loss
         debiased_loss = self.smooth_loss / (1 - 0.9 ** (step + 1))
         tokens_per_second = self.total_batch_size / step_seconds
@@ -254,9 +276,11 @@ class TrainingRun:
         return steps > self.untimed_steps and self.training_seconds >= self.time_budget
 
     def end_training(self):
-        """After the last step: the collector back on (left frozen, the objects of compiled code
-        outlive the interpreter and print "nanobind: leaked" lines at exit), the watchdog off."""
+        """After the last step: the last probe of the machine, the collector back on (left frozen,
+        the objects of compiled code outlive the interpreter and print "nanobind: leaked" lines at
+        exit), the watchdog off."""
         self.print0()
+        self.probe_machine_speed()
         gc.unfreeze()
         gc.enable()
         self.watchdog.stop()
@@ -308,6 +332,7 @@ class TrainingRun:
             "timed_tokens": timed_tokens,
             "total_batch_size": self.total_batch_size,
             **{key: evaluation[key] for key in ("eval_scored_tokens", "eval_bytes", "eval_nats")},
+            **(machine_speed.summarize(self.speed_probes) or {}),
         }
         print(format_summary(fields), flush=True)
         write_run_json(fields)

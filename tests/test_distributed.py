@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from backends import distributed
-from backends.report import (BUDGET_KEYS, CONTEXT_KEYS, EVAL_KEYS, PRECISION_KEYS, RUN_EXTRA_KEYS, SUMMARY_KEYS,
+from backends.report import (BUDGET_KEYS, CONTEXT_KEYS, EVAL_KEYS, MACHINE_KEYS, PRECISION_KEYS, RUN_EXTRA_KEYS, SUMMARY_KEYS,
                             TIMING_KEYS, parse_summary)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -213,7 +213,7 @@ def check_rank_0_reported(result, runs_dir, backend, num_steps=None):
     assert fields["world_size"] == 2 and fields["backend"] == backend
     saved = json.loads((runs_dir / "last_run.json").read_text())
     assert list(saved) == list(SUMMARY_KEYS + CONTEXT_KEYS + RUN_EXTRA_KEYS + TIMING_KEYS + PRECISION_KEYS
-                               + BUDGET_KEYS + EVAL_KEYS)
+                               + BUDGET_KEYS + EVAL_KEYS + MACHINE_KEYS)
     assert len(list(runs_dir.glob("run_*.json"))) == 1
     assert saved["world_size"] == 2 and 0 < saved["val_bpb"] < 20
     # Tokens count both ranks: every step consumed the whole TOTAL_BATCH_SIZE (512 in smoke).

@@ -56,15 +56,19 @@ def test_speed_index_is_the_geometric_mean_of_compute_and_memory():
     assert machine_speed.speed_index(90.0, 25.0) / 50.0 == pytest.approx(math.sqrt(0.9))
 
 
-def test_combine_records_the_geometric_mean_and_the_change_during_the_run():
-    before, after = {"speed_index": 40.0}, {"speed_index": 44.1}
-    record = machine_speed.combine(before, after)
+def test_summary_is_the_geometric_mean_and_the_move_from_first_to_last_probe():
+    probes = [{"speed_index": 40.0, "matmul_gflops": 80.0, "memory_gb_per_s": 20.0, "probe_seconds": 0.1},
+              None,  # a probe that failed is left out
+              {"speed_index": 44.1, "matmul_gflops": 90.0, "memory_gb_per_s": 21.6, "probe_seconds": 0.12}]
+    record = machine_speed.summarize(probes)
     assert record["machine_speed"] == pytest.approx(42.0, abs=1e-4)
     assert record["machine_speed_change"] == pytest.approx(0.1025)
-    assert record["machine_speed_before"] is before and record["machine_speed_after"] is after
-    assert machine_speed.combine(None, after)["machine_speed"] == 44.1
-    assert machine_speed.combine(None, after)["machine_speed_change"] is None
-    assert machine_speed.combine(None, None) is None
+    assert record["machine_speed_probes"] == [40.0, 44.1]
+    assert record["probe_matmul_gflops"] == pytest.approx(85.0)
+    assert record["probe_memory_gb_per_s"] == pytest.approx(20.8)
+    assert record["probe_seconds"] == pytest.approx(0.22)
+    assert machine_speed.summarize([None, probes[2]])["machine_speed_change"] == 0.0
+    assert machine_speed.summarize([None]) is None and machine_speed.summarize([]) is None
 
 
 def test_measure_on_the_cpu_returns_positive_rates_and_its_own_cost():
@@ -76,6 +80,15 @@ def test_measure_on_the_cpu_returns_positive_rates_and_its_own_cost():
         machine_speed.speed_index(result["matmul_gflops"], result["memory_gb_per_s"]), rel=1e-3)
 
 
+def test_the_mlx_probe_measures_on_mlx_s_default_device(monkeypatch):
+    pytest.importorskip("mlx.core")
+    # Smaller shapes than a Mac's GPU gets: MLX's CPU BLAS on Linux is slow, and only the path is checked.
+    monkeypatch.setitem(machine_speed.MATMUL_SIZE, "mlx", 64)
+    monkeypatch.setitem(machine_speed.COPY_MB, "mlx", 1)
+    result = machine_speed.measure("mlx")
+    assert result["device"] == "mlx" and result["matmul_gflops"] > 0 and result["memory_gb_per_s"] > 0
+
+
 def test_measure_refuses_an_unknown_device():
-    with pytest.raises(ValueError, match="use cpu, cuda or mps"):
+    with pytest.raises(ValueError, match="use cpu, cuda, mps or mlx"):
         machine_speed.measure("tpu")

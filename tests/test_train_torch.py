@@ -15,7 +15,7 @@ import prepare
 import train
 from backends import torch_ops
 from backends.optim import param_groups
-from backends.report import (BUDGET_KEYS, CONTEXT_KEYS, EVAL_KEYS, PRECISION_KEYS, RUN_EXTRA_KEYS,
+from backends.report import (BUDGET_KEYS, CONTEXT_KEYS, EVAL_KEYS, MACHINE_KEYS, PRECISION_KEYS, RUN_EXTRA_KEYS,
                             SUMMARY_KEYS, TIMING_KEYS, parse_summary, score_problem)
 from tools import budget
 
@@ -193,7 +193,7 @@ def summary_keys(stdout):
 def check_finished_run(result, runs_dir, backend, dataset_env):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     expected = list(SUMMARY_KEYS + CONTEXT_KEYS + RUN_EXTRA_KEYS + TIMING_KEYS + PRECISION_KEYS + BUDGET_KEYS
-                    + EVAL_KEYS)
+                    + EVAL_KEYS + MACHINE_KEYS)
     assert summary_keys(result.stdout) == expected
     fields = parse_summary(result.stdout)
     assert math.isfinite(fields["val_bpb"]) and 0 < fields["val_bpb"] < 20
@@ -218,6 +218,12 @@ def check_finished_run(result, runs_dir, backend, dataset_env):
     assert saved["untimed_steps"] == 2 and saved["untimed_tokens"] == 2 * saved["total_batch_size"]
     assert saved["timed_tokens"] + saved["untimed_tokens"] == saved["num_steps"] * saved["total_batch_size"]
     assert budget.token_problem(saved) is None
+    # The machine was probed before and after training (a 2 s budget has no probe in between),
+    # outside the clock, and the summary prints the series as numbers.
+    assert len(saved["machine_speed_probes"]) == 2 and saved["machine_speed"] > 0
+    assert saved["machine_speed"] == pytest.approx(math.sqrt(math.prod(saved["machine_speed_probes"])), rel=1e-3)
+    assert fields["machine_speed_probes"] == " ".join(f"{v:g}" for v in saved["machine_speed_probes"])
+    assert saved["probe_seconds"] > 0 and saved["probe_matmul_gflops"] > 0
     # The runner takes the score: the evaluation scored the split's every token and byte.
     with pytest.MonkeyPatch.context() as patch:
         for key, value in dataset_env.items():

@@ -72,9 +72,9 @@ from tools.checkout import (branch_base, candidate_commit, current_branch, exper
                             repo_root, require_clean_harness)
 from tools.kind import default_timeout, expected_kind, kind_or_problem, ready_ledger, require_script, training_script
 from tools.parallel import LOCK_PATIENCE_SECONDS, planned_slot_threads, queue_status, settle, slot_options
-from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, HANDLED_SIGNALS, Interrupted,
-                                end_orphaned_training_unless_locked, exclusive_lock, load_state, lock_holder,
-                                raise_interrupted, refuse, signals_held)
+from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, HANDLED_SIGNALS, Interrupted, complete_speeds,
+                                end_orphaned_training_unless_locked, exclusive_lock, latest_probe, load_state,
+                                lock_holder, machine_speeds, raise_interrupted, refuse, signals_held)
 from tools.serial import (baseline_runs, experiment_setup, first_description, judge_experiment,
                           recover_interrupted)
 from tools.training_run import RunPlan
@@ -173,11 +173,14 @@ def cmd_status(args):
         if values:
             print(f"best         {verdict.mean(values):.6f} mean of {len(values)} runs, {best} "
                   f"{first_description(rows, best, kind, '')} [{kind}]")
-            noise = verdict.pooled_noise([*ledger.repeat_groups(rows, kind, exclude={best}), values])
+            noise = kind_noise(rows, kind, best)
             print(f"noise        {noise.describe()}" + (f", {noise.dof} degrees of freedom" if noise.sigma else ""))
         else:
             print(f"best         {best} has no results of this kind yet (measure it with: "
                   f"uv run tools/experiment.py baseline)")
+    machine = machine_line(rows, kind, best)
+    if machine:
+        print(f"machine      {machine}")
     others = [k for k in present if k != kind]
     if others:
         print(f"other kinds  {best} also has results of kind " + "; ".join(
@@ -189,6 +192,35 @@ def cmd_status(args):
     print(f"last verdict {state.get('last_verdict', 'none yet')}")
     for line in queue_status():
         print(line)
+
+
+def kind_noise(rows, kind, best):
+    """The noise the rule uses for this kind: every same-commit group, corrected for the machine's
+    speed where every run of a group was probed."""
+    speeds = machine_speeds(rows, kind)
+    groups = ledger.repeat_groups(rows, kind, exclude={best})
+    others = [complete_speeds(speeds[c]) for c in speeds if c != best]
+    return verdict.pooled_noise([*groups, ledger.values_of(rows, best, kind)],
+                                [*others, complete_speeds(speeds.get(best))])
+
+
+def machine_line(rows, kind, best):
+    """'speed 62.7 (matmul 140 GFLOP/s, memory 26.5 GB/s), +8.0% during the last run; ...' from the
+    newest run's probe, against the range the best was measured in; None before any probed run."""
+    probe = latest_probe()
+    if probe is None:
+        return None
+    text = (f"speed {probe['machine_speed']:.1f} (matmul {probe.get('probe_matmul_gflops') or 0:.0f} GFLOP/s, "
+            f"memory {probe.get('probe_memory_gb_per_s') or 0:.1f} GB/s) in the last run of {probe['commit']}")
+    if isinstance(probe.get("machine_speed_change"), (int, float)):
+        text += f", {100 * probe['machine_speed_change']:+.1f}% during it"
+    best_speeds = complete_speeds(machine_speeds(rows, kind).get(best)) if kind else None
+    if best_speeds:
+        text += f"; the best's runs: {min(best_speeds):.1f}-{max(best_speeds):.1f}"
+        moved = verdict.probe_drift(best_speeds, [probe["machine_speed"]])
+        if moved:
+            text += f" ({moved}: re-measure the best with uv run tools/experiment.py baseline --repeat 2)"
+    return text
 
 
 def cmd_best(args):

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from backends.report import runs_dir
-from tools import scheduler
+from tools import ledger, scheduler
 
 STATE_DIR = Path(".autoresearch")  # the runner's memory; ignores itself in git
 STATE_FILE = STATE_DIR / "state.json"
@@ -199,15 +199,45 @@ def record_details(entries):
 
 def details_of(commit, kind):
     """The recorded details (num_steps, tok/s, ...) of every evidence run of a commit and kind."""
+    return [entry for entry in _all_details()
+            if entry.get("commit") == commit[:7] and entry.get("kind") == kind and entry.get("evidence")]
+
+
+def _all_details():
     path = runs_dir() / DETAILS_FILE
     if not path.exists():
         return []
-    found = []
+    entries = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            entry = json.loads(line)
+            entries.append(json.loads(line))
         except ValueError:
             continue
-        if entry.get("commit") == commit[:7] and entry.get("kind") == kind and entry.get("evidence"):
-            found.append(entry)
-    return found
+    return entries
+
+
+def machine_speeds(rows, kind):
+    """{commit: the machine speed of each of its evidence runs of this kind}, in the order of
+    ledger.values_of (file order), None for a run without a probe. The commits come in the order
+    of ledger.repeat_groups, so both can be zipped."""
+    probed = {(e.get("commit"), e.get("run")): e.get("machine_speed") for e in _all_details()
+              if e.get("kind") == kind and e.get("evidence")}
+    speeds = {}
+    for row in rows:
+        if row.kind == kind and row.is_evidence:
+            tag = ledger.RUN_TAG.search(row.description)
+            speeds.setdefault(row.commit, []).append(probed.get((row.commit, int(tag.group(1)) if tag else 1)))
+    return speeds
+
+
+def complete_speeds(speeds):
+    """The list when every run has a speed, else None (the rule then judges the raw values)."""
+    return list(speeds) if speeds and all(isinstance(s, (int, float)) and s > 0 for s in speeds) else None
+
+
+def latest_probe():
+    """The newest run's probe fields (machine_speed, probe rates, change during the run), or None."""
+    for entry in reversed(_all_details()):
+        if isinstance(entry.get("machine_speed"), (int, float)):
+            return entry
+    return None

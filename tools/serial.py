@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from tools import ledger, verdict
 from tools.checkout import commit_experiment, git, head, require_clean_harness
 from tools.kind import default_timeout, expected_kind, ready_ledger, require_script, training_script
-from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, Interrupted, Refused, details_of, load_state,
-                                record_details, refuse, remember, save_state, signals_held)
+from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, Interrupted, Refused, complete_speeds, details_of,
+                                load_state, machine_speeds, record_details, refuse, remember, save_state,
+                                signals_held)
 from tools.training_run import RunPlan, crash_note, execute, run_line, run_summary
 
 
@@ -289,7 +290,10 @@ def baseline_runs(plan, commit, rows, repeat=None):
     except Refused as error:
         refuse(str(error))
     rows = ledger.read()
-    noise = verdict.pooled_noise([*ledger.repeat_groups(rows, str(kind), exclude={commit[:7]}), values])
+    speeds = machine_speeds(rows, str(kind))
+    noise = verdict.pooled_noise([*ledger.repeat_groups(rows, str(kind), exclude={commit[:7]}), values],
+                                 [*(complete_speeds(speeds[c]) for c in speeds if c != commit[:7]),
+                                  complete_speeds(speeds.get(commit[:7]))])
     if not values:
         line = f"{'BASELINE':<8} no usable run of {commit[:7]}: read run.log"
     else:

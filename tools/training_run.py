@@ -101,6 +101,10 @@ class Run:
         return {"commit": commit[:7], "kind": str(kind), "run": run_number, "val_bpb": self.val_bpb,
                 "evidence": self.outcome.value is not None, "note": self.note,
                 "num_steps": fields.get("num_steps"), "tokens_per_second": fields.get("train_tokens_per_second"),
+                "machine_speed": fields.get("machine_speed"),
+                "machine_speed_change": fields.get("machine_speed_change"),
+                "probe_matmul_gflops": fields.get("probe_matmul_gflops"),
+                "probe_memory_gb_per_s": fields.get("probe_memory_gb_per_s"),
                 "wall_seconds": round(self.wall, 1),
                 "other_cpu_share": round(self.load.other_cpu_share, 4) if self.load else None,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -162,7 +166,14 @@ def execute(plan, record_group=False):
     over = slow or budget.token_problem(fields)
     if over:
         return Run(verdict.Outcome(rejected=over), fields, over, load, wall)
-    return Run(verdict.Outcome(value=value), fields, None, load, wall)
+    return Run(verdict.Outcome(value=value, speed=machine_speed(fields)), fields, None, load, wall)
+
+
+def machine_speed(fields):
+    """The run's probe of the machine's speed (backends/machine_speed.py), or None when the run
+    has none (a custom trainer, a probe that failed)."""
+    speed = fields.get("machine_speed")
+    return float(speed) if isinstance(speed, (int, float)) and math.isfinite(speed) and speed > 0 else None
 
 
 def run_line(plan, what):
