@@ -66,6 +66,8 @@ fields = {
     "untimed_steps": untimed, "untimed_tokens": untimed * batch, "timed_tokens": (steps - untimed) * batch,
     "total_batch_size": batch,
 }
+if "machine_speed" in result:  # the probe of backends/machine_speed.py, as a real run records it
+    fields["machine_speed"] = result["machine_speed"]
 print(format_summary(fields))
 if mode != "summary-only":
     write_run_json(fields)
@@ -252,18 +254,19 @@ def test_baseline_runs_the_best_six_times_all_kept_and_tagged_with_their_kind(re
 def test_clear_win_is_confirmed_kept_and_the_branch_advances(repo, env):
     start = baseline(repo, env)
     edit(repo, "wider mlp")
-    plan(env, 1.20, 1.202, 1.205, 1.20, 1.21, 1.195)
+    plan(env, 1.20, 1.202, 1.30, 1.205, 1.20, 1.21, 1.195)  # the third run is the best's recheck
     done = runner(repo, env, "run", "wider mlp")
     assert done.returncode == 0, done.stderr
     head = git(repo, "rev-parse", "HEAD")
     assert git(repo, "rev-parse", "HEAD~1") == start
     assert git(repo, "log", "-1", "--format=%s") == "wider mlp"
     assert git(repo, "show", "--name-only", "--format=", "HEAD") == "train.py"
-    new = rows(repo)[6:]
+    assert rows(repo)[6] == [start[:7], "1.300000", "2.0", "keep", f"baseline [run 7] [recheck] {KIND}"]
+    new = rows(repo)[7:]
     assert [r[0] for r in new] == [head[:7]] * 6 and [r[3] for r in new] == ["keep"] * 6
     assert new[1][4] == f"wider mlp [run 2] {KIND}"
     last = done.stdout.splitlines()[-1]
-    assert last.startswith("KEEP     1.201000 (mean of 2, 20 steps, 1,000 tok/s; best 1.300000 mean of 6, 20 steps, "
+    assert last.startswith("KEEP     1.201000 (mean of 2, 20 steps, 1,000 tok/s; best 1.300000 mean of 7, 20 steps, "
                            "1,000 tok/s; -0.099000; sigma")
     assert last.endswith(f"; best now 1.202000 mean of 6) {head[:7]} wider mlp")
     assert runner(repo, env, "best").stdout.strip() == (
@@ -347,6 +350,9 @@ def test_explicit_threshold_replaces_the_rule_and_judges_the_mean_of_two_runs(re
     done = runner(repo, env, "run", "tiny gain", "--threshold", "0.01")
     assert [r[3] for r in rows(repo)[6:]] == ["discard", "discard"]
     assert "threshold 0.010000 given" in done.stdout
+    # Its rows say the rule was replaced, so no reader takes them for the rule's verdicts.
+    assert [r[4] for r in rows(repo)[6:]] == [f"tiny gain [threshold 0.01] {KIND}",
+                                             f"tiny gain [threshold 0.01] [run 2] {KIND}"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -682,13 +688,13 @@ def test_a_win_measured_under_another_load_than_the_best_is_not_judged(repo, env
     entries = [json.loads(line) for line in details.read_text().splitlines()]
     details.write_text("".join(json.dumps(dict(entry, other_cpu_share=0.9)) + "\n" for entry in entries))
     edit(repo, "faster only because the machine got quiet")
-    plan(env, 1.20, 1.202)
+    plan(env, 1.20, 1.202, 1.30)  # the third is the best's recheck before the keep
     done = runner(repo, env, "run", "faster only because the machine got quiet", "--script", "train.py",
                   "--max-disturbance", "1", quiet_machine=False)
     assert done.returncode == 2
     assert "the machine's load changed" in done.stderr and "during the best's" in done.stderr
     assert git(repo, "rev-parse", "HEAD") == kept
-    assert {r[3] for r in rows(repo)[6:]} == {"discard"}
+    assert {r[3] for r in rows(repo)[7:]} == {"discard"}
 
 
 def test_the_kind_comes_from_the_harness_of_the_checkout_being_run(tmp_path, monkeypatch):
@@ -705,6 +711,26 @@ def test_the_kind_comes_from_the_harness_of_the_checkout_being_run(tmp_path, mon
     (checkout / "prepare.py").write_text("raise ValueError('no dataset prepared here')\n")
     monkeypatch.setenv("AUTORESEARCH_DATASET", "another")  # a new environment is asked again
     assert kind.probe_harness(checkout)["kind_error"] == "no dataset prepared here"
+
+
+def test_the_kind_carries_the_defaults_the_machine_resolved_not_the_agent_s_constants(monkeypatch):
+    from tools import kind, scheduler
+    answer = {"backend": "cpu", "tier": "cpu", "apple": False, "time_budget": 300.0, "profile": "standard",
+              "dataset": "pystdlib", "standard": True,
+              "defaults": {"tier": "cpu", "depth": 2, "total_batch_size": 8192, "dtype": "bf16"}}
+    monkeypatch.setattr(kind, "probe_harness", lambda root=".": answer)
+    monkeypatch.setattr(scheduler, "machine_threads", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    bf16 = kind.kind_or_problem()[0]
+    digest = kind.defaults_digest({**answer["defaults"], "threads": 2})
+    assert bf16.tier == f"cpu:{digest}" and len(digest) == 6
+    answer["defaults"] = dict(answer["defaults"], dtype="fp32")  # a calibration that now picks fp32
+    fp32 = kind.kind_or_problem()[0]
+    assert fp32 != bf16 and fp32.tier.startswith("cpu:")
+    one_thread = kind.kind_or_problem(threads=1)[0]  # a slot of `submit --workers 2`
+    assert one_thread.tier.endswith("-1t") and one_thread.tier != f"{fp32.tier}-1t"
+    del answer["defaults"]  # a harness that cannot say keeps the plain tier
+    assert kind.kind_or_problem()[0].tier == "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,7 +852,7 @@ def test_a_kept_experiment_commits_its_new_module_so_a_fresh_clone_runs_it(repo,
     kept = baseline(repo, env)
     add_module(repo, "layers in a module")
     (repo / "run.log").write_text("an old log\n")
-    plan(env, 1.20, 1.202, 1.205, 1.20, 1.21, 1.195)
+    plan(env, 1.20, 1.202, 1.30, 1.205, 1.20, 1.21, 1.195)  # the third is the best's recheck
     done = runner(repo, env, "run", "layers in a module")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1].startswith("KEEP")

@@ -5,6 +5,7 @@ harness (backends.report.LOCKED_PATHS) must match the branch's base, its merge-b
 master; a run refuses otherwise.
 """
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -159,3 +160,46 @@ def advance_to(candidate):
                 f"submit them or stash them (git stash), then run wait again")
     code, out = git_quiet("reset", "--quiet", "--keep", candidate["commit"])
     return f"git reset --keep {candidate['commit'][:7]} failed: {out}" if code else None
+
+
+def experiment_fingerprint(script):
+    """One hash of what an experiment would commit now (experiment_files: the script's text and
+    every other file it brings, by path), so the runner can tell a repeat of an experiment it
+    has already judged from a new one. The same edit made twice on the same best hashes the same."""
+    digest = hashlib.sha256()
+    for path in experiment_files(script):
+        file = Path(path)
+        digest.update(path.encode() + b"\0" + (file.read_bytes() if file.exists() else b"(deleted)") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def line_changes(script):
+    """(lines added, lines removed) by the experiment's files against HEAD, new files included."""
+    added = removed = 0
+    for path in experiment_files(script):
+        if git("ls-files", "--", path):
+            for line in git("diff", "--numstat", "HEAD", "--", path).splitlines():
+                plus, minus, _ = line.split("\t", 2)
+                added += int(plus) if plus.isdigit() else 0
+                removed += int(minus) if minus.isdigit() else 0
+        elif Path(path).exists():
+            added += len(Path(path).read_text(errors="replace").splitlines())
+    return added, removed
+
+
+def write_best_copy(best, script, folder):
+    """The best commit's training script and every other Python file of it that HEAD changed or
+    removed, written under `folder` at their paths, so that `uv run folder/<script>` trains the
+    best's code while HEAD holds a candidate (the script's folder comes first on its import path,
+    so the best's own modules shadow the candidate's). Returns the script's path there."""
+    changed = git("diff", "--name-only", "--no-renames", best, "HEAD").splitlines()
+    paths = {script, *(path for path in changed if path.endswith(".py") and not not_experiment(path))}
+    folder = Path(folder)
+    for path in sorted(paths):
+        shown = subprocess.run(["git", "show", f"{best}:{path}"], capture_output=True, start_new_session=True)
+        if shown.returncode != 0:
+            continue  # new in the candidate: the best never imports it
+        target = folder / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(shown.stdout)
+    return str(folder / script)

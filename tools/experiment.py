@@ -7,17 +7,23 @@
     uv run tools/experiment.py submit "what this tries" # parallel: queue the edit as a candidate, return at once
     uv run tools/experiment.py wait                    # parallel: judge finished runs, print the next verdict(s)
     uv run tools/experiment.py baseline --workers 2    # parallel: the best's runs on the slots (their own kind)
+    uv run tools/experiment.py replay autoresearch/x   # judge another branch's kept changes here (tools/replay.py)
 
 `run` refuses (exit 2, nothing changed) when another runner holds the lock, when prepare.py or
 backends/ differ from the branch's base (its merge-base with main or master), when results.tsv
-is missing or malformed or lost rows, or when the current best has no runs of this kind yet. Else
+is missing or malformed or lost rows, when the current best has no runs of this kind yet, or when
+the same change (the same files on the same best: checkout.experiment_fingerprint) was judged
+already (it prints that verdict). Else
 it commits the training-script change (train.py, or train_mlx.py when the backend is mlx), with
 every new Python file and changed tracked file outside the harness, results.tsv and run outputs
 (a module the script imports; the verdict line names them), with the description as message, and
 runs it, output in run.log, under a hard timeout that kills the whole process group. Each run
 becomes one results.tsv row; tools/verdict.py decides after each run whether to keep, discard or
-rerun (grey zone), and a kept change is rerun until its mean rests on verdict.BEST_RUNS runs.
-Then the branch advances (keep) or goes back to the best (discard, crash).
+rerun (grey zone), on values corrected for the machine's speed that every run probes; a would-be
+keep first reruns the best (a [recheck] row, from a copy of the best's files under .autoresearch/),
+and a kept change is rerun until its mean rests on verdict.best_runs_target() runs. Then the branch
+advances (keep) or goes back to the best (discard, crash). --simplify judges a change that removes
+lines by non-inferiority; --threshold X replaces the rule (two runs, rows tagged [threshold X]).
 
 What a run counts as:
 - a result: val_bpb, compared with the best's mean under the verdict rule;
@@ -51,10 +57,11 @@ Where the code is: this file holds the commands and the command line; tools/chec
 plumbing and the harness check, tools/runner_state.py the lock, state and signal handling,
 tools/kind.py the kind of a result, tools/training_run.py one run and its classification,
 tools/serial.py the serial verdicts (run, baseline), tools/parallel.py the settling of parallel
-runs (wait), tools/cluster.py and tools/scheduler.py the slots and the queue.
+runs (wait), tools/cluster.py and tools/scheduler.py the slots and the queue, tools/replay.py
+another branch's kept changes judged here (replay), tools/status.py the status command.
 
-Environment variables: AUTORESEARCH_TRAIN_CMD replaces `uv run <script>` (tests point it at a fake
-script); AUTORESEARCH_BACKEND, AUTORESEARCH_PROFILE, AUTORESEARCH_DATASET, AUTORESEARCH_TIME_BUDGET
+Environment variables: AUTORESEARCH_TRAIN_CMD replaces `uv run <script>`, with {script} standing for
+the script (tests point it at a fake script); AUTORESEARCH_BACKEND, AUTORESEARCH_PROFILE, AUTORESEARCH_DATASET, AUTORESEARCH_TIME_BUDGET
 and AUTORESEARCH_CACHE_DIR pass through to the training script and decide the result's kind;
 AUTORESEARCH_RUNS_DIR is where the scripts write their JSON (default runs/).
 """
@@ -67,15 +74,14 @@ import signal
 import sys
 import time
 
-from tools import cluster, ledger, monitor, scheduler, verdict
-from tools.checkout import (branch_base, candidate_commit, current_branch, experiment_files, git, harness_changes, head,
+from tools import cluster, ledger, monitor, replay, scheduler, status, verdict
+from tools.checkout import (candidate_commit, experiment_files, experiment_fingerprint, git, head, line_changes,
                             repo_root, require_clean_harness)
-from tools.kind import default_timeout, expected_kind, kind_or_problem, ready_ledger, require_script, training_script
-from tools.parallel import LOCK_PATIENCE_SECONDS, planned_slot_threads, queue_status, settle, slot_options
-from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, HANDLED_SIGNALS, Interrupted, complete_speeds,
-                                end_orphaned_training_unless_locked, exclusive_lock, latest_probe, load_state,
-                                lock_holder, machine_speeds, raise_interrupted, refuse, signals_held)
-from tools.serial import (baseline_runs, experiment_setup, first_description, judge_experiment,
+from tools.kind import default_timeout, expected_kind, ready_ledger, require_script, training_script
+from tools.parallel import LOCK_PATIENCE_SECONDS, planned_slot_threads, settle, slot_options
+from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, HANDLED_SIGNALS, Interrupted, exclusive_lock,
+                                raise_interrupted, refuse, signals_held)
+from tools.serial import (baseline_runs, experiment_setup, first_description, judge_experiment, judged_before,
                           recover_interrupted)
 from tools.training_run import RunPlan
 
@@ -92,8 +98,29 @@ def cmd_run(args):
             print(f"note: {plan.script} has no changes since {best.commit[:7]}; rerunning the best to refine its mean")
             baseline_runs(plan, best.commit, rows, repeat=1)
             return
-        judge_experiment(plan, best, rows, description, threshold=args.threshold,
-                         max_load_change=args.max_load_change)
+        fingerprint, description = vet_experiment(args, plan, rows, description)
+        judge_experiment(plan, best, rows, description, threshold=args.threshold, simplify=args.simplify,
+                         fingerprint=fingerprint, max_load_change=args.max_load_change)
+
+
+def vet_experiment(args, plan, rows, description):
+    """The checks of a change before it is committed: (its fingerprint, its description with the
+    [simplify] or [threshold] tag its rows carry). Refuses a change judged already (the same
+    files on the same best) and a --simplify that does not remove lines."""
+    fingerprint = experiment_fingerprint(plan.script)
+    earlier = judged_before(rows, plan.kind, fingerprint)
+    if earlier:
+        refuse(f"this exact change was judged already: {earlier}; nothing was run or recorded. Rerunning "
+               f"a judged idea only buys it another chance to win by luck: change something else")
+    if args.simplify:
+        added, removed = line_changes(plan.script)
+        if added >= removed:
+            refuse(f"--simplify judges a change that removes lines, and this one adds {added} and removes "
+                   f"{removed}: run it without --simplify")
+        description += f" [simplify: -{removed} +{added} lines]"
+    if args.threshold is not None:
+        description += f" [threshold {args.threshold:g}]"
+    return fingerprint, description
 
 
 def cmd_baseline(args):
@@ -140,89 +167,6 @@ def queue_baseline(args, script, rows):
           f"(results: uv run tools/experiment.py wait)", flush=True)
 
 
-def cmd_status(args):
-    rows = ready_ledger()
-    end_orphaned_training_unless_locked()
-    holder = lock_holder()
-    state = load_state()
-    branch = current_branch() or "(detached HEAD)"
-    base_name, base = branch_base()
-    changed = harness_changes(base)
-    harness = f"CHANGED: {', '.join(changed)}" if changed else "unchanged"
-    print(f"branch       {branch} (base {base[:7]} on {base_name}; harness {harness})")
-    # A killed runner leaves its unjudged experiment commit at HEAD: the best is the commit it was
-    # judged against, and HEAD's advice ("run baseline") would make the unjudged change the best.
-    interrupted = None if holder else state.get("in_progress")
-    best = (interrupted["kept"] if interrupted else head())[:7]
-    if interrupted:
-        finished = len(interrupted.get("pending", []))
-        print(f"interrupted  the runner was stopped before judging {interrupted['commit'][:7]} "
-              f"({interrupted['description']}); the next run undoes that commit, keeps its edit staged in "
-              f"{', '.join([interrupted['script'], *interrupted.get('files', [])])}, records its {finished} finished run(s) as unjudged and stops "
-              f"so you can check the file")
-    # The kind a run started here now has (as `run` computes it): the best of that kind is the
-    # bar the next experiment meets, whatever kind the last runs had.
-    kind, problem = kind_or_problem()
-    present = list(dict.fromkeys(r.kind for r in rows if r.commit == best))
-    if kind is None:
-        print(f"kind         unknown: {problem}")
-    else:
-        kind = str(kind)
-        print(f"kind         {kind} (what a run started here now has; best and noise are of this kind)")
-        values = ledger.values_of(rows, best, kind)
-        if values:
-            print(f"best         {verdict.mean(values):.6f} mean of {len(values)} runs, {best} "
-                  f"{first_description(rows, best, kind, '')} [{kind}]")
-            noise = kind_noise(rows, kind, best)
-            print(f"noise        {noise.describe()}" + (f", {noise.dof} degrees of freedom" if noise.sigma else ""))
-        else:
-            print(f"best         {best} has no results of this kind yet (measure it with: "
-                  f"uv run tools/experiment.py baseline)")
-    machine = machine_line(rows, kind, best)
-    if machine:
-        print(f"machine      {machine}")
-    others = [k for k in present if k != kind]
-    if others:
-        print(f"other kinds  {best} also has results of kind " + "; ".join(
-            f"{k} ({len(ledger.values_of(rows, best, k))} runs)" for k in others))
-    counts = {status: sum(r.status == status for r in rows) for status in ledger.STATUSES}
-    print(f"experiments  {len(rows)} runs ({', '.join(f'{n} {status}' for status, n in counts.items())})")
-    if holder:
-        print(f"running      {holder}")
-    print(f"last verdict {state.get('last_verdict', 'none yet')}")
-    for line in queue_status():
-        print(line)
-
-
-def kind_noise(rows, kind, best):
-    """The noise the rule uses for this kind: every same-commit group, corrected for the machine's
-    speed where every run of a group was probed."""
-    speeds = machine_speeds(rows, kind)
-    groups = ledger.repeat_groups(rows, kind, exclude={best})
-    others = [complete_speeds(speeds[c]) for c in speeds if c != best]
-    return verdict.pooled_noise([*groups, ledger.values_of(rows, best, kind)],
-                                [*others, complete_speeds(speeds.get(best))])
-
-
-def machine_line(rows, kind, best):
-    """'speed 62.7 (matmul 140 GFLOP/s, memory 26.5 GB/s), +8.0% during the last run; ...' from the
-    newest run's probe, against the range the best was measured in; None before any probed run."""
-    probe = latest_probe()
-    if probe is None:
-        return None
-    text = (f"speed {probe['machine_speed']:.1f} (matmul {probe.get('probe_matmul_gflops') or 0:.0f} GFLOP/s, "
-            f"memory {probe.get('probe_memory_gb_per_s') or 0:.1f} GB/s) in the last run of {probe['commit']}")
-    if isinstance(probe.get("machine_speed_change"), (int, float)):
-        text += f", {100 * probe['machine_speed_change']:+.1f}% during it"
-    best_speeds = complete_speeds(machine_speeds(rows, kind).get(best)) if kind else None
-    if best_speeds:
-        text += f"; the best's runs: {min(best_speeds):.1f}-{max(best_speeds):.1f}"
-        moved = verdict.probe_drift(best_speeds, [probe["machine_speed"]])
-        if moved:
-            text += f" ({moved}: re-measure the best with uv run tools/experiment.py baseline --repeat 2)"
-    return text
-
-
 def cmd_best(args):
     rows = ready_ledger()
     best = head()[:7]
@@ -246,7 +190,9 @@ def cmd_submit(args):
         script, kind, best = plan.script, plan.kind, best.commit
         if not git("status", "--porcelain", "--", script):
             refuse(f"{script} has no changes since {best[:7]}: edit it, then submit")
-        settings = {"timeout": plan.timeout, "max_disturbance": plan.max_disturbance, "threshold": args.threshold}
+        fingerprint, description = vet_experiment(args, plan, rows, description)
+        settings = {"timeout": plan.timeout, "max_disturbance": plan.max_disturbance, "threshold": args.threshold,
+                    "simplify": args.simplify, "fingerprint": fingerprint}
         with signals_held():
             commit = candidate_commit(script, description, best)
             book = scheduler.load_candidates()
@@ -322,9 +268,6 @@ def main():
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="commit the training-script change, run it until judged, keep or revert")
     run.add_argument("description", help="what this experiment tries (the commit message and results.tsv text)")
-    run.add_argument("--threshold", type=finite_number, default=None,
-                     help="keep when the mean beats the best's mean by more than this, after one run "
-                          "(replaces the verdict rule; default: the rule in tools/verdict.py)")
     baseline = commands.add_parser("baseline", help=f"rerun the current best until it has {verdict.BEST_RUNS} runs")
     baseline.add_argument("--repeat", type=at_least_one, default=None,
                           help=f"run it this many more times instead (default: up to {verdict.BEST_RUNS} runs)")
@@ -343,8 +286,15 @@ def main():
     submit = commands.add_parser("submit", help="queue the training-script change as a candidate for the "
                                                 "parallel scheduler and return at once")
     submit.add_argument("description", help="what this experiment tries (the commit message and results.tsv text)")
-    submit.add_argument("--threshold", type=finite_number, default=None,
-                        help="keep when the mean beats the best's mean by more than this (replaces the rule)")
+    for sub in (run, submit):
+        sub.add_argument("--threshold", type=finite_number, default=None,
+                         help=f"keep when the mean of {verdict.THRESHOLD_RUNS} runs beats the best's mean by more "
+                              f"than this (replaces the verdict rule, whose error rates then no longer hold; the "
+                              f"rows say [threshold X]; default: the rule in tools/verdict.py)")
+        sub.add_argument("--simplify", action="store_true",
+                         help=f"the change removes more lines than it adds: keep it unless it is worse than the "
+                              f"best by {verdict.SIMPLIFY_MARGIN:g} sigma (a non-inferiority test; a change that "
+                              f"adds lines is refused)")
     submit.add_argument("--timeout", type=positive_seconds, default=None,
                         help="seconds before a run is killed (default: time budget x 2 + 120)")
     submit.add_argument("--script", default=None, help="training script to submit (default: by the detected backend)")
@@ -356,6 +306,19 @@ def main():
                          help="CPU slots of the embedded local Ray cluster (default: one per GPU, else one)")
         sub.add_argument("--address", default=None,
                          help="join a Ray cluster instead: auto (ray start --head on this machine) or HOST:PORT")
+    replay_command = commands.add_parser("replay", help="judge another branch's kept changes here, in order "
+                                                        "(resumable; tools/replay.py)")
+    replay_command.add_argument("branch", help="the other machine's autoresearch branch (fetched into this repository)")
+    replay_command.add_argument("--results", default=None,
+                                help="its results.tsv, when it is not committed on the branch")
+    replay_command.add_argument("--timeout", type=positive_seconds, default=None,
+                                help="seconds before a run is killed (default: time budget x 2 + 120)")
+    replay_command.add_argument("--script", default=None,
+                                help="training script here (default: chosen by the detected backend)")
+    replay_command.add_argument("--max-disturbance", type=share, default=monitor.DISTURBED_SHARE,
+                                help=f"as for run (default {monitor.DISTURBED_SHARE:g})")
+    replay_command.add_argument("--max-load-change", type=share, default=monitor.DISTURBED_SHARE,
+                                help=f"as for run (default {monitor.DISTURBED_SHARE:g})")
     commands.add_parser("status", help="kind, best (mean of its runs), sigma, counts, last verdict, queue")
     commands.add_parser("best", help="print the best result as a results.tsv row (its mean)")
     args = parser.parse_args()
@@ -365,8 +328,8 @@ def main():
     for sig in HANDLED_SIGNALS:
         signal.signal(sig, raise_interrupted)
     try:
-        {"run": cmd_run, "baseline": cmd_baseline, "status": cmd_status, "best": cmd_best,
-         "submit": cmd_submit, "wait": cmd_wait}[args.command](args)
+        {"run": cmd_run, "baseline": cmd_baseline, "status": status.cmd_status, "best": cmd_best,
+         "submit": cmd_submit, "wait": cmd_wait, "replay": replay.cmd_replay}[args.command](args)
     except Interrupted:
         print("interrupted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED)

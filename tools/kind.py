@@ -1,12 +1,14 @@
 """The kind of result a runner command produces, and the training script it runs.
 
 A kind (tools/ledger.py) is what makes two results comparable: time budget, profile, dataset,
-backend, hardware tier, processes and whether the run is standard. It comes from the harness of
+backend, hardware tier (with a digest of the defaults the machine resolved: resolved_defaults),
+processes and whether the run is standard. It comes from the harness of
 the checkout being run (its prepare.py and backends/) and the machine, never from the script. The
 harness is asked in a child Python started in that checkout, so the runner always reads the
 checkout's own harness, whichever installed copy of the tools runs it.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -45,6 +47,13 @@ else:
                       standard=bool(prepare.is_standard_run()))
     except Exception as error:
         answer["kind_error"] = first_line(error)
+    else:
+        # What the scripts' defaults resolve to on this machine, as train.py resolves them.
+        import backends
+        if hasattr(backends, "choose_compute_dtype"):
+            dtype = backends.choose_compute_dtype(info, answer["backend"])["dtype"]
+            flops = backends.peak_flops_and_source(info, answer["backend"], dtype=dtype)[0]
+            answer["defaults"] = dict(suggest_hyperparameters(info, answer["backend"], flops=flops), dtype=dtype)
 print(json.dumps(answer))
 """
 _probed = {}
@@ -100,11 +109,32 @@ def kind_or_problem(threads=None):
         return None, problem
     backend, tier = answer["backend"], answer["tier"]
     threads = threads or allotted_threads()
+    defaults = resolved_defaults(threads)
+    if defaults:
+        tier = f"{tier}:{defaults_digest(defaults)}"
     on_cpu = backend == "cpu" or (backend == "mlx" and not answer["apple"])
     if on_cpu and threads < scheduler.machine_threads():
         tier = f"{tier}-{threads}t"
     return ledger.Kind(answer["time_budget"], answer["profile"], answer["dataset"], backend, tier, 1,
                        answer["standard"]), None
+
+
+def resolved_defaults(threads=None):
+    """The configuration the scripts' defaults resolve to on this machine (the suggested depth,
+    widths and batches, the dtype) and the CPU threads a run gets, or None when the harness
+    cannot say. Part of the kind: a machine whose defaults resolve differently (a calibration
+    that now picks fp32, a tier that suggests another batch) trains another model, so its
+    results are never compared with these. The agent's own constants are not in it: changing
+    them is the research."""
+    defaults = probe_harness().get("defaults")
+    if defaults is None:
+        return None
+    return dict(defaults, threads=threads or allotted_threads())
+
+
+def defaults_digest(defaults):
+    """Six hex digits naming resolved_defaults() in the kind's tier (cpu:1a2b3c)."""
+    return hashlib.sha256(json.dumps(defaults, sort_keys=True).encode()).hexdigest()[:6]
 
 
 def result_kind(fields, expected):

@@ -13,7 +13,7 @@ from tools import cluster, ledger, scheduler, verdict
 from tools.checkout import advance_to, git, head, rebase_onto
 from tools.kind import ready_ledger
 from tools.runner_state import exclusive_lock, record_details, remember, signals_held
-from tools.serial import Best, recover_interrupted, verdict_line
+from tools.serial import Best, recover_interrupted, speeds_context, verdict_line
 from tools.training_run import Run, crash_note, run_summary
 
 LOCK_PATIENCE_SECONDS = 30  # submit and wait hold the lock for moments; they wait for each other
@@ -52,7 +52,8 @@ def run_row(candidate, record, status, number, note=None):
     row = ledger.format_row(candidate["commit"], run.val_bpb, run.memory_gb, status,
                             ledger.describe(candidate["description"], kind, number, note))
     details = dict(run.details(candidate["commit"], kind, number), status=status, run_id=record["run"],
-                   slot=record.get("slot"), host=record.get("host"), node=record.get("node"))
+                   slot=record.get("slot"), host=record.get("host"), node=record.get("node"),
+                   fingerprint=candidate["settings"].get("fingerprint"))
     return row, details
 
 
@@ -82,11 +83,12 @@ def settle_win(candidate, book, result, lines):
         return "discard", f"won against {candidate['base'][:7]}; rebased onto the new best {best_now[:7]} as {newer['id']} {rebased[:7]}, rerun"
     blocked = advance_to(candidate)
     candidate["best_values"] = list(result.values)
+    candidate["target"] = verdict.best_runs_target(result.decision.noise if result.decision else None)
     candidate["phase"] = "advance" if blocked else "confirming"
     if blocked:
         lines.append(f"{'BLOCKED':<8} {blocked}")
     else:
-        for _ in range(scheduler.confirm_runs_to_queue(result.values, [], 0)):
+        for _ in range(scheduler.confirm_runs_to_queue(result.values, [], 0, candidate["target"])):
             scheduler.request_run(candidate, "confirm")
     return "keep", None
 
@@ -124,8 +126,11 @@ def judge_record(candidate, record, book):
     rows = ledger.read()
     best = ledger.values_of(rows, candidate["base"], str(kind))
     groups = ledger.repeat_groups(rows, str(kind), exclude={candidate["base"][:7], commit[:7]})
+    best_speeds, repeat_speeds = speeds_context(rows, kind, candidate["base"], exclude={commit[:7]})
     outcomes = [scheduler.outcome_of(r) for r in candidate["runs"]]
-    result = scheduler.judge_step(outcomes, best, groups, candidate["settings"].get("threshold"))
+    settings = candidate["settings"]
+    result = scheduler.judge_step(outcomes, best, groups, settings.get("threshold"), best_speeds, repeat_speeds,
+                                  settings.get("simplify", False))
     if result is None:
         scheduler.request_run(candidate, "judge")
         return lines
@@ -136,7 +141,9 @@ def judge_record(candidate, record, book):
         candidate["phase"] = "done"
     made = [run_row(candidate, r, status, number, note) for number, r in enumerate(candidate["runs"], start=1)]
     ledger.append([row for row, _ in made])
-    record_details([details for _, details in made])
+    # Not a verdict on the idea (void, or a win rebased and rerun): no fingerprint, so it may run again.
+    unjudged = {"fingerprint": None} if result.status == "void" or note else {}
+    record_details([dict(details, **unjudged) for _, details in made])
     runs = [run_of(r) for r in candidate["runs"]]
     if result.status == "void":
         line = f"{'VOID':<8} not judged: {result.reason} {label}"

@@ -199,11 +199,12 @@ def record_details(entries):
 
 def details_of(commit, kind):
     """The recorded details (num_steps, tok/s, ...) of every evidence run of a commit and kind."""
-    return [entry for entry in _all_details()
+    return [entry for entry in all_details()
             if entry.get("commit") == commit[:7] and entry.get("kind") == kind and entry.get("evidence")]
 
 
-def _all_details():
+def all_details():
+    """Every entry of runs/experiments.jsonl, oldest first (unreadable lines skipped)."""
     path = runs_dir() / DETAILS_FILE
     if not path.exists():
         return []
@@ -220,7 +221,7 @@ def machine_speeds(rows, kind):
     """{commit: the machine speed of each of its evidence runs of this kind}, in the order of
     ledger.values_of (file order), None for a run without a probe. The commits come in the order
     of ledger.repeat_groups, so both can be zipped."""
-    probed = {(e.get("commit"), e.get("run")): e.get("machine_speed") for e in _all_details()
+    probed = {(e.get("commit"), e.get("run")): e.get("machine_speed") for e in all_details()
               if e.get("kind") == kind and e.get("evidence")}
     speeds = {}
     for row in rows:
@@ -237,7 +238,7 @@ def complete_speeds(speeds):
 
 def latest_probe():
     """The newest run's probe fields (machine_speed, probe rates, change during the run), or None."""
-    for entry in reversed(_all_details()):
+    for entry in reversed(all_details()):
         if isinstance(entry.get("machine_speed"), (int, float)):
             return entry
     return None

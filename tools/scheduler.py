@@ -87,10 +87,12 @@ def replay(outcomes):
     return run_once
 
 
-def judge_step(outcomes, best, repeat_groups, threshold=None):
-    """The verdict of a candidate with these finished runs, or None while it needs another run."""
+def judge_step(outcomes, best, repeat_groups, threshold=None, best_speeds=None, repeat_speeds=None, simplify=False):
+    """The verdict of a candidate with these finished runs, or None while it needs another run.
+    The speeds are the machine's in the best's and the other groups' runs (see verdict.compare)."""
     try:
-        return verdict.judge_candidate(replay(outcomes), best, repeat_groups, threshold)
+        return verdict.judge_candidate(replay(outcomes), best, repeat_groups, threshold, best_speeds=best_speeds,
+                                       repeat_speeds=repeat_speeds, simplify=simplify)
     except NeedRun:
         return None
 

@@ -7,23 +7,35 @@ verdict, so an interruption records them as unjudged and undoes the commit (reco
 finishes that for a runner that was killed).
 """
 
+import dataclasses
+import shutil
 import sys
 from dataclasses import dataclass
 
 from tools import ledger, verdict
-from tools.checkout import commit_experiment, git, head, require_clean_harness
+from tools.checkout import commit_experiment, git, head, require_clean_harness, write_best_copy
 from tools.kind import default_timeout, expected_kind, ready_ledger, require_script, training_script
-from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, Interrupted, Refused, complete_speeds, details_of,
-                                load_state, machine_speeds, record_details, refuse, remember, save_state,
-                                signals_held)
+from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, STATE_DIR, Interrupted, Refused, all_details,
+                                complete_speeds, details_of, load_state, machine_speeds,
+                                record_details, refuse, remember, save_state, signals_held)
 from tools.training_run import RunPlan, crash_note, execute, run_line, run_summary
 
 
 @dataclass(frozen=True)
 class Best:
-    """The best commit of the branch and its values (val_bpb of its evidence runs) of one kind."""
+    """The best commit of the branch and its values (val_bpb of its evidence runs) of one kind,
+    with the machine's speed in each of those runs when every one was probed."""
     commit: str
     values: list
+    speeds: list | None = None
+
+
+def speeds_context(rows, kind, best, exclude=()):
+    """(the best's speeds, the speeds of every other same-commit group in ledger.repeat_groups'
+    order): None where a run lacks a probe, so the rule judges those groups raw."""
+    speeds = machine_speeds(rows, str(kind))
+    repeat = [complete_speeds(speeds[c]) for c in speeds if c not in {best[:7], *exclude}]
+    return complete_speeds(speeds.get(best[:7])), repeat
 
 
 def recover_interrupted():
@@ -61,7 +73,26 @@ def experiment_setup(args, threads=None, baseline_command="baseline"):
         refuse(f"the best commit {best[:7]} has no results of kind {kind} yet: measure it first with "
                f"uv run tools/experiment.py {baseline_command} (it runs the current code {verdict.BEST_RUNS} times)")
     plan = RunPlan(script, kind, args.timeout or default_timeout(kind), args.max_disturbance)
-    return plan, rows, Best(best, values)
+    return plan, rows, Best(best, values, speeds_context(rows, kind, best)[0])
+
+
+def judged_before(rows, kind, fingerprint):
+    """'1a2b3c4 (halve the batch): discard, mean 1.289012 of 2 runs' for an experiment of this kind
+    whose files hashed to `fingerprint` (checkout.experiment_fingerprint) and that was judged
+    already; None when it is new."""
+    for entry in all_details():
+        if entry.get("fingerprint") != fingerprint or entry.get("kind") != str(kind):
+            continue
+        commit = entry["commit"]
+        own = [r for r in rows if r.commit == commit and r.kind == str(kind)]
+        if not own:
+            continue
+        status = "keep" if any(r.status == "keep" for r in own) else (
+            "crash" if all(r.status == "crash" for r in own) else "discard")
+        values = [r.val_bpb for r in own if r.is_evidence]
+        mean = f", mean {verdict.mean(values):.6f} of {len(values)} runs" if values else ""
+        return f"{commit} ({first_description(rows, commit, kind, 'no description')}): {status}{mean}"
+    return None
 
 
 def pending_rows(pending, status):
@@ -161,9 +192,41 @@ def confirm_runs(plan, commit, description, values, what, target=verdict.BEST_RU
     return verdict.confirm_best(run_once, values, target)
 
 
-def judge_experiment(plan, best, rows, description, *, threshold=None, max_load_change):
-    """Commit the edit to plan.script, run it until the rule decides (or --threshold), write its
-    rows, then keep (and confirm it as the new best) or revert to `best` (a Best)."""
+def best_rerun(plan, best, rows):
+    """run_best for verdict.judge_candidate: one more run of the best's code while HEAD holds the
+    candidate (checkout.write_best_copy), written at once as the best's row [recheck], so that a
+    would-be keep is judged against the best as the machine runs it now, not hours ago: a host
+    that drifted (faster or slower, seen by the probe or not) does not make a keep."""
+    folder = STATE_DIR / "best"
+    description = first_description(rows, best.commit, plan.kind, "baseline")
+
+    def run_best(attempt):
+        shutil.rmtree(folder, ignore_errors=True)
+        best_plan = dataclasses.replace(plan, script=write_best_copy(best.commit, plan.script, folder))
+        number = ledger.next_run_number(ledger.read(), best.commit, str(plan.kind))
+        run_line(best_plan, f"rechecking the best {best.commit[:7]} before a keep (its run {number})")
+        run = execute(best_plan, record_group=True)
+        status = "crash" if run.outcome.crash else ("keep" if run.outcome.value is not None else "discard")
+        note = "recheck" + (f"; {run.note}" if run.note and status != "crash" else "")
+        note = note if status != "crash" else crash_note(run.outcome.crash)
+        with signals_held():
+            ledger.append([ledger.format_row(best.commit, run.val_bpb, run.memory_gb, status,
+                                             ledger.describe(description, plan.kind, number, note))])
+            record_details([dict(run.details(best.commit, plan.kind, number), status=status)])
+        shown = f"{run.val_bpb:.6f}{run_summary(run)}" if run.outcome.value is not None else (
+            run.note or run.outcome.crash)
+        print(f"{'RECHECK':<8} {shown} {best.commit[:7]} [run {number}]", flush=True)
+        return run.outcome
+
+    return run_best
+
+
+def judge_experiment(plan, best, rows, description, *, threshold=None, simplify=False, fingerprint=None,
+                     max_load_change):
+    """Commit the edit to plan.script, run it until the rule decides (or --threshold, or the
+    non-inferiority rule of a simplification), write its rows, then keep (and confirm it as the
+    new best) or revert to `best` (a Best). fingerprint goes into every run's details, so a
+    repeat of this experiment is recognised (judged_before)."""
     script, kind, kept = plan.script, plan.kind, best.commit
     with signals_held():
         files = commit_experiment(script, description)
@@ -174,6 +237,7 @@ def judge_experiment(plan, best, rows, description, *, threshold=None, max_load_
         save_state(state)
     label = f"{description} [with {', '.join(files)}]" if files else description
     repeats = ledger.repeat_groups(rows, str(kind), exclude={kept[:7], commit[:7]})
+    repeat_speeds = speeds_context(rows, kind, kept, exclude={commit[:7]})[1]
     runs = []
 
     def run_once(attempt):
@@ -188,7 +252,7 @@ def judge_experiment(plan, best, rows, description, *, threshold=None, max_load_
                 "commit": commit, "val_bpb": run.val_bpb, "memory_gb": run.memory_gb, "crash": run.outcome.crash is not None,
                 "evidence": run.outcome.value is not None, "kind_tag": kind.tag(),
                 "description": ledger.describe(description, kind, number, note),
-                "details": run.details(commit, kind, number)})
+                "details": dict(run.details(commit, kind, number), fingerprint=fingerprint)})
             save_state(state)
         if run.outcome.value is not None:
             print(f"{'RESULT':<8} {run.val_bpb:.6f}{run_summary(run)} {commit[:7]} [run {number}]", flush=True)
@@ -197,7 +261,9 @@ def judge_experiment(plan, best, rows, description, *, threshold=None, max_load_
         return run.outcome
 
     try:
-        result = verdict.judge_candidate(run_once, best.values, repeats, threshold)
+        result = verdict.judge_candidate(run_once, best.values, repeats, threshold, best_speeds=best.speeds,
+                                         repeat_speeds=repeat_speeds, simplify=simplify,
+                                         run_best=best_rerun(plan, best, rows))
     except (Interrupted, Refused) as stop:
         with signals_held():
             state = load_state()
@@ -213,6 +279,8 @@ def judge_experiment(plan, best, rows, description, *, threshold=None, max_load_
         print(f"interrupted: {what}; the experiment commit was undone and {where}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED)
 
+    if result.best_values is not None:  # the best was rechecked: the line shows the best the verdict used
+        best = Best(best.commit, list(result.best_values), result.best_speeds)
     load_changed = result.status == "keep" and load_difference(runs, kept, kind, max_load_change)
     if load_changed:
         result = verdict.Verdict("void", result.values, result.decision, load_changed)
@@ -221,7 +289,9 @@ def judge_experiment(plan, best, rows, description, *, threshold=None, max_load_
         state = load_state()
         pending = state["in_progress"]["pending"]
         ledger.append(pending_rows(pending, status))
-        record_details([dict(run["details"], status=status) for run in pending])
+        # A void experiment was not judged: its fingerprint is dropped, so it can run again.
+        unjudged = {"fingerprint": None} if result.status == "void" else {}
+        record_details([dict(run["details"], status=status, **unjudged) for run in pending])
         state.pop("in_progress")
         save_state(state)
     if result.status == "void":
@@ -234,7 +304,8 @@ def judge_experiment(plan, best, rows, description, *, threshold=None, max_load_
         remember(line)
         raise SystemExit(EXIT_REFUSED)
     if result.status == "keep":
-        values = confirm_runs(plan, commit, description, list(result.values), "confirming the new best")
+        target = verdict.best_runs_target(result.decision.noise if result.decision else None)
+        values = confirm_runs(plan, commit, description, list(result.values), "confirming the new best", target)
         line = verdict_line(result, commit, label, kind, best, runs,
                             f"best now {verdict.mean(values):.6f} mean of {len(values)}")
     else:

@@ -37,9 +37,12 @@ class RunPlan:
 
 
 def train_command(script):
-    """`uv run <script>`, or AUTORESEARCH_TRAIN_CMD split like a shell would."""
+    """`uv run <script>`, or AUTORESEARCH_TRAIN_CMD split like a shell would, its {script} replaced
+    by the script the runner means (the best's copy when it rechecks the best)."""
     override = os.environ.get("AUTORESEARCH_TRAIN_CMD")
-    return shlex.split(override) if override else ["uv", "run", script]
+    if not override:
+        return ["uv", "run", script]
+    return [part.replace("{script}", script) for part in shlex.split(override)]
 
 
 def kill_group(process):

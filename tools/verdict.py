@@ -39,8 +39,8 @@ The rule, and why it is this one:
   A sequential t-test was preferred to a bootstrap (too few runs to resample) and to a Bayesian
   rule (it would need a prior on effect sizes that nobody can state for a new machine).
 - Drift. The host can speed up or slow down over a night, and the best's runs were taken hours
-  ago. When the caller can run the best (judge_candidate's run_best), a would-be keep first reruns
-  the best RECHECK_RUNS times: if the fresh runs moved from the old mean by more than DRIFT_T
+  ago. When the caller can run the best (judge_candidate's run_best; the serial runner always
+  can), a would-be keep first reruns the best RECHECK_RUNS times: if the fresh runs moved from the old mean by more than DRIFT_T
   standard errors, the old runs are stale and the best is the fresh runs alone; else they join it.
   The candidate is then judged again. probe_drift() says when the probe itself has left the range
   the best was measured in, so the best should be re-measured before the next experiment.
@@ -380,7 +380,14 @@ def judge_candidate(run_once, best, repeat_groups=(), threshold=None, *, best_sp
         decision = decide(values, best, repeat_groups, threshold, best_speeds=best_speeds, **options)
         if decision.action == "keep" and run_best is not None and not checked:
             checked = True
+            old, old_speeds = best, best_speeds
             best, best_speeds, drift = _recheck_best(run_best, best, best_speeds, decision.noise)
+            if drift:
+                # The old runs no longer give the best's level, but their spread still measures the noise.
+                repeat_groups = [*repeat_groups, old]
+                if repeat_speeds is not None or old_speeds is not None:
+                    repeat_speeds = [*(repeat_speeds or [None] * (len(repeat_groups) - 1)), old_speeds]
+                options["repeat_speeds"] = repeat_speeds
             decision = decide(values, best, repeat_groups, threshold, best_speeds=best_speeds, **options)
         if decision.action != "rerun":
             rechecked = (tuple(best), tuple(best_speeds) if best_speeds is not None else None) if checked else (None, None)

@@ -1,0 +1,115 @@
+"""`uv run tools/experiment.py status`: where the branch stands, read from results.tsv, the runner's
+state and the runs' details: the branch and its harness, an interrupted experiment, the kind a run
+started now has and the defaults this machine resolved, the best and the noise (corrected for the
+machine's speed where its runs were probed), the newest probe of the machine against the range the
+best was measured in, the counts, the last verdict and the parallel queue.
+"""
+
+from tools import ledger, verdict
+from tools.checkout import branch_base, current_branch, harness_changes, head
+from tools.kind import defaults_digest, kind_or_problem, ready_ledger, resolved_defaults
+from tools.parallel import queue_status
+from tools.runner_state import (complete_speeds, end_orphaned_training_unless_locked, latest_probe, load_state,
+                                lock_holder, machine_speeds)
+from tools.serial import first_description
+
+
+def cmd_status(args):
+    rows = ready_ledger()
+    end_orphaned_training_unless_locked()
+    holder = lock_holder()
+    state = load_state()
+    branch = current_branch() or "(detached HEAD)"
+    base_name, base = branch_base()
+    changed = harness_changes(base)
+    harness = f"CHANGED: {', '.join(changed)}" if changed else "unchanged"
+    print(f"branch       {branch} (base {base[:7]} on {base_name}; harness {harness})")
+    # A killed runner leaves its unjudged experiment commit at HEAD: the best is the commit it was
+    # judged against, and HEAD's advice ("run baseline") would make the unjudged change the best.
+    interrupted = None if holder else state.get("in_progress")
+    best = (interrupted["kept"] if interrupted else head())[:7]
+    if interrupted:
+        finished = len(interrupted.get("pending", []))
+        print(f"interrupted  the runner was stopped before judging {interrupted['commit'][:7]} "
+              f"({interrupted['description']}); the next run undoes that commit, keeps its edit staged in "
+              f"{', '.join([interrupted['script'], *interrupted.get('files', [])])}, records its {finished} finished run(s) as unjudged and stops "
+              f"so you can check the file")
+    # The kind a run started here now has (as `run` computes it): the best of that kind is the
+    # bar the next experiment meets, whatever kind the last runs had.
+    kind, problem = kind_or_problem()
+    present = list(dict.fromkeys(r.kind for r in rows if r.commit == best))
+    if kind is None:
+        print(f"kind         unknown: {problem}")
+    else:
+        kind = str(kind)
+        print(f"kind         {kind} (what a run started here now has; best and noise are of this kind)")
+        defaults = resolved_defaults()
+        if defaults:
+            print(f"defaults     {describe_defaults(defaults)} (resolved on this machine; "
+                  f"{defaults_digest(defaults)} in the kind)")
+        values = ledger.values_of(rows, best, kind)
+        if values:
+            print(f"best         {verdict.mean(values):.6f} mean of {len(values)} runs, {best} "
+                  f"{first_description(rows, best, kind, '')} [{kind}]")
+            noise = kind_noise(rows, kind, best)
+            print(f"noise        {noise.describe()}" + (f", {noise.dof} degrees of freedom" if noise.sigma else ""))
+        else:
+            print(f"best         {best} has no results of this kind yet (measure it with: "
+                  f"uv run tools/experiment.py baseline)")
+    machine = machine_line(rows, kind, best)
+    if machine:
+        print(f"machine      {machine}")
+    others = [k for k in present if k != kind]
+    if others:
+        print(f"other kinds  {best} also has results of kind " + "; ".join(
+            f"{k} ({len(ledger.values_of(rows, best, k))} runs)" for k in others))
+    counts = {status: sum(r.status == status for r in rows) for status in ledger.STATUSES}
+    print(f"experiments  {len(rows)} runs ({', '.join(f'{n} {status}' for status, n in counts.items())})")
+    if holder:
+        print(f"running      {holder}")
+    print(f"last verdict {state.get('last_verdict', 'none yet')}")
+    for line in queue_status():
+        print(line)
+
+
+def describe_defaults(defaults):
+    """'depth 2, aspect 96, seq 512, batch 8,192 tokens (16 rows), window L, bf16, 2 threads'."""
+    parts = [f"{label} {defaults[key]}" for key, label in
+             (("depth", "depth"), ("aspect_ratio", "aspect"), ("seq_len", "seq")) if key in defaults]
+    if "total_batch_size" in defaults:
+        rows = f" ({defaults['device_batch_size']} rows)" if "device_batch_size" in defaults else ""
+        parts.append(f"batch {defaults['total_batch_size']:,} tokens{rows}")
+    if "window_pattern" in defaults:
+        parts.append(f"window {defaults['window_pattern']}")
+    return ", ".join(parts + [str(defaults.get("dtype")), f"{defaults['threads']} threads"])
+
+
+def kind_noise(rows, kind, best):
+    """The noise the rule uses for this kind: every same-commit group, corrected for the machine's
+    speed where every run of a group was probed."""
+    speeds = machine_speeds(rows, kind)
+    groups = ledger.repeat_groups(rows, kind, exclude={best})
+    others = [complete_speeds(speeds[c]) for c in speeds if c != best]
+    return verdict.pooled_noise([*groups, ledger.values_of(rows, best, kind)],
+                                [*others, complete_speeds(speeds.get(best))])
+
+
+def machine_line(rows, kind, best):
+    """'speed 62.7 (matmul 140 GFLOP/s, memory 26.5 GB/s), +8.0% during the last run; ...' from the
+    newest run's probe, against the range the best was measured in; None before any probed run."""
+    probe = latest_probe()
+    if probe is None:
+        return None
+    text = f"speed {probe['machine_speed']:.1f}"
+    if probe.get("probe_matmul_gflops") and probe.get("probe_memory_gb_per_s"):
+        text += f" (matmul {probe['probe_matmul_gflops']:.0f} GFLOP/s, memory {probe['probe_memory_gb_per_s']:.1f} GB/s)"
+    text += f" in the last run of {probe['commit']}"
+    if isinstance(probe.get("machine_speed_change"), (int, float)):
+        text += f", {100 * probe['machine_speed_change']:+.1f}% during it"
+    best_speeds = complete_speeds(machine_speeds(rows, kind).get(best)) if kind else None
+    if best_speeds:
+        text += f"; the best's runs: {min(best_speeds):.1f}-{max(best_speeds):.1f}"
+        moved = verdict.probe_drift(best_speeds, [probe["machine_speed"]])
+        if moved:
+            text += f" ({moved}: re-measure the best with uv run tools/experiment.py baseline --repeat 2)"
+    return text
