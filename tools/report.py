@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tools import plot
+from tools import ledger, plot, replay
 from tools.night_files import (STANDARD, assign_kinds, cause_group, commit_facts, crash_cause, join_runs, load_runs,
                                load_sessions, parse_rows)
 
@@ -373,7 +373,7 @@ def session_lines(sessions):
     return lines + [""]
 
 
-def render(sections, image, sessions=()):
+def render(sections, image, sessions=(), transfer=()):
     lines = ["# autoresearch report", ""]
     if image:
         lines += [f"![progress]({image})", ""]
@@ -381,6 +381,7 @@ def render(sections, image, sessions=()):
         lines += side_by_side(sections)
     for section in sections:
         lines += section_lines(section, section["name"])
+    lines += transfer
     if sessions:
         lines += session_lines(sessions)
     return "\n".join(lines).rstrip() + "\n"
@@ -421,9 +422,14 @@ def main():
     if any(r["status"] != "crash" for _, rows in series for r in rows):
         plot.plot(series, args.plot)
         image = os.path.relpath(args.plot, Path(args.output).resolve().parent)
-    # The agent's sessions are this checkout's, like run.log: only in the report of its results.tsv.
-    sessions = load_sessions() if files == ["results.tsv"] else []
-    Path(args.output).write_text(render(sections, image, sessions))
+    # The agent's sessions and the replays are this checkout's, like run.log: only in the report of its results.tsv.
+    here = files == ["results.tsv"]
+    sessions = load_sessions() if here else []
+    try:  # a results.tsv the report could read line by line may still fail the runner's strict parse
+        transfer = replay.transfer_lines(ledger.parse(Path("results.tsv").read_text())) if here else []
+    except ledger.LedgerError:
+        transfer = []
+    Path(args.output).write_text(render(sections, image, sessions, transfer))
     print(f"wrote {args.output}" + (f" and {args.plot}" if image else ""))
 
 
