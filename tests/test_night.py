@@ -27,16 +27,16 @@ KIT = Path(__file__).resolve().parent.parent
 NIGHT = KIT / "tools" / "night.py"
 HOUR = 3600.0
 
-AGENT = '''"""A fake agent: session 1 runs two experiments through the runner, later sessions only keep
+AGENT = '''"""A fake agent: its first start runs two experiments through the runner, later starts only keep
 the digest they were given (stdin and the file named on their command line) and stop."""
 import subprocess, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-session = len(list(out.glob("stdin-*.md"))) + 1
-(out / f"stdin-{session}.md").write_text(sys.stdin.read())
-(out / f"file-{session}.md").write_text(Path(sys.argv[2]).read_text())
-if session == 1:
+start = len(list(out.glob("stdin-*.md"))) + 1
+(out / f"stdin-{start}.md").write_text(sys.stdin.read())
+(out / f"file-{start}.md").write_text(Path(sys.argv[2]).read_text())
+if start == 1:
     for idea in ("idea one", "idea two"):
         with open("train.py", "a") as script:
             script.write(f"# {idea}\\n")
@@ -59,15 +59,15 @@ time.sleep(120)
 '''
 
 
-def sessions_clock(start=1_800_000_000.0):
-    """An hour passes with every session the supervisor logs."""
+def agent_runs_clock(start=1_800_000_000.0):
+    """An hour passes with every run of the agent the supervisor logs."""
     def now():
         logged = supervisor.AGENT_LOG.read_text().count("\n") if supervisor.AGENT_LOG.exists() else 0
         return start + logged * HOUR
     return now
 
 
-def logged_sessions():
+def logged_agent_runs():
     return [json.loads(line) for line in supervisor.AGENT_LOG.read_text().splitlines()]
 
 
@@ -94,32 +94,32 @@ def test_an_agent_that_exits_early_is_restarted_with_a_digest_until_the_deadline
     plan(dict(os.environ), 1.40, 1.45)  # two clear losers, one run each
     (tmp_path / "agent.py").write_text(AGENT)
     command = f"{shlex.quote(sys.executable)} {tmp_path / 'agent.py'} {tmp_path} {{digest}} {RUNNER}"
-    clock = sessions_clock()
+    clock = agent_runs_clock()
     supervised = supervisor.Supervisor(command, clock() + 2 * HOUR - 1, clock=clock, quick_seconds=0)
     assert supervised.run() == 0
-    first, second = logged_sessions()
-    assert (first["session"], first["ended_by"], first["exit_code"], first["experiments"], first["runs"]) == (
+    first, second = logged_agent_runs()
+    assert (first["agent_run"], first["ended_by"], first["exit_code"], first["experiments"], first["runs"]) == (
         1, "exit", 0, 2, 2)
-    assert (second["session"], second["experiments"], second["started_at"] - first["started_at"]) == (2, 0, HOUR)
+    assert (second["agent_run"], second["experiments"], second["started_at"] - first["started_at"]) == (2, 0, HOUR)
     assert [r[4].split(" [")[0] for r in rows(repo)[6:]] == ["idea one", "idea two"]
     assert git(repo, "rev-parse", "HEAD") == kit  # both discarded, nothing half made
     digest = (tmp_path / "stdin-2.md").read_text()
     assert (tmp_path / "file-2.md").read_text() == digest  # on stdin and in the file the command names
-    assert "session 2 of the night" in digest
-    assert "The previous session ended at" in digest and "(exit, exit code 0) after 2 experiment(s)" in digest
+    assert "start 2 of the night" in digest
+    assert "Your previous run ended at" in digest and "(exit, exit code 0) after 2 experiment(s)" in digest
     assert "best         1.300000 mean of 6 runs" in digest and "last verdict DISCARD" in digest
     assert "## Ideas already tried (2 experiments, oldest first)" in digest
     ideas = digest.split("## Ideas already tried")[1].split("##")[0]
     assert "- discard 1.400000 " in ideas and ideas.index("idea one") < ideas.index("idea two")
-    assert "This is the first session of the night." in (tmp_path / "stdin-1.md").read_text()
+    assert "This is your first start of the night." in (tmp_path / "stdin-1.md").read_text()
 
 
 def test_an_agent_that_fails_at_once_is_given_up_after_repeated_quick_failures(checkout, capsys):
     supervised = supervisor.Supervisor("exit 3", time.time() + 10 * HOUR, quick_seconds=HOUR)
     assert supervised.run() == supervisor.EXIT_GAVE_UP
-    sessions = logged_sessions()
-    assert len(sessions) == supervisor.QUICK_FAILURES
-    assert {(s["exit_code"], s["ended_by"], s["experiments"]) for s in sessions} == {(3, "exit", 0)}
+    agent_runs = logged_agent_runs()
+    assert len(agent_runs) == supervisor.QUICK_FAILURES
+    assert {(s["exit_code"], s["ended_by"], s["experiments"]) for s in agent_runs} == {(3, "exit", 0)}
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (f"night: giving up: the agent exited within {HOUR:g} s without an experiment "
                     f"{supervisor.QUICK_FAILURES} times in a row (last exit code 3); run its command by hand "
@@ -139,8 +139,8 @@ def test_an_agent_still_working_at_the_deadline_is_stopped_with_its_whole_group(
     begun = time.monotonic()
     assert supervised.run() == 0
     assert time.monotonic() - begun < 30
-    (session,) = logged_sessions()
-    assert session["ended_by"] == "deadline" and session["exit_code"] == -signal.SIGTERM
+    (agent_run,) = logged_agent_runs()
+    assert agent_run["ended_by"] == "deadline" and agent_run["exit_code"] == -signal.SIGTERM
     assert wait_for_death(int(started.read_text()))
 
 
@@ -166,7 +166,7 @@ def test_interrupting_the_night_mid_experiment_leaves_no_lock_and_no_half_made_c
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert "night: interrupted: stopping the agent" in stderr and "night: stopped after 1 session(s)" in stderr
+    assert "night: interrupted: stopping the agent" in stderr and "night: stopped after 1 agent run(s)" in stderr
     assert git(repo, "rev-parse", "HEAD") == kit
     assert git(repo, "diff", "--cached", "--name-only") == "train.py"  # the edit is back, staged
     assert (repo / "results.tsv").read_text() == results_before
@@ -174,8 +174,8 @@ def test_interrupting_the_night_mid_experiment_leaves_no_lock_and_no_half_made_c
     assert not scheduler.lock_is_held(repo / ".autoresearch" / "night.lock")
     script_pid, helper_pid = map(int, marker.read_text().split())
     assert wait_for_death(script_pid) and wait_for_death(helper_pid)
-    (session,) = logged_sessions()
-    assert session["ended_by"] == "interrupted" and session["experiments"] == 0
+    (agent_run,) = logged_agent_runs()
+    assert agent_run["ended_by"] == "interrupted" and agent_run["experiments"] == 0
 
 
 @pytest.mark.parametrize("until, why", [
@@ -244,7 +244,7 @@ def test_the_digest_lists_near_misses_as_the_morning_report_finds_them(tmp_path,
                                   "- crash ddddddd depth 40"]
 
 
-def test_the_morning_report_counts_the_agents_sessions_and_the_time_between_experiments(night):  # noqa: F811
+def test_the_morning_report_counts_the_agents_runs_and_the_time_between_experiments(night):  # noqa: F811
     log = night / ".autoresearch" / "agent_runs.jsonl"
     log.parent.mkdir()
     t0 = 1_700_000_000
@@ -255,8 +255,8 @@ def test_the_morning_report_counts_the_agents_sessions_and_the_time_between_expe
     done = report(night)
     assert done.returncode == 0, done.stderr
     text = (night / "report.md").read_text()
-    agents = text.split("## Agent sessions\n\n")[1]
-    assert agents.startswith(f"**3 sessions of the agent** (tools/night.py) from {morning.clock(t0)} to "
+    agents = text.split("## Agent runs\n\n")[1]
+    assert agents.startswith(f"**3 runs of the agent** (tools/night.py) from {morning.clock(t0)} to "
                              f"{morning.clock(t0 + 930)}: 2 exited on their own, 1 stopped at the deadline, "
                              "1 exited with an error.")
     assert f"| 2 | {morning.clock(t0 + 401)} | 1 s | exit | 127 | 0 | 0 |" in agents
@@ -266,4 +266,4 @@ def test_the_morning_report_counts_the_agents_sessions_and_the_time_between_expe
 
 def test_no_agent_section_without_the_supervisors_log(night):  # noqa: F811
     assert report(night).returncode == 0
-    assert "## Agent sessions" not in (night / "report.md").read_text()
+    assert "## Agent runs" not in (night / "report.md").read_text()

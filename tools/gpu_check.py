@@ -324,7 +324,7 @@ def run_step(name, args, log):
         # MLX compiles its CUDA kernels at run time (NVRTC) against the toolkit's headers.
         if "CUDA_HOME" not in env and Path("/usr/local/cuda/include").is_dir():
             env["CUDA_HOME"] = "/usr/local/cuda"
-        # A session of its own, so that a time-out ends the step's training runs with it.
+        # A process group of its own, so that a time-out ends the step's training runs with it.
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
         try:

@@ -12,7 +12,7 @@ exits before the deadline, starts it again with a digest of where the night stan
   environment as AUTORESEARCH_DIGEST.
 The digest holds the runner's status (best, sigma, counts, last verdict), every idea already tried
 with its outcome, the near misses and other runs worth a rerun (as tools/report.py finds them) and
-how the previous session ended.
+how the agent's previous run ended.
 
 How it stays safe:
 - One supervisor per checkout (.autoresearch/night.lock). It refuses to start (exit 2, one line)
@@ -21,10 +21,10 @@ How it stays safe:
   supervisor are passed on to the group. Either way every process of the group gets
   STOP_GRACE_SECONDS to exit (the runner undoes a half-made experiment and lets go of its lock on
   SIGINT and SIGTERM), then SIGKILL. Whatever the agent left running when it exited is stopped the
-  same way before the next session starts: one agent at a time.
-- Each session is one line of .autoresearch/agent_runs.jsonl (start, end, exit code, how it
+  same way before the agent starts again: one agent at a time.
+- Each run of the agent is one line of .autoresearch/agent_runs.jsonl (start, end, exit code, how it
   ended, the experiments and runs it added), which the morning report counts.
-- QUICK_FAILURES sessions in a row that end within QUICK_EXIT_SECONDS without an experiment mean
+- QUICK_FAILURES runs of the agent in a row that end within QUICK_EXIT_SECONDS without an experiment mean
   the agent cannot work (a wrong command, no credentials): the supervisor gives up with one line.
 - Exit status: 0 at the deadline, 1 after giving up, 2 when refused, 130 when interrupted.
 
@@ -55,7 +55,7 @@ DIGEST_FILE = STATE_DIR / "digest.md"
 AGENT_LOG = night_files.AGENT_LOG
 RUNNER = Path(__file__).resolve().parent / "experiment.py"
 BRANCH_PREFIX = "autoresearch/"
-QUICK_EXIT_SECONDS = 30.0   # a session this short that ran no experiment is a failed start
+QUICK_EXIT_SECONDS = 30.0   # an agent run this short that made no experiment is a failed start
 QUICK_FAILURES = 3          # failed starts in a row before giving up
 STOP_GRACE_SECONDS = 60.0   # for the agent's group to exit after a signal (a runner cleans up in seconds)
 POLL_SECONDS = 0.5          # how often the deadline and signals are checked while the agent runs
@@ -137,20 +137,20 @@ def worth_a_rerun(rows):
             f"({delta:+.6f} against the best then): {why}" for row, delta, why in section["worth"]]
 
 
-def digest(session, previous, deadline, now):
-    """The text an agent gets at the start of a session."""
+def digest(number, previous, deadline, now):
+    """The text the agent gets each time the supervisor starts it (its `number`th start of the night)."""
     rows = night_rows()
     if previous is None:
-        earlier = "This is the first session of the night."
+        earlier = "This is your first start of the night."
     else:
-        earlier = (f"The previous session ended at {clock_text(previous['ended_at'])} "
+        earlier = (f"Your previous run ended at {clock_text(previous['ended_at'])} "
                    f"({previous['ended_by']}, exit code {previous['exit_code']}) after "
                    f"{previous['experiments']} experiment(s).")
     ideas = tried_ideas(rows)
     shown = ideas[-MAX_IDEAS:]
     lines = [f"# Where the night stands ({clock_text(now)}; the night ends at {clock_text(deadline)})", "",
-             f"You are the research agent of this checkout, session {session} of the night, started by "
-             f"tools/night.py. {earlier} Carry on with the loop in program.md from where it stands: the set-up "
+             f"You are the research agent of this checkout, started by tools/night.py (start {number} of the "
+             f"night). {earlier} Carry on with the loop in program.md from where it stands: the set-up "
              "and the baseline are done; do not repeat an idea listed below unless it is worth a rerun.", "",
              "## Status (uv run tools/experiment.py status)", "", runner_status(), "",
              f"## Ideas already tried ({len(ideas)} experiments, oldest first"
@@ -202,7 +202,7 @@ def stop_group(process, sig, grace=STOP_GRACE_SECONDS):
 
 
 class Supervisor:
-    """Runs the agent command in sessions until the deadline, a signal or repeated quick failures.
+    """Runs the agent command again and again until the deadline, a signal or repeated quick failures.
 
     clock (epoch seconds), quick_seconds and poll_seconds are injectable so that tests can let
     hours pass without waiting for them."""
@@ -214,12 +214,12 @@ class Supervisor:
         self.signal_received = None
 
     def on_signal(self, signum, frame):
-        """Handler of the handled signals: the session loop notices within poll_seconds."""
+        """Handler of the handled signals: the supervising loop notices within poll_seconds."""
         self.signal_received = self.signal_received or signum
 
-    def start_agent(self, session, previous):
+    def start_agent(self, number, previous):
         STATE_DIR.mkdir(exist_ok=True)
-        DIGEST_FILE.write_text(digest(session, previous, self.deadline, self.clock()))
+        DIGEST_FILE.write_text(digest(number, previous, self.deadline, self.clock()))
         path = str(DIGEST_FILE.resolve())
         with open(DIGEST_FILE, "rb") as stdin:
             return subprocess.Popen(self.command.replace("{digest}", shlex.quote(path)), shell=True,
@@ -227,7 +227,7 @@ class Supervisor:
                                     env=dict(os.environ, AUTORESEARCH_DIGEST=path))
 
     def watch(self, process):
-        """Wait for the agent to exit, the deadline or a signal; how the session ended."""
+        """Wait for the agent to exit, the deadline or a signal; how this run of the agent ended."""
         while True:
             try:
                 process.wait(timeout=self.poll_seconds)
@@ -245,13 +245,13 @@ class Supervisor:
 
     def run(self):
         """The night; returns the exit status."""
-        session, previous, quick, total = 0, None, 0, 0
+        starts, previous, quick, total = 0, None, 0, 0
         while self.clock() < self.deadline and not self.signal_received:
-            session += 1
+            starts += 1
             experiments_before, runs_before = progress_counts()
             started = self.clock()
-            process = self.start_agent(session, previous)
-            print(f"night: session {session} started at {clock_text(started)}, until {clock_text(self.deadline)}",
+            process = self.start_agent(starts, previous)
+            print(f"night: agent run {starts} started at {clock_text(started)}, until {clock_text(self.deadline)}",
                   flush=True)
             ended_by = self.watch(process)
             if ended_by == "interrupted":
@@ -264,7 +264,7 @@ class Supervisor:
             stop_group(process, self.signal_received if ended_by == "interrupted" else signal.SIGTERM, self.grace)
             ended = self.clock()
             experiments_after, runs_after = progress_counts()
-            previous = {"session": session, "started_at": started, "ended_at": ended,
+            previous = {"agent_run": starts, "started_at": started, "ended_at": ended,
                         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                         "ended": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ended)),
                         "seconds": round(ended - started, 1), "exit_code": process.returncode,
@@ -273,7 +273,7 @@ class Supervisor:
             self.record(previous)
             total += previous["experiments"]
             if ended_by == "interrupted":
-                print(f"night: stopped after {session} session(s), {total} experiment(s)", file=sys.stderr)
+                print(f"night: stopped after {starts} agent run(s), {total} experiment(s)", file=sys.stderr)
                 return EXIT_INTERRUPTED
             quick = quick + 1 if ended - started < self.quick_seconds and not previous["experiments"] else 0
             if quick >= QUICK_FAILURES:
@@ -282,12 +282,12 @@ class Supervisor:
                       f"to see why: {self.command}", file=sys.stderr)
                 return EXIT_GAVE_UP
             if ended_by == "exit" and self.clock() < self.deadline:
-                print(f"night: session {session} ended (exit code {process.returncode}, "
+                print(f"night: agent run {starts} ended (exit code {process.returncode}, "
                       f"{previous['experiments']} experiment(s)); starting it again with the digest", flush=True)
         if self.signal_received:
-            print(f"night: stopped after {session} session(s), {total} experiment(s)", file=sys.stderr)
+            print(f"night: stopped after {starts} agent run(s), {total} experiment(s)", file=sys.stderr)
             return EXIT_INTERRUPTED
-        print(f"night: done at {clock_text(self.clock())}: {session} session(s), {total} experiment(s)", flush=True)
+        print(f"night: done at {clock_text(self.clock())}: {starts} agent run(s), {total} experiment(s)", flush=True)
         return 0
 
 

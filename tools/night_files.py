@@ -1,6 +1,6 @@
 """Reading what a night left behind, tolerantly, for the morning report and the live page:
 results.tsv rows (tools/ledger.py checks each line; unreadable lines are counted, not fatal), the
-run JSON files joined to them, git's facts about each experiment commit, and the agent's sessions
+run JSON files joined to them, git's facts about each experiment commit, and the agent's runs
 that tools/night.py logged. Nothing here writes."""
 
 import json
@@ -16,7 +16,7 @@ NONSTANDARD = re.compile(r"^non-standard, ([0-9.]+)s budget$")
 STAMP = re.compile(r"^run_(\d{8}_\d{6})")
 RUNNER_TAGS = ("non-standard", "standard", "rerun", "run ", "baseline", "over budget", "disturbed",
                "unjudged")  # tags that are no crash cause
-AGENT_LOG = Path(".autoresearch") / "agent_runs.jsonl"  # the agent's sessions, one JSON line each (tools/night.py)
+AGENT_LOG = Path(".autoresearch") / "agent_runs.jsonl"  # the agent's runs, one JSON line each (tools/night.py)
 
 
 def parse_rows(text, source="results.tsv"):
@@ -111,21 +111,21 @@ def commit_facts(commits):
     return facts
 
 
-def load_sessions(path=AGENT_LOG):
-    """The agent's sessions that tools/night.py logged, oldest first; unreadable lines skipped."""
+def load_agent_runs(path=AGENT_LOG):
+    """The agent's runs that tools/night.py logged, oldest first; unreadable lines skipped."""
     try:
         text = Path(path).read_text(errors="replace")
     except OSError:
         return []
-    sessions = []
+    agent_runs = []
     for line in text.splitlines():
         try:
             entry = json.loads(line)
             float(entry["started_at"]), float(entry["ended_at"])
         except (ValueError, KeyError, TypeError):
             continue
-        sessions.append(entry)
-    return sorted(sessions, key=lambda entry: float(entry["started_at"]))
+        agent_runs.append(entry)
+    return sorted(agent_runs, key=lambda entry: float(entry["started_at"]))
 
 
 def crash_cause(row, log_text):

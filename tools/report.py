@@ -18,7 +18,7 @@ Where each fact comes from, and nothing else is guessed:
 - the run JSON files (runs/run_*.json, the summary of each finished run), joined to rows by val_bpb
   to 6 decimals: the machine, the steps, where each run's time went, and when it ended.
 - git: each experiment commit's time (a run starts right after it) and its diff stat.
-- .autoresearch/agent_runs.jsonl, written by tools/night.py: one line per session of the agent
+- .autoresearch/agent_runs.jsonl, written by tools/night.py: one line per run of the agent
   (start, end, exit code, how it ended, experiments added), for the report of this checkout.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tools import ledger, plot, replay
 from tools.night_files import (STANDARD, assign_kinds, cause_group, commit_facts, crash_cause, join_runs, load_runs,
-                               load_sessions, parse_rows)
+                               load_agent_runs, parse_rows)
 
 ENVIRONMENT = """environment:
   AUTORESEARCH_RUNS_DIR  where the run JSON files are (default: ./runs); --runs-dir overrides it"""
@@ -352,28 +352,28 @@ def build_sections(series, runs, log_text):
     return sections
 
 
-def session_lines(sessions):
-    """The report's section on the agent's sessions (tools/night.py restarts the agent)."""
-    ended = Counter(entry.get("ended_by") for entry in sessions)
-    failed = sum(1 for entry in sessions if entry.get("ended_by") == "exit" and entry.get("exit_code") != 0)
+def agent_run_lines(agent_runs):
+    """The report's section on the agent's runs (tools/night.py starts the agent again whenever it exits)."""
+    ended = Counter(entry.get("ended_by") for entry in agent_runs)
+    failed = sum(1 for entry in agent_runs if entry.get("ended_by") == "exit" and entry.get("exit_code") != 0)
     how = [f"{ended['exit']} exited on their own" if ended["exit"] else None,
            f"{ended['deadline']} stopped at the deadline" if ended["deadline"] else None,
            f"{ended['interrupted']} interrupted" if ended["interrupted"] else None,
            f"{failed} exited with an error" if failed else None]
-    lines = ["## Agent sessions", "",
-             f"**{len(sessions)} session{'s' if len(sessions) != 1 else ''} of the agent** (tools/night.py) from "
-             f"{clock(float(sessions[0]['started_at']))} to {clock(float(sessions[-1]['ended_at']))}: "
+    lines = ["## Agent runs", "",
+             f"**{len(agent_runs)} run{'s' if len(agent_runs) != 1 else ''} of the agent** (tools/night.py) from "
+             f"{clock(float(agent_runs[0]['started_at']))} to {clock(float(agent_runs[-1]['ended_at']))}: "
              + ", ".join(part for part in how if part) + ".", "",
              "| # | started | ran | ended by | exit code | experiments | runs |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for number, entry in enumerate(sessions, start=1):
+    for number, entry in enumerate(agent_runs, start=1):
         ran = float(entry["ended_at"]) - float(entry["started_at"])
         lines.append(f"| {number} | {clock(float(entry['started_at']))} | {duration(ran)} | {entry.get('ended_by', '?')} | "
                      f"{entry.get('exit_code', '?')} | {entry.get('experiments', '?')} | {entry.get('runs', '?')} |")
     return lines + [""]
 
 
-def render(sections, image, sessions=(), transfer=()):
+def render(sections, image, agent_runs=(), transfer=()):
     lines = ["# autoresearch report", ""]
     if image:
         lines += [f"![progress]({image})", ""]
@@ -382,8 +382,8 @@ def render(sections, image, sessions=(), transfer=()):
     for section in sections:
         lines += section_lines(section, section["name"])
     lines += transfer
-    if sessions:
-        lines += session_lines(sessions)
+    if agent_runs:
+        lines += agent_run_lines(agent_runs)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -422,14 +422,14 @@ def main():
     if any(r["status"] != "crash" for _, rows in series for r in rows):
         plot.plot(series, args.plot)
         image = os.path.relpath(args.plot, Path(args.output).resolve().parent)
-    # The agent's sessions and the replays are this checkout's, like run.log: only in the report of its results.tsv.
+    # The agent's runs and the replays are this checkout's, like run.log: only in the report of its results.tsv.
     here = files == ["results.tsv"]
-    sessions = load_sessions() if here else []
+    agent_runs = load_agent_runs() if here else []
     try:  # a results.tsv the report could read line by line may still fail the runner's strict parse
         transfer = replay.transfer_lines(ledger.parse(Path("results.tsv").read_text())) if here else []
     except ledger.LedgerError:
         transfer = []
-    Path(args.output).write_text(render(sections, image, sessions, transfer))
+    Path(args.output).write_text(render(sections, image, agent_runs, transfer))
     print(f"wrote {args.output}" + (f" and {args.plot}" if image else ""))
 
 
