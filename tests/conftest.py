@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny, real prepared dataset that any test can train or evaluate on.
 
-tiny_dataset (session scope, built once in about a second)
+tiny_dataset (built once per test run, in about a second)
     A dataset built by the real `prepare.prepare("local", ...)` from generated text, in its own
     temporary AUTORESEARCH_CACHE_DIR: several train shards, val.parquet, a small tokenizer
     (TINY_VOCAB_SIZE tokens, so models stay small) and the token cache. Treat it as read-only;

@@ -166,7 +166,7 @@ _measured = {}  # (train.py, the environment that decides the kind) -> a kit mea
 
 @pytest.fixture(scope="session", autouse=True)
 def measured_kits(tmp_path_factory):
-    """Where baseline() keeps the kits it measured, for the whole session."""
+    """Where baseline() keeps the kits it measured, for the whole test run."""
     _measured["folder"] = tmp_path_factory.mktemp("measured_kits")
     yield
     _measured.clear()
@@ -174,7 +174,7 @@ def measured_kits(tmp_path_factory):
 
 def baseline(repo, env, values=BASELINE):
     """The best's runs: `values`, measured by the runner's own `baseline`. A fresh kit's six
-    BASELINE runs are measured once per session (same script, same kind) and copied after that,
+    BASELINE runs are measured once per test run (same script, same kind) and copied after that,
     so the many tests that start from a measured best do not each train six more times."""
     key = ((repo / "train.py").read_text(), tuple(env.get(name) for name in KIND_ENVIRONMENT))
     fresh = values == BASELINE and not rows(repo) and git(repo, "rev-list", "--count", "HEAD") == "1"

@@ -1,6 +1,6 @@
 """Git plumbing of the runner: the branch, its base, the locked harness, experiment commits.
 
-Every git call runs in its own session, so a Ctrl-C at the terminal never cuts git short. The
+Every git call runs detached from the terminal (start_new_session), so a Ctrl-C at the terminal never cuts git short. The
 harness (backends.report.LOCKED_PATHS) must match the branch's base, its merge-base with main or
 master; a run refuses otherwise.
 """
@@ -20,7 +20,7 @@ BASE_BRANCHES = ("main", "master")
 
 
 def git(*args):
-    """Output of a git command. Own session, so a Ctrl-C at the terminal never cuts git short."""
+    """Output of a git command, detached from the terminal, so a Ctrl-C at the terminal never cuts git short."""
     result = subprocess.run(["git", *args], capture_output=True, text=True, start_new_session=True)
     if result.returncode != 0:
         detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
