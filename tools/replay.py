@@ -27,7 +27,7 @@ from tools import ledger, verdict
 from tools.checkout import experiment_fingerprint, git, git_quiet, not_experiment
 from tools.kind import ready_ledger, training_script
 from tools.runner_state import exclusive_lock, load_state, refuse, save_state, signals_held
-from tools.serial import experiment_setup, first_description, judge_experiment, judged_before
+from tools.serial import experiment_setup, first_description, judge_experiment, judged_before, kind_noise
 
 REPLAY_TAG = re.compile(r" \[replay of (\S+) ([0-9a-f]{7})\]")
 SCRIPTS = ("train.py", "train_mlx.py")
@@ -193,7 +193,7 @@ def transfer_rows(rows, state=None):
                 entry["word"] = "held" if held else ("did not hold (crashed)" if not values else "did not hold")
                 if values and base_values:
                     entry["gain"] = verdict.mean(base_values) - verdict.mean(values)
-                    entry["sigma"] = verdict.pooled_noise(ledger.repeat_groups(rows, kind)).sigma
+                    entry["sigma"] = kind_noise(rows, kind, base).sigma
             table.append(entry)
     return table
 

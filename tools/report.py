@@ -373,6 +373,18 @@ def agent_run_lines(agent_runs):
     return lines + [""]
 
 
+def ledger_rows(text):
+    """results.tsv's rows as the runner reads them (tools/ledger.py), the unreadable lines left out
+    as the rest of the report leaves them out."""
+    rows = []
+    for line in text.splitlines()[1:]:
+        try:
+            rows.append(ledger.parse_line(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def render(sections, image, agent_runs=(), transfer=()):
     lines = ["# autoresearch report", ""]
     if image:
@@ -425,10 +437,7 @@ def main():
     # The agent's runs and the replays are this checkout's, like run.log: only in the report of its results.tsv.
     here = files == ["results.tsv"]
     agent_runs = load_agent_runs() if here else []
-    try:  # a results.tsv the report could read line by line may still fail the runner's strict parse
-        transfer = replay.transfer_lines(ledger.parse(Path("results.tsv").read_text())) if here else []
-    except ledger.LedgerError:
-        transfer = []
+    transfer = replay.transfer_lines(ledger_rows(Path("results.tsv").read_text())) if here else []
     Path(args.output).write_text(render(sections, image, agent_runs, transfer))
     print(f"wrote {args.output}" + (f" and {args.plot}" if image else ""))
 

@@ -38,6 +38,14 @@ def speeds_context(rows, kind, best, exclude=()):
     return complete_speeds(speeds.get(best[:7])), repeat
 
 
+def kind_noise(rows, kind, best):
+    """The noise the rule uses for a kind, as `status` and `baseline` report it: every same-commit
+    group with the best's, corrected for the machine's speed where every run of a group was probed."""
+    best_speeds, repeat_speeds = speeds_context(rows, kind, best)
+    return verdict.pooled_noise([*ledger.repeat_groups(rows, str(kind), exclude={best[:7]}),
+                                 ledger.values_of(rows, best, str(kind))], [*repeat_speeds, best_speeds])
+
+
 def recover_interrupted():
     """Finish the clean-up of a runner that was killed mid-experiment (its state says so)."""
     state = load_state()
@@ -360,11 +368,7 @@ def baseline_runs(plan, commit, rows, repeat=None):
         raise SystemExit(EXIT_INTERRUPTED)
     except Refused as error:
         refuse(str(error))
-    rows = ledger.read()
-    speeds = machine_speeds(rows, str(kind))
-    noise = verdict.pooled_noise([*ledger.repeat_groups(rows, str(kind), exclude={commit[:7]}), values],
-                                 [*(complete_speeds(speeds[c]) for c in speeds if c != commit[:7]),
-                                  complete_speeds(speeds.get(commit[:7]))])
+    noise = kind_noise(ledger.read(), kind, commit)
     if not values:
         line = f"{'BASELINE':<8} no usable run of {commit[:7]}: read run.log"
     else:

@@ -9,9 +9,8 @@ from tools import ledger, verdict
 from tools.checkout import branch_base, current_branch, harness_changes, head
 from tools.kind import defaults_digest, kind_or_problem, ready_ledger, resolved_defaults
 from tools.parallel import queue_status
-from tools.runner_state import (complete_speeds, end_orphaned_training_unless_locked, latest_probe, load_state,
-                                lock_holder, machine_speeds)
-from tools.serial import first_description
+from tools.runner_state import end_orphaned_training_unless_locked, latest_probe, load_state, lock_holder
+from tools.serial import first_description, kind_noise, speeds_context
 
 
 def cmd_status(args):
@@ -84,16 +83,6 @@ def describe_defaults(defaults):
     return ", ".join(parts + [str(defaults.get("dtype")), f"{defaults['threads']} threads"])
 
 
-def kind_noise(rows, kind, best):
-    """The noise the rule uses for this kind: every same-commit group, corrected for the machine's
-    speed where every run of a group was probed."""
-    speeds = machine_speeds(rows, kind)
-    groups = ledger.repeat_groups(rows, kind, exclude={best})
-    others = [complete_speeds(speeds[c]) for c in speeds if c != best]
-    return verdict.pooled_noise([*groups, ledger.values_of(rows, best, kind)],
-                                [*others, complete_speeds(speeds.get(best))])
-
-
 def machine_line(rows, kind, best):
     """'speed 62.7 (matmul 140 GFLOP/s, memory 26.5 GB/s), +8.0% during the last run; ...' from the
     newest run's probe, against the range the best was measured in; None before any probed run."""
@@ -106,7 +95,7 @@ def machine_line(rows, kind, best):
     text += f" in the last run of {probe['commit']}"
     if isinstance(probe.get("machine_speed_change"), (int, float)):
         text += f", {100 * probe['machine_speed_change']:+.1f}% during it"
-    best_speeds = complete_speeds(machine_speeds(rows, kind).get(best)) if kind else None
+    best_speeds = speeds_context(rows, kind, best)[0] if kind else None
     if best_speeds:
         text += f"; the best's runs: {min(best_speeds):.1f}-{max(best_speeds):.1f}"
         moved = verdict.probe_drift(best_speeds, [probe["machine_speed"]])
