@@ -174,18 +174,18 @@ class TrainingRun:
             check_record_writable()
         self.watchdog = None
         self.speed_probes, self.next_probe_seconds = [], machine_speed.PROBE_EVERY_SECONDS
+        self.probe_device = backend if backend in ("cuda", "mps") else "cpu"  # what the probe measures
+        if backend == "mlx":
+            import mlx.core as mx
+            self.probe_device = "mlx" if mx.default_device() == mx.gpu else "cpu"
 
     def probe_machine_speed(self):
         """Rank 0 measures the machine (backends/machine_speed.py) between steps, outside the
         clock. A probe that fails is recorded as missing: it must never cost the run."""
         if self.rank != 0:
             return
-        device = self.backend if self.backend in ("cuda", "mps") else "cpu"
-        if self.backend == "mlx":
-            import mlx.core as mx
-            device = "mlx" if mx.default_device() == mx.gpu else "cpu"
         try:
-            self.speed_probes.append(machine_speed.measure(device))
+            self.speed_probes.append(machine_speed.measure(self.probe_device))
         except Exception:  # noqa: BLE001 - any failure of the probe only loses the probe
             self.speed_probes.append(None)
 
