@@ -15,6 +15,7 @@ faults, the final evaluation and the record).
     uv run torchrun --nproc_per_node 2 train.py       # data parallel: 2 processes (GPUs or cores)
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -462,7 +463,10 @@ def main():
         with autocast:
             return model(torch.from_numpy(inputs).to(DEVICE))
 
-    with torch.inference_mode(), torch.compiler.set_stance("force_eager" if EVAL_EAGER else "default"):
+    # The stance concerns compiled modules only, and setting it loads torch's compiler (seconds).
+    stance = (torch.compiler.set_stance("force_eager" if EVAL_EAGER else "default") if COMPILE
+              else contextlib.nullcontext())
+    with torch.inference_mode(), stance:
         run.finish(logits, tokenizer, EVAL_BATCH_SIZE)
 
 

@@ -14,7 +14,6 @@ An experiment that wants another kernel writes its own in train.py and calls it 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 ATTENTION_BLOCKS = 4    # query blocks of blocked_attention (CPU): each skips the keys after it
 LOSS_CHUNK_ROWS = 256   # rows of logits alive at once in the CPU loss: made and consumed in cache
@@ -49,6 +48,8 @@ def sliding_window_block_mask(T, window, device):
     and the dict's new entry makes torch.compile retrace the block to read it from there."""
     key = (T, window, torch.device(device))
     if key not in _BLOCK_MASKS:
+
+        from torch.nn.attention.flex_attention import create_block_mask
 
         def in_window(batch, head, query, key):
             return (query >= key) & (query - key < window)
@@ -95,9 +96,18 @@ def blocked_attention(q, k, v, window):
     return torch.cat(outputs, dim=2)
 
 
-# Compiled here, FlexAttention runs as its fused kernel wherever it is called (a compiled block
-# traces into it); called as it is, it would run an unfused implementation instead.
-compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+_COMPILED_FLEX = []  # the compiled FlexAttention, made on first use
+
+
+def compiled_flex_attention(*args, **kwargs):
+    """FlexAttention compiled: so it runs as its fused kernel wherever it is called (a compiled
+    block traces into it); called as it is, it would run an unfused implementation instead.
+    Imported and compiled on first use, because importing it loads torch's compiler, seconds of
+    start-up that a run which never takes the Flex path (every CPU run) should not pay."""
+    if not _COMPILED_FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0](*args, **kwargs)
 
 
 def flex_window_attention(q, k, v, window):

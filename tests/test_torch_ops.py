@@ -182,8 +182,10 @@ def test_a_compiled_block_runs_flex_attention_in_one_graph(monkeypatch):
     monkeypatch.setattr(torch_ops, "FLEX_DEVICES", ("cpu",))
     q, k, v = qkv(2, 256, head_dim=16, requires_grad=False)
     torch_ops._BLOCK_MASKS.pop((256, 100, CPU), None)
+    monkeypatch.setattr(torch_ops, "_COMPILED_FLEX", [])  # its first use is inside compiled code, as on CUDA
     built = []
-    monkeypatch.setattr(torch_ops, "create_block_mask", lambda *args, **kwargs: built.append(args[3])
+    from torch.nn.attention import flex_attention as flex_module
+    monkeypatch.setattr(flex_module, "create_block_mask", lambda *args, **kwargs: built.append(args[3])
                         or create_block_mask(*args, **kwargs))
     layer = torch.compile(lambda q, k, v: torch_ops.attention(q, k, v, 100), dynamic=False)
     torch._dynamo.utils.counters.clear()
