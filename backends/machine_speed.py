@@ -8,14 +8,14 @@ that changed, a GPU that throttles. It times a float32 matmul (compute) and a la
 (memory bandwidth), the two things a training step waits on, and keeps the median of PROBE_REPEATS
 timings of each. The work is fixed (no growing the matrix until it takes long enough, as the peak
 calibration in backends/flops.py does): a different amount of work would be a different probe. One
-probe costs about 0.1 s on a CPU; the run's clock does not count it (it runs between steps).
+probe costs under 0.1 s on a CPU; the run's clock does not count it (it runs between steps).
 
     measure(device="cpu") -> {
         "matmul_gflops":   float32 matmul rate, GFLOP/s (MATMUL_SIZE[device] square, MATMULS_PER_TIMING a timing)
-        "memory_gb_per_s": bytes read plus written per second by a copy of COPY_MB[device] MB
+        "memory_gb_per_s": bytes read plus written per second by COPIES_PER_TIMING copies of COPY_MB[device] MB
         "speed_index":     sqrt(matmul_gflops * memory_gb_per_s): the machine's speed as one number
         "probe_seconds":   the probe's own wall time, warm-up included
-        "device":          "cpu", "cuda", "mps" or "mlx": what was measured
+        "device":          what was measured (below)
     }
     summarize(probes) -> {               the run's record from its probes in order (None: one failed)
         "machine_speed":          geometric mean of the speed indexes: the run's machine speed
@@ -25,23 +25,26 @@ probe costs about 0.1 s on a CPU; the run's clock does not count it (it runs bet
         "probe_seconds":          the probes' cost together
     }
 
-On "cpu" the probe uses numpy, whatever the backend, so MLX and torch runs of one CPU read the
-same probe; on "cuda" and "mps" it uses torch on that device and on "mlx" MLX's default device (a
-Mac's GPU), synchronized around every timing. Only ratios of speed indexes between runs of one
-kind mean anything: the verdict regresses val_bpb on log(machine_speed), so the unit cancels.
+Devices: "cpu" is torch on the CPU, with the threads a torch run trains on (numpy's BLAS brings a
+thread pool of its own, which reads 30% apart from one probe to the next where torch's reads 2%);
+"numpy" is numpy on the CPU, for MLX runs on a CPU (MLX's CPU matmul is too slow a probe on
+Linux); "cuda" and "mps" are torch on that device and "mlx" MLX's default device (a Mac's GPU),
+synchronized around every timing. Only ratios of speed indexes between runs of one kind mean
+anything: the verdict regresses val_bpb on log(machine_speed), so the unit cancels.
 """
 
 import math
 import statistics
 import time
 
-PROBE_REPEATS = 5                       # timings per operation; their median is the rate
+PROBE_REPEATS = 11                      # timings per operation; their median is the rate
 MATMULS_PER_TIMING = 4                  # products in one timing, so a timing is not a single call
+COPIES_PER_TIMING = 4                   # copies in one timing: one alone lasts about a millisecond
 PROBE_EVERY_SECONDS = 60                # of timed training between two probes (backends/run.py)
 # Fixed shapes per device: the probe's work never changes. A Mac's GPU gets a smaller product
 # than a CUDA one so that a probe stays near 0.1 s on the smallest of them.
-MATMUL_SIZE = {"cpu": 512, "cuda": 4096, "mps": 2048, "mlx": 2048}
-COPY_MB = {"cpu": 32, "cuda": 256, "mps": 128, "mlx": 128}  # past any last-level cache: the copy hits memory
+MATMUL_SIZE = {"cpu": 512, "numpy": 512, "cuda": 4096, "mps": 2048, "mlx": 2048}
+COPY_MB = {"cpu": 32, "numpy": 32, "cuda": 256, "mps": 128, "mlx": 128}  # past any last-level cache: the copy hits memory
 
 
 def _rates(matmul, copy, synchronize, size, copy_bytes):
@@ -57,17 +60,18 @@ def _rates(matmul, copy, synchronize, size, copy_bytes):
         synchronize()
         matmul_seconds.append(time.perf_counter() - started)
         started = time.perf_counter()
-        copy()
+        for _ in range(COPIES_PER_TIMING):
+            copy()
         synchronize()
         copy_seconds.append(time.perf_counter() - started)
     flops = 2 * size ** 3 * MATMULS_PER_TIMING
-    return (flops / statistics.median(matmul_seconds) / 1e9,
-            2 * copy_bytes / statistics.median(copy_seconds) / 1e9)  # each byte is read once, written once
+    moved = 2 * copy_bytes * COPIES_PER_TIMING  # each byte is read once and written once
+    return flops / statistics.median(matmul_seconds) / 1e9, moved / statistics.median(copy_seconds) / 1e9
 
 
 def _numpy_rates():
     import numpy as np
-    size, count = MATMUL_SIZE["cpu"], COPY_MB["cpu"] * 2 ** 20 // 4
+    size, count = MATMUL_SIZE["numpy"], COPY_MB["numpy"] * 2 ** 20 // 4
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((size, size), dtype=np.float32), rng.standard_normal((size, size), dtype=np.float32)
     product = np.empty((size, size), dtype=np.float32)
@@ -84,7 +88,7 @@ def _torch_rates(device):
     b = torch.randn(size, size, generator=generator).to(device)
     product = torch.empty(size, size, device=device)
     source, target = torch.ones(count, device=device), torch.empty(count, device=device)
-    synchronize = torch.cuda.synchronize if device == "cuda" else torch.mps.synchronize
+    synchronize = {"cpu": lambda: None, "cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}[device]
     return _rates(lambda: torch.matmul(a, b, out=product), lambda: target.copy_(source),
                         synchronize, size, count * 4)
 
@@ -104,9 +108,9 @@ def _mlx_rates():
 def measure(device="cpu"):
     """Probe the machine's speed now; see the module's docstring for the keys."""
     if device not in MATMUL_SIZE:
-        raise ValueError(f"machine speed probe: unknown device {device!r}; use cpu, cuda, mps or mlx")
+        raise ValueError(f"machine speed probe: unknown device {device!r}; use cpu, numpy, cuda, mps or mlx")
     started = time.perf_counter()
-    rates = {"cpu": _numpy_rates, "mlx": _mlx_rates}
+    rates = {"numpy": _numpy_rates, "mlx": _mlx_rates}
     gflops, gb_per_s = rates[device]() if device in rates else _torch_rates(device)
     return {"matmul_gflops": round(gflops, 3), "memory_gb_per_s": round(gb_per_s, 3),
             "speed_index": round(speed_index(gflops, gb_per_s), 4),

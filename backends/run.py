@@ -174,10 +174,10 @@ class TrainingRun:
             check_record_writable()
         self.watchdog = None
         self.speed_probes, self.next_probe_seconds = [], machine_speed.PROBE_EVERY_SECONDS
-        self.probe_device = backend if backend in ("cuda", "mps") else "cpu"  # what the probe measures
+        self.probe_device = backend  # what the probe measures: torch's device, or MLX's below
         if backend == "mlx":
             import mlx.core as mx
-            self.probe_device = "mlx" if mx.default_device() == mx.gpu else "cpu"
+            self.probe_device = "mlx" if mx.default_device() == mx.gpu else "numpy"
 
     def probe_machine_speed(self):
         """Rank 0 measures the machine (backends/machine_speed.py) between steps, outside the

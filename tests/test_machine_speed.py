@@ -36,19 +36,24 @@ def test_rates_are_fixed_work_over_the_median_timing(monkeypatch):
     # one warm-up product, then PROBE_REPEATS timings of MATMULS_PER_TIMING products each
     assert calls["matmul"] == 1 + machine_speed.PROBE_REPEATS * machine_speed.MATMULS_PER_TIMING
     assert gflops == pytest.approx(2 * 512 ** 3 * 4 / 0.04 / 1e9)
+    # each timing: COPIES_PER_TIMING copies, each reading and writing 32 MiB in 2 ms
     assert gb_per_s == pytest.approx(2 * 32 * 2 ** 20 / 0.002 / 1e9)
 
 
 def test_a_slow_outlier_timing_does_not_move_the_median(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(machine_speed.time, "perf_counter", clock)
-    durations = iter([0.001] + [0.001, 0.001, 0.5, 0.001, 0.001])  # warm-up, then one interrupted copy
+    copies = machine_speed.COPIES_PER_TIMING
+    interrupted = machine_speed.PROBE_REPEATS // 2  # one timing's copies take 500 times longer
+    durations = iter([0.001] + [0.5 if timing == interrupted else 0.001
+                                for timing in range(machine_speed.PROBE_REPEATS) for _ in range(copies)])
 
     def copy():
         clock.now += next(durations)
 
     _, gb_per_s = machine_speed._rates(clock.work(0.01), copy, lambda: None, 512, 10 ** 9)
     assert gb_per_s == pytest.approx(2.0 / 0.001)
+    assert next(durations, None) is None  # the warm-up and every timed copy ran
 
 
 def test_speed_index_is_the_geometric_mean_of_compute_and_memory():
@@ -71,10 +76,11 @@ def test_summary_is_the_geometric_mean_and_the_move_from_first_to_last_probe():
     assert machine_speed.summarize([None]) is None and machine_speed.summarize([]) is None
 
 
-def test_measure_on_the_cpu_returns_positive_rates_and_its_own_cost():
-    result = machine_speed.measure("cpu")
+@pytest.mark.parametrize("device", ["cpu", "numpy"])  # torch's threads (torch runs), numpy's (MLX on a CPU)
+def test_measure_on_the_cpu_returns_positive_rates_and_its_own_cost(device):
+    result = machine_speed.measure(device)
     assert set(result) == {"matmul_gflops", "memory_gb_per_s", "speed_index", "probe_seconds", "device"}
-    assert result["device"] == "cpu"
+    assert result["device"] == device
     assert result["matmul_gflops"] > 0 and result["memory_gb_per_s"] > 0 and result["probe_seconds"] > 0
     assert result["speed_index"] == pytest.approx(
         machine_speed.speed_index(result["matmul_gflops"], result["memory_gb_per_s"]), rel=1e-3)
@@ -90,5 +96,5 @@ def test_the_mlx_probe_measures_on_mlx_s_default_device(monkeypatch):
 
 
 def test_measure_refuses_an_unknown_device():
-    with pytest.raises(ValueError, match="use cpu, cuda, mps or mlx"):
+    with pytest.raises(ValueError, match="use cpu, numpy, cuda, mps or mlx"):
         machine_speed.measure("tpu")
