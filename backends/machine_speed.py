@@ -26,7 +26,8 @@ probe costs under 0.1 s on a CPU; the run's clock does not count it (it runs bet
     }
 
 Devices: "cpu" is torch on the CPU, with the threads a torch run trains on (numpy's BLAS brings a
-thread pool of its own, which reads 30% apart from one probe to the next where torch's reads 2%);
+thread pool of its own: over six probes beside compiled training its matmul read 130-197 GFLOP/s,
+torch's 193-198);
 "numpy" is numpy on the CPU, for MLX runs on a CPU (MLX's CPU matmul is too slow a probe on
 Linux); "cuda" and "mps" are torch on that device and "mlx" MLX's default device (a Mac's GPU),
 synchronized around every timing. Only ratios of speed indexes between runs of one kind mean
