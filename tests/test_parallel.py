@@ -371,3 +371,57 @@ def test_a_win_survives_ctrl_c_of_wait_and_waits_for_an_uncommitted_edit(repo, e
     assert git(repo, "rev-parse", "HEAD") == candidates(repo)[first]["commit"]
     assert "+# idea: next idea, not submitted yet" in git(repo, "stash", "show", "-p"), "the edit is safe in the stash"
 
+
+
+def source_night(repo, *ideas):
+    """Another machine's branch autoresearch/src in this repository: each idea kept in turn after a
+    baseline (the first at the top of train.py, the next at its end, so each applies alone), its
+    results.tsv committed."""
+    git(repo, "checkout", "--quiet", "-b", "autoresearch/src")
+    commits = [git(repo, "rev-parse", "HEAD")]
+    for idea in ideas:
+        edit(repo, idea, at_top=idea == ideas[0])
+        git(repo, "commit", "--quiet", "-am", idea)
+        commits.append(git(repo, "rev-parse", "HEAD"))
+    lines = [HEADER]
+    for step, commit in enumerate(commits):
+        description = "baseline" if step == 0 else ideas[step - 1]
+        for run, value in enumerate((1.300 - 0.05 * step, 1.302 - 0.05 * step), start=1):
+            lines.append(f"{commit[:7]}\t{value:.6f}\t2.0\tkeep\t{description}{' [run 2]' if run == 2 else ''} "
+                         "[standard 300s/standard/pystdlib/mps/mps/x1]")
+    (repo / "results.tsv").write_text("\n".join(lines) + "\n")
+    git(repo, "commit", "--quiet", "-am", "the night's results")
+    git(repo, "checkout", "--quiet", "autoresearch/test")
+    return commits[1:]
+
+
+def test_replay_on_the_slots_submits_every_change_at_once_and_wait_judges_them(repo, env):
+    plan(env, base=BASELINE, wider=WIN, narrower=[1.45])
+    wider, narrower = source_night(repo, "wider", "narrower")
+    baseline(repo, env, "--workers", "2")
+    replay = [sys.executable, str(RUNNER), "replay", "autoresearch/src", "--script", "train.py",
+              "--max-disturbance", "1", "--workers", "2"]
+    done = subprocess.run(replay, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    submitted = [line for line in done.stdout.splitlines() if line.startswith("SUBMIT")]
+    assert len(submitted) == 2 and "wait" in done.stdout.splitlines()[-1], done.stdout
+    assert "# idea: " not in git(repo, "diff", "HEAD"), "the working tree is back at the best"
+    again = subprocess.run(replay, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert [line.split()[0] for line in again.stdout.splitlines()[1:]] == ["QUEUED", "QUEUED"], again.stdout
+
+    printed = wait_all(repo, env)
+    assert "KEEP" in printed and "DISCARD" in printed, printed
+    ledger_rows = rows(repo)
+    kept = [r for r in ledger_rows if f"[replay of autoresearch/src {wider[:7]}]" in r[4]]
+    lost = [r for r in ledger_rows if f"[replay of autoresearch/src {narrower[:7]}]" in r[4]]
+    assert {r[3] for r in kept} == {"keep"} and [r[3] for r in lost] == ["discard"]
+    assert "# idea: wider" in git(repo, "show", "HEAD:train.py")
+    report = subprocess.run([sys.executable, str(KIT / "tools" / "report.py")], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    table = (repo / "report.md").read_text().split("## Transfer", 1)[1]
+    assert next(line for line in table.splitlines() if "| wider |" in line).endswith("| held |")
+    assert next(line for line in table.splitlines() if "| narrower |" in line).endswith("| did not hold |")
+    finished = subprocess.run(replay, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert [line.split()[0] for line in finished.stdout.splitlines()[1:]] == ["JUDGED", "JUDGED"], finished.stdout

@@ -119,13 +119,13 @@ def commit_experiment(script, message):
     return [path for path in paths if path != script]
 
 
-def candidate_commit(script, description, parent):
-    """A commit of the script as it is in the working tree on top of `parent`, made with a private
-    index, so neither HEAD nor the index moves."""
+def candidate_commit(paths, description, parent):
+    """A commit of the files at `paths` as they are in the working tree on top of `parent`, made
+    with a private index, so neither HEAD nor the index moves."""
     index = STATE_DIR / "candidate.index"
     env = {"GIT_INDEX_FILE": str(index.resolve())}
     try:
-        for args in (("read-tree", parent), ("add", "--", script)):
+        for args in (("read-tree", parent), ("add", "--", *paths)):
             code, out = git_quiet(*args, env=env)
             if code:
                 raise SystemExit(f"git {args[0]} failed: {out}")

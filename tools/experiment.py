@@ -75,10 +75,10 @@ import sys
 import time
 
 from tools import cluster, ledger, monitor, replay, scheduler, status, verdict
-from tools.checkout import (candidate_commit, experiment_files, experiment_fingerprint, git, head, line_changes,
+from tools.checkout import (experiment_files, experiment_fingerprint, git, head, line_changes,
                             repo_root, require_clean_harness)
 from tools.kind import default_timeout, expected_kind, ready_ledger, require_script, training_script
-from tools.parallel import LOCK_PATIENCE_SECONDS, planned_slot_threads, settle, slot_options
+from tools.parallel import LOCK_PATIENCE_SECONDS, planned_slot_threads, queue_candidate, settle, slot_options
 from tools.runner_state import (EXIT_INTERRUPTED, EXIT_REFUSED, HANDLED_SIGNALS, Interrupted, exclusive_lock,
                                 raise_interrupted, refuse, signals_held)
 from tools.serial import (baseline_runs, experiment_setup, first_description, judge_experiment, judged_before,
@@ -193,14 +193,8 @@ def cmd_submit(args):
         fingerprint, description = vet_experiment(args, plan, rows, description)
         settings = {"timeout": plan.timeout, "max_disturbance": plan.max_disturbance, "threshold": args.threshold,
                     "simplify": args.simplify, "fingerprint": fingerprint}
-        with signals_held():
-            commit = candidate_commit(script, description, best)
-            book = scheduler.load_candidates()
-            candidate = scheduler.new_candidate(book, commit, best, description, script, dataclasses.asdict(kind), settings)
-            git("update-ref", scheduler.CANDIDATE_REF + candidate["id"], commit)
-            scheduler.request_run(candidate, "judge")
-            scheduler.save_candidates(book)
-            git("checkout", best, "--", script)
+        candidate = queue_candidate(plan, best, description, [script], settings)
+        commit = candidate["commit"]
     cluster.start_scheduler(args.workers, args.address)
     print(f"{'SUBMIT':<8} {candidate['id']} {commit[:7]} {description} (on {best[:7]}; {script} is back at the best; "
           f"verdicts: uv run tools/experiment.py wait)", flush=True)
@@ -260,6 +254,14 @@ def at_least_one(text):
     return value
 
 
+def slot_arguments(command, then=""):
+    """--workers and --address: the command runs on slots of a Ray cluster (the parallel group)."""
+    command.add_argument("--workers", type=at_least_one, default=None,
+                         help=f"CPU slots of the embedded local Ray cluster (default: one per GPU, else one){then}")
+    command.add_argument("--address", default=None,
+                         help="join a Ray cluster instead: auto (ray start --head on this machine) or HOST:PORT")
+
+
 def main():
     parser = argparse.ArgumentParser(description="Run, record and keep or revert training experiments.",
                                      epilog="Environment: AUTORESEARCH_TRAIN_CMD, AUTORESEARCH_BACKEND, "
@@ -302,10 +304,7 @@ def main():
                         help=f"share of the CPU other work may use, besides the other slots (default {monitor.DISTURBED_SHARE:g})")
     wait = commands.add_parser("wait", help="judge finished parallel runs; block until the next verdict(s)")
     for sub in (submit, wait, baseline):
-        sub.add_argument("--workers", type=at_least_one, default=None,
-                         help="CPU slots of the embedded local Ray cluster (default: one per GPU, else one)")
-        sub.add_argument("--address", default=None,
-                         help="join a Ray cluster instead: auto (ray start --head on this machine) or HOST:PORT")
+        slot_arguments(sub)
     replay_command = commands.add_parser("replay", help="judge another branch's kept changes here, in order "
                                                         "(resumable; tools/replay.py)")
     replay_command.add_argument("branch", help="the other machine's autoresearch branch (fetched into this repository)")
@@ -319,6 +318,7 @@ def main():
                                 help=f"as for run (default {monitor.DISTURBED_SHARE:g})")
     replay_command.add_argument("--max-load-change", type=share, default=monitor.DISTURBED_SHARE,
                                 help=f"as for run (default {monitor.DISTURBED_SHARE:g})")
+    slot_arguments(replay_command, "; replay then submits every change that applies, at once")
     commands.add_parser("status", help="kind, best (mean of its runs), sigma, counts, last verdict, queue")
     commands.add_parser("best", help="print the best result as a results.tsv row (its mean)")
     args = parser.parse_args()

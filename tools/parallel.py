@@ -7,10 +7,11 @@ queue. A won candidate whose base is still the best moves the branch to it; one 
 on meanwhile is rebased onto the new best and judged again.
 """
 
+import dataclasses
 import time
 
 from tools import cluster, ledger, scheduler, verdict
-from tools.checkout import advance_to, git, head, rebase_onto
+from tools.checkout import advance_to, candidate_commit, git, git_quiet, head, rebase_onto
 from tools.kind import ready_ledger
 from tools.runner_state import exclusive_lock, record_details, remember, signals_held
 from tools.serial import Best, recover_interrupted, speeds_context, verdict_line
@@ -33,6 +34,26 @@ def planned_slot_threads(args):
 def slot_options(args):
     """The --workers/--address options a refusal should repeat."""
     return "".join(f" --{name} {value}" for name, value in (("workers", args.workers), ("address", args.address)) if value)
+
+
+def queue_candidate(plan, best, description, paths, settings):
+    """Commit the working tree's `paths` as a candidate on the best, queue its first run and put
+    the files back at the best (a file the best lacks is removed): the candidate's dict."""
+    with signals_held():
+        commit = candidate_commit(paths, description, best)
+        book = scheduler.load_candidates()
+        candidate = scheduler.new_candidate(book, commit, best, description, plan.script,
+                                            dataclasses.asdict(plan.kind), settings)
+        git("update-ref", scheduler.CANDIDATE_REF + candidate["id"], commit)
+        scheduler.request_run(candidate, "judge")
+        scheduler.save_candidates(book)
+        for path in paths:
+            if git_quiet("cat-file", "-e", f"{best}:{path}")[0] == 0:
+                git("checkout", best, "--", path)
+            else:
+                git_quiet("rm", "--quiet", "--cached", "--ignore-unmatch", "--", path)
+                git_quiet("clean", "--quiet", "--force", "--", path)
+    return candidate
 
 
 def run_of(record):

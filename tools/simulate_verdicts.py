@@ -6,22 +6,19 @@ whole nights of it against upstream's one-run greedy rule.
     uv run tools/simulate_verdicts.py --write-readme   # and put the figures in README.md's marked table
     uv run tools/simulate_verdicts.py --nights 50 --seed 7
 
-The noise model is the baseline of one commit on an idle 2-core AMD EPYC Zen 4 VM (MEASURED_RUNS):
-its val_bpb moved 0.0071 (sigma of six runs) while its steps in the budget moved with the host's
-speed; log(steps) explains 87% of that variance and leaves 0.0029. So a fake run of code whose true
-val_bpb is v returns v + MACHINE_SLOPE * h + residual, where h (the host's log speed) is Gaussian
-with the spread that leaves the measured raw sigma, and the residual has the measured 0.0029. The
-run's probe (backends/machine_speed.py) reads exp(h + probe error): the probe's own error,
-PROBE_ERROR, was not measured on a real host yet and is an assumption (the sensitivity table shows
-what a worse probe costs). Drift adds a trend per run to h (the probe sees it) or to val_bpb (it
-does not). Every candidate goes through tools/verdict.py's judge_candidate, recheck and
+The noise model is measured: same-commit baselines of the standard profile on an idle 2-core AMD
+EPYC Zen 4 VM (AVX-512 bf16), several days of them (MEASURED_DAYS). Within each day val_bpb is
+regressed on log(steps in the budget), pooled over the days: the slope (MACHINE_SLOPE), the raw
+sigma and the residual sigma. Two days the host's speed moved (11-15% in steps) and log(steps)
+explained 85-87% of the variance; another it stayed put and explained none. So a fake run of code whose true val_bpb
+is v returns v + MACHINE_SLOPE * h + residual, where h (the host's log speed) is Gaussian with the
+spread that leaves the pooled raw sigma. The run's probe (backends/machine_speed.py) reads
+exp(h + probe error); PROBE_ERROR is measured too, on the days that ran today's probe: the spread
+of log(probe speed) that log(steps) does not explain (an upper bound: a host can change the probe
+and leave the training alone). Drift adds a trend per run to h (the probe sees it) or to val_bpb
+(it does not). Every candidate goes through tools/verdict.py's judge_candidate, recheck and
 confirm_best_runs, the functions the runner calls; the greedy rule runs each idea once and keeps it
 when its one run beats the best's one run.
-
-A night is 8 hours of RUN_SECONDS per run (the 300 s budget plus start-up and evaluation); it
-starts with the baseline and runs ideas from one of IDEA_MIXES until the time is up. Effects are
-in units of the raw sigma (0.0071 bpb); net true gain sums the true effects of the kept ideas (a
-kept harmful idea subtracts). Environment variables: none.
 """
 
 import argparse
@@ -35,12 +32,24 @@ from pathlib import Path
 from tools import verdict
 from tools.verdict import Outcome, confirm_best_runs, judge_candidate
 
-# The measured baseline (steps in the 300 s budget, val_bpb) of one commit, standard profile.
-MEASURED_RUNS = ((402, 1.284756), (463, 1.270202), (431, 1.282701), (401, 1.286903), (449, 1.271757),
-                 (425, 1.283580))
+# Same-commit baselines, standard profile, idle 2-core AMD EPYC Zen 4 VM (AVX-512 bf16), one day
+# each: (steps in the 300 s budget, val_bpb, the run's machine speed from the probe or None), and
+# whether the day ran today's probe (torch's threads on a CPU) rather than an earlier one.
+MEASURED_DAYS = {
+    "host moved 15%, no probe": (False, ((402, 1.284756, None), (463, 1.270202, None), (431, 1.282701, None),
+                                         (401, 1.286903, None), (449, 1.271757, None), (425, 1.283580, None))),
+    "steady host, numpy probe": (False, ((511, 1.270447, 59.4596), (472, 1.265095, 61.22), (509, 1.261224, 67.1919),
+                                         (516, 1.267353, 60.1919), (521, 1.264047, 60.4422), (503, 1.266094, 64.4419),
+                                         (505, 1.265400, 62.556), (514, 1.264275, 66.1362), (500, 1.269467, 64.0224),
+                                         (508, 1.263732, 59.9643))),
+    "host moved 11%, torch probe": (True, ((553, 1.250400, 109.4574), (511, 1.268772, 102.8872),
+                                           (527, 1.263322, 109.8076), (504, 1.267038, 106.794),
+                                           (520, 1.262568, 105.182), (506, 1.263161, 120.1354),
+                                           (519, 1.262719, 108.1551), (514, 1.264948, 96.4286),
+                                           (549, 1.256675, 90.4566), (562, 1.253364, 94.9668))),
+}
 RUN_SECONDS = 380           # one run: the 300 s budget, start-up, compilation and evaluation
 NIGHT_SECONDS = 8 * 3600
-PROBE_ERROR = 0.015         # assumed error of a run's probe, in log(speed) (not measured yet)
 DEFAULT_DRIFT = 0.03        # a night's host drift, raw sigma per run: Gaussian rate with this spread
 # A night's ideas, two mixes: (share, low, high) rows, the true gain in raw sigmas uniform between
 # low and high. "ideas": nothing, clear harm, or a gain of any size; "tweaks": small changes
@@ -60,22 +69,34 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 MARKERS = ("<!-- verdict-figures -->", "<!-- /verdict-figures -->")
 
 
-def measured_model():
-    """(raw sigma, residual sigma, slope of val_bpb on log(steps), host log-speed spread) of MEASURED_RUNS."""
-    x = [math.log(steps) for steps, _ in MEASURED_RUNS]
-    y = [value for _, value in MEASURED_RUNS]
-    mx, my = statistics.mean(x), statistics.mean(y)
-    sxx = sum((a - mx) ** 2 for a in x)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    syy = sum((b - my) ** 2 for b in y)
+def pooled_regression(days):
+    """(slope, raw sigma, residual sigma) of y on x within each day, pooled: days is a list of [(x, y)]."""
+    sxx = sxy = syy = 0.0
+    freedom = 0
+    for pairs in days:
+        mx, my = statistics.mean(x for x, _ in pairs), statistics.mean(y for _, y in pairs)
+        sxx += sum((x - mx) ** 2 for x, _ in pairs)
+        sxy += sum((x - mx) * (y - my) for x, y in pairs)
+        syy += sum((y - my) ** 2 for _, y in pairs)
+        freedom += len(pairs) - 1
     slope = sxy / sxx
-    raw = math.sqrt(syy / (len(y) - 1))
-    residual = math.sqrt((syy - slope * sxy) / (len(y) - 2))
+    return slope, math.sqrt(syy / freedom), math.sqrt((syy - slope * sxy) / (freedom - 1))
+
+
+def measured_model(days=MEASURED_DAYS):
+    """(raw sigma, residual sigma, slope of val_bpb on log(steps), host log-speed spread, probe
+    error) of the measured days, pooled within days."""
+    slope, raw, residual = pooled_regression([[(math.log(steps), value) for steps, value, _ in runs]
+                                              for _, runs in days.values()])
     host = math.sqrt(max(raw ** 2 - residual ** 2, 0.0)) / abs(slope)
-    return raw, residual, slope, host
+    probed = [[(math.log(steps), math.log(speed)) for steps, _, speed in runs]
+              for current, runs in days.values() if current]
+    probe_error = pooled_regression(probed)[2] if probed else None
+    return raw, residual, slope, host, probe_error
 
 
-RAW_SIGMA, RESIDUAL_SIGMA, MACHINE_SLOPE, HOST_SPREAD = measured_model()
+RAW_SIGMA, RESIDUAL_SIGMA, MACHINE_SLOPE, HOST_SPREAD, MEASURED_PROBE_ERROR = measured_model()
+PROBE_ERROR = MEASURED_PROBE_ERROR if MEASURED_PROBE_ERROR is not None else 0.05  # log(speed)
 
 
 def corrected_sigma(probe_error=PROBE_ERROR):
@@ -283,13 +304,13 @@ def figures(nights, seed):
         drift_no_recheck = drift_keeps(per // 4, seed, hidden_drift=0.2)
     retries = retry_keeps(per // 4, seed)
     rows = [
-        (f"corrected sigma the rule uses (probe error {100 * PROBE_ERROR:.1f}%)",
+        (f"sigma after the correction, were the slope known exactly (probe error {100 * PROBE_ERROR:.1f}%)",
          f"{corrected_sigma():.4f} bpb, {sigma_c:.2f} of the raw {RAW_SIGMA:.4f}"),
         ("no-effect change kept, first experiment after a baseline", f"{100 * null_first:.1f}% ({null_first_runs:.2f} runs)"),
         ("no-effect change kept, over nights of 20", f"{100 * null_night:.1f}% ({null_runs:.2f} runs)"),
         ("real gain of 2 corrected sigma kept", (f"{100 * power:.1f}% ({power_runs:.2f} runs with confirmation; "
                                                  f"{100 * power_uncorrected:.1f}% without the correction)")),
-        ("real gain of 2 raw sigma (0.014 bpb) kept", f"{100 * power_raw:.1f}%"),
+        (f"real gain of 2 raw sigma ({2 * RAW_SIGMA:.4f} bpb) kept", f"{100 * power_raw:.1f}%"),
         (f"early stop (discard a first run at t < {verdict.DROP_BELOW[1]:g}): runs per no-effect / harmful (-1 sigma) idea",
          f"{null_runs:.2f} / {harm_runs:.2f}, against {no_stop_null_runs:.2f} / {no_stop_harm_runs:.2f} without"),
         ("early stop: what it costs (2 corrected sigma kept, no-effect kept)",
@@ -323,7 +344,8 @@ def sensitivity(nights, seed):
 def markdown(rows, night_rows, nights, seed):
     lines = [(f"Seeded simulations (`uv run tools/simulate_verdicts.py`, seed {seed}, {nights} nights of 8 h; "
               f"noise measured on a 2-core AMD EPYC Zen 4 VM: raw sigma {RAW_SIGMA:.4f}, "
-              f"{RESIDUAL_SIGMA:.4f} after the machine; probe error assumed {100 * PROBE_ERROR:.1f}%):"),
+              f"{RESIDUAL_SIGMA:.4f} after the machine, pooled over {len(MEASURED_DAYS)} days; probe error measured "
+              f"{100 * PROBE_ERROR:.1f}%):"),
              "", "| rule | experiments / 8 h | true keeps | false keeps | net true gain (raw sigma) | no-effect kept |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, (experiments, true_keeps, false_keeps, net, null_rate) in night_rows:
