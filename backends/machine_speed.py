@@ -8,7 +8,7 @@ that changed, a GPU that throttles. It times a float32 matmul (compute) and a la
 (memory bandwidth), the two things a training step waits on, and keeps the median of PROBE_REPEATS
 timings of each. The work is fixed (no growing the matrix until it takes long enough, as the peak
 calibration in backends/flops.py does): a different amount of work would be a different probe. One
-probe costs under 0.1 s on a CPU; the run's clock does not count it (it runs between steps).
+probe costs about 0.15 s on a 2-core CPU; the run's clock does not count it (it runs between steps).
 
     measure(device="cpu") -> {
         "matmul_gflops":   float32 matmul rate, GFLOP/s (MATMUL_SIZE[device] square, MATMULS_PER_TIMING a timing)
@@ -27,9 +27,8 @@ probe costs under 0.1 s on a CPU; the run's clock does not count it (it runs bet
 
 Devices: "cpu" is torch on the CPU, with the threads a torch run trains on (numpy's BLAS brings a
 thread pool of its own: over six probes beside compiled training its matmul read 130-197 GFLOP/s,
-torch's 193-198);
-"numpy" is numpy on the CPU, for MLX runs on a CPU (MLX's CPU matmul is too slow a probe on
-Linux); "cuda" and "mps" are torch on that device and "mlx" MLX's default device (a Mac's GPU),
+torch's 193-198); "numpy" is numpy on the CPU, for MLX runs on a CPU (MLX's CPU matmul is too slow
+a probe on Linux); "cuda" and "mps" are torch on that device and "mlx" MLX's default device (a Mac's GPU),
 synchronized around every timing. Only ratios of speed indexes between runs of one kind mean
 anything: the verdict regresses val_bpb on log(machine_speed), so the unit cancels.
 """

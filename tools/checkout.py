@@ -137,6 +137,15 @@ def candidate_commit(paths, description, parent):
     return git("commit-tree", tree, "-p", parent, "-m", description)
 
 
+def restore_files(paths, commit):
+    """Put the files at `paths` back as they are at `commit`; one that commit lacks is removed."""
+    for path in paths:
+        if git_quiet("cat-file", "-e", f"{commit}:{path}")[0] == 0:
+            git("checkout", commit, "--", path)
+        else:
+            git_quiet("clean", "--quiet", "--force", "--", path)
+
+
 def rebase_onto(candidate, onto):
     """(new commit, None) with the candidate's change on top of `onto`, or (None, why not)."""
     tree = scheduler.PARALLEL_DIR / "rebase" / candidate["id"]

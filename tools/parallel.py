@@ -11,13 +11,14 @@ import dataclasses
 import time
 
 from tools import cluster, ledger, scheduler, verdict
-from tools.checkout import advance_to, candidate_commit, git, git_quiet, head, rebase_onto
+from tools.checkout import advance_to, candidate_commit, git, head, rebase_onto, restore_files
 from tools.kind import ready_ledger
 from tools.runner_state import exclusive_lock, record_details, remember, signals_held
 from tools.serial import Best, recover_interrupted, speeds_context, verdict_line
 from tools.training_run import Run, crash_note, run_summary
 
 LOCK_PATIENCE_SECONDS = 30  # submit and wait hold the lock for moments; they wait for each other
+REBASED = "rebased onto the new best"  # the note of a win whose base moved on: it runs again
 
 
 def planned_slot_threads(args):
@@ -47,12 +48,7 @@ def queue_candidate(plan, best, description, paths, settings):
         git("update-ref", scheduler.CANDIDATE_REF + candidate["id"], commit)
         scheduler.request_run(candidate, "judge")
         scheduler.save_candidates(book)
-        for path in paths:
-            if git_quiet("cat-file", "-e", f"{best}:{path}")[0] == 0:
-                git("checkout", best, "--", path)
-            else:
-                git_quiet("rm", "--quiet", "--cached", "--ignore-unmatch", "--", path)
-                git_quiet("clean", "--quiet", "--force", "--", path)
+        restore_files(paths, best)
     return candidate
 
 
@@ -101,7 +97,7 @@ def settle_win(candidate, book, result, lines):
                                         candidate["kind"], candidate["settings"])
         git("update-ref", scheduler.CANDIDATE_REF + newer["id"], rebased)
         scheduler.request_run(newer, "judge")
-        return "discard", f"won against {candidate['base'][:7]}; rebased onto the new best {best_now[:7]} as {newer['id']} {rebased[:7]}, rerun"
+        return "discard", f"won against {candidate['base'][:7]}; {REBASED} {best_now[:7]} as {newer['id']} {rebased[:7]}, rerun"
     blocked = advance_to(candidate)
     candidate["best_values"] = list(result.values)
     candidate["target"] = verdict.best_runs_target(result.decision.noise if result.decision else None)

@@ -30,9 +30,9 @@ import re
 import subprocess
 
 from tools import cluster, ledger, scheduler, verdict
-from tools.checkout import experiment_fingerprint, git, git_quiet, not_experiment
+from tools.checkout import experiment_fingerprint, git, git_quiet, not_experiment, restore_files
 from tools.kind import ready_ledger, training_script
-from tools.parallel import LOCK_PATIENCE_SECONDS, planned_slot_threads, queue_candidate, slot_options
+from tools.parallel import LOCK_PATIENCE_SECONDS, REBASED, planned_slot_threads, queue_candidate, slot_options
 from tools.runner_state import exclusive_lock, load_state, refuse, save_state, signals_held
 from tools.serial import experiment_setup, first_description, judge_experiment, judged_before, kind_noise
 
@@ -106,7 +106,7 @@ def judged_here(rows, branch, commit, kind=None):
     experiment's (unjudged), nor those of a win on the slots that was rebased and runs again."""
     tag = replay_tag(branch, commit)
     return [r for r in rows if tag in r.description and kind in (None, r.kind)
-            and "[unjudged" not in r.description and "; rebased onto the new best" not in r.description]
+            and "[unjudged" not in r.description and REBASED not in r.description]
 
 
 def queued_here(branch, commit):
@@ -194,9 +194,7 @@ def replay_change(args, script, other, commit, parent, description, facts, on_sl
     fingerprint = experiment_fingerprint(plan.script)
     earlier = judged_before(rows, plan.kind, fingerprint)
     if earlier:
-        for name in files:
-            git_quiet("checkout", "HEAD", "--", name)
-        git_quiet("clean", "--quiet", "--force", "--", *files)
+        restore_files(files, best.commit)
         remember_replay(args.branch, commit, **facts, outcome="not tested", why=f"judged here already as {earlier}")
         print(f"{'JUDGED':<8} {label}: this exact change was judged here already ({earlier}), not run again")
         return False
