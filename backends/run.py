@@ -48,9 +48,12 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived: handled like Ctrl-C, with exit status 143."""
 
 
-def exit_with_error(error, code=EXIT_SETUP):
-    """End the run with one line on stderr and no traceback: the message says what to do."""
-    print(f"error: {error}", file=sys.stderr, flush=True)
+def exit_with_error(error, code=EXIT_SETUP, own_line=False):
+    """End the run with one line on stderr and no traceback: the message says what to do.
+    own_line starts it on a fresh line, for when an engine's threads may have left theirs
+    unfinished. The line goes out in one write so that their output cannot split it."""
+    sys.stderr.write(("\n" if own_line else "") + f"error: {error}\n")
+    sys.stderr.flush()
     sys.exit(code)
 
 
@@ -392,8 +395,9 @@ def run_main(main, backend, rank, world_size, parameter_count):
         if world_size == 1:
             raise
         # Usually the engine reporting a peer rank that stopped first: one line, not a traceback.
+        # MLX's ring threads are still printing their socket errors, a line in two writes.
         exit_with_error(f"rank {rank} of {world_size}: {str(error).strip().splitlines()[0]} "
-                        f"(if another rank failed first, its output says why)")
+                        f"(if another rank failed first, its output says why)", own_line=True)
     finally:
         # However the run ends (FAIL, Ctrl-C, an error), the collector goes back on, as after a
         # finished run: else the leak report of compiled code follows the last line.

@@ -88,6 +88,20 @@ def test_a_constant_that_cannot_build_the_model_is_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err == "error: DEPTH = 0 cannot build the model: it must be a whole number, 1 or more\n"
 
 
+def test_a_lost_peer_is_one_line_of_its_own_even_after_an_engine_s_unfinished_line(capsys):
+    """MLX's ring threads print socket errors in two writes; ours must not be glued to one."""
+    def peer_lost():
+        sys.stderr.write("[ring] Sending to socket 4 failed with errno 32")
+        raise RuntimeError("[ring] connection to a peer was lost\nmore detail")
+    with pytest.raises(SystemExit) as exit_info:
+        run.run_main(peer_lost, "cpu", 0, 2, lambda: 1000)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["[ring] Sending to socket 4 failed with errno 32",
+                     "error: rank 0 of 2: [ring] connection to a peer was lost "
+                     "(if another rank failed first, its output says why)"]
+
+
 def test_a_runs_folder_that_cannot_hold_the_record_is_refused_and_a_missing_one_left_absent(tmp_path, capsys):
     run.check_record_writable(tmp_path / "new" / "runs")
     assert not (tmp_path / "new" / "runs").exists()
