@@ -147,10 +147,12 @@ def check_same_run_torch(script, dataset, device):
 
 
 def finish_torch():
-    """Leave the process group (after the last collective of the run)."""
+    """Leave the process group after the last collective of the run, all ranks together: the
+    barrier keeps a rank from closing its connections while a peer still uses them."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -16,7 +16,8 @@
                                     backends/torch_ops.py or mlx_ops.py), the summary block and
                                     the JSON record
     run_main(main, backend, rank, world_size, parameter_count)
-                                    runs main(); every fault that cannot finish ends in one line
+                                    runs main(); every fault that cannot finish ends in one line;
+                                    a rank other than 0 exits as soon as main() returns
 
 Exit codes: 0 a result, 1 a run that failed (diverged, out of memory), 2 a set-up error or a
 rank stopped by another rank's fault, 130 Ctrl-C, 143 SIGTERM. Importing this module never
@@ -381,6 +382,13 @@ def run_main(main, backend, rank, world_size, parameter_count):
     import prepare
     try:
         main()
+        if rank != 0:
+            # Rank 0 alone evaluates and reports; another rank's work ended with training. It
+            # skips the interpreter's teardown, where the engine's threads can abort a finished
+            # process ("terminate called without an active exception") and fail the whole run.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     except KeyboardInterrupt as interrupt:
         if rank == 0:
             print(flush=True)  # end the progress line

@@ -102,6 +102,21 @@ def test_a_lost_peer_is_one_line_of_its_own_even_after_an_engine_s_unfinished_li
                      "(if another rank failed first, its output says why)"]
 
 
+@pytest.mark.parametrize("rank, teardown_runs", [(0, True), (1, False)])
+def test_a_finished_rank_other_than_0_exits_0_with_its_output_and_without_the_teardown(rank, teardown_runs):
+    """The interpreter's teardown (here an atexit line) is where an engine's threads can abort a
+    finished rank; rank 0 still has its report to finish and ends normally."""
+    program = ("import atexit, sys\n"
+               "from backends import run\n"
+               "atexit.register(lambda: print('teardown'))\n"
+               "run.run_main(lambda: print('trained'), 'cpu', int(sys.argv[1]), 2, lambda: 1000)\n"
+               "print('returned')\n")
+    result = subprocess.run([sys.executable, "-c", program, str(rank)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ("trained\nreturned\nteardown\n" if teardown_runs else "trained\n")
+
+
 def test_a_runs_folder_that_cannot_hold_the_record_is_refused_and_a_missing_one_left_absent(tmp_path, capsys):
     run.check_record_writable(tmp_path / "new" / "runs")
     assert not (tmp_path / "new" / "runs").exists()
