@@ -10,10 +10,8 @@ timings of each. The work is fixed (no growing the matrix until it takes long en
 calibration in backends/flops.py does): a different amount of work would be a different probe. One
 probe costs about 0.15 s on a 2-core CPU; the run's clock does not count it (it runs between steps).
 
-    measure(device="cpu", compute_dtype="fp32") -> {
+    measure(device="cpu") -> {
         "matmul_gflops":   float32 matmul rate, GFLOP/s (MATMUL_SIZE[device] square, MATMULS_PER_TIMING a timing)
-        "compute_matmul_gflops": the same product in the run's compute dtype (bf16 runs use other
-                           kernels, which a host can slow apart from fp32's); matmul_gflops for fp32
         "memory_gb_per_s": bytes read plus written per second by COPIES_PER_TIMING copies of COPY_MB[device] MB
         "speed_index":     sqrt(matmul_gflops * memory_gb_per_s): the machine's speed as one number
         "probe_seconds":   the probe's own wall time, warm-up included
@@ -23,8 +21,7 @@ probe costs about 0.15 s on a 2-core CPU; the run's clock does not count it (it 
         "machine_speed":          geometric mean of the speed indexes: the run's machine speed
         "machine_speed_change":   last / first - 1 (the host moved during the run)
         "machine_speed_probes":   every probe's speed index, in order
-        "probe_matmul_gflops", "probe_compute_matmul_gflops", "probe_memory_gb_per_s": the medians
-                                  over the probes
+        "probe_matmul_gflops", "probe_memory_gb_per_s": the medians over the probes
         "probe_seconds":          the probes' cost together
     }
 
@@ -72,20 +69,6 @@ def _rates(matmul, copy, synchronize, size, copy_bytes):
     return flops / statistics.median(matmul_seconds) / 1e9, moved / statistics.median(copy_seconds) / 1e9
 
 
-def _matmul_rate(matmul, synchronize, size):
-    """GFLOP/s of matmul (size square): the median of PROBE_REPEATS timings after one untimed warm-up."""
-    matmul()
-    synchronize()
-    seconds = []
-    for _ in range(PROBE_REPEATS):
-        started = time.perf_counter()
-        for _ in range(MATMULS_PER_TIMING):
-            matmul()
-        synchronize()
-        seconds.append(time.perf_counter() - started)
-    return 2 * size ** 3 * MATMULS_PER_TIMING / statistics.median(seconds) / 1e9
-
-
 def _numpy_rates():
     import numpy as np
     size, count = MATMUL_SIZE["numpy"], COPY_MB["numpy"] * 2 ** 20 // 4
@@ -110,27 +93,6 @@ def _torch_rates(device):
                         synchronize, size, count * 4)
 
 
-def _torch_bf16_rate(device):
-    import torch
-    size = MATMUL_SIZE[device]
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(size, size, generator=generator).to(device, torch.bfloat16)
-    b = torch.randn(size, size, generator=generator).to(device, torch.bfloat16)
-    product = torch.empty(size, size, device=device, dtype=torch.bfloat16)
-    synchronize = {"cpu": lambda: None, "cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}[device]
-    return _matmul_rate(lambda: torch.matmul(a, b, out=product), synchronize, size)
-
-
-def _mlx_bf16_rate():
-    import mlx.core as mx
-    size = MATMUL_SIZE["mlx"]
-    key = mx.random.key(0)
-    a = mx.random.normal((size, size), key=key).astype(mx.bfloat16)
-    b = mx.random.normal((size, size), key=mx.random.split(key)[0]).astype(mx.bfloat16)
-    results = []
-    return _matmul_rate(lambda: results.append(a @ b), lambda: (mx.eval(results), results.clear()), size)
-
-
 def _mlx_rates():
     import mlx.core as mx
     size, count = MATMUL_SIZE["mlx"], COPY_MB["mlx"] * 2 ** 20 // 4
@@ -143,18 +105,14 @@ def _mlx_rates():
                   lambda: (mx.eval(results), results.clear()), size, count * 4)
 
 
-def measure(device="cpu", compute_dtype="fp32"):
+def measure(device="cpu"):
     """Probe the machine's speed now; see the module's docstring for the keys."""
     if device not in MATMUL_SIZE:
         raise ValueError(f"machine speed probe: unknown device {device!r}; use cpu, numpy, cuda, mps or mlx")
     started = time.perf_counter()
     rates = {"numpy": _numpy_rates, "mlx": _mlx_rates}
     gflops, gb_per_s = rates[device]() if device in rates else _torch_rates(device)
-    compute_gflops = gflops
-    if compute_dtype == "bf16" and device != "numpy":  # numpy has no bf16: MLX's CPU runs are probed in fp32
-        compute_gflops = _mlx_bf16_rate() if device == "mlx" else _torch_bf16_rate(device)
-    return {"matmul_gflops": round(gflops, 3), "compute_matmul_gflops": round(compute_gflops, 3),
-            "memory_gb_per_s": round(gb_per_s, 3),
+    return {"matmul_gflops": round(gflops, 3), "memory_gb_per_s": round(gb_per_s, 3),
             "speed_index": round(speed_index(gflops, gb_per_s), 4),
             "probe_seconds": round(time.perf_counter() - started, 4), "device": device}
 
@@ -176,6 +134,5 @@ def summarize(probes):
             "machine_speed_change": round(indexes[-1] / indexes[0] - 1, 4),
             "machine_speed_probes": indexes,
             "probe_matmul_gflops": statistics.median(p["matmul_gflops"] for p in done),
-            "probe_compute_matmul_gflops": statistics.median(p["compute_matmul_gflops"] for p in done),
             "probe_memory_gb_per_s": statistics.median(p["memory_gb_per_s"] for p in done),
             "probe_seconds": round(sum(p["probe_seconds"] for p in done), 3)}

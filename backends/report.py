@@ -45,7 +45,7 @@ BUDGET_KEYS = ("untimed_steps", "untimed_tokens", "timed_tokens", "total_batch_s
 EVAL_KEYS = ("eval_scored_tokens", "eval_bytes", "eval_nats")
 # The probes of the machine's speed (backends/machine_speed.summarize); absent when none ran.
 MACHINE_KEYS = ("machine_speed", "machine_speed_change", "machine_speed_probes", "probe_matmul_gflops",
-                "probe_compute_matmul_gflops", "probe_memory_gb_per_s", "probe_seconds")
+                "probe_memory_gb_per_s", "probe_seconds")
 # How each numeric field is written, so every run prints the same widths and decimals.
 _FORMATS = {
     "val_bpb": "{:.6f}", "training_seconds": "{:.1f}", "total_seconds": "{:.1f}",
@@ -54,7 +54,7 @@ _FORMATS = {
     "train_tokens_per_second": "{:.0f}", "data_wait_percent": "{:.2f}", "eval_seconds": "{:.2f}",
     "eval_tokens_per_second": "{:.0f}", "peak_tflops": "{:.3f}", "eval_nats": "{:.6f}",
     "machine_speed": "{:.4f}", "machine_speed_change": "{:+.4f}", "probe_matmul_gflops": "{:.3f}",
-    "probe_compute_matmul_gflops": "{:.3f}", "probe_memory_gb_per_s": "{:.3f}", "probe_seconds": "{:.3f}",
+    "probe_memory_gb_per_s": "{:.3f}", "probe_seconds": "{:.3f}",
 }
 LOCKED_PATHS = ("prepare.py", "dataset_builders.py", "backends")  # the harness; the agent never edits it
 

@@ -189,7 +189,7 @@ class TrainingRun:
         if self.rank != 0:
             return
         try:
-            self.speed_probes.append(machine_speed.measure(self.probe_device, self.compute_dtype))
+            self.speed_probes.append(machine_speed.measure(self.probe_device))
         except Exception:  # noqa: BLE001 - any failure of the probe only loses the probe
             self.speed_probes.append(None)
 

@@ -107,7 +107,6 @@ class Run:
                 "machine_speed": fields.get("machine_speed"),
                 "machine_speed_change": fields.get("machine_speed_change"),
                 "probe_matmul_gflops": fields.get("probe_matmul_gflops"),
-                "probe_compute_matmul_gflops": fields.get("probe_compute_matmul_gflops"),
                 "probe_memory_gb_per_s": fields.get("probe_memory_gb_per_s"),
                 "wall_seconds": round(self.wall, 1),
                 "other_cpu_share": round(self.load.other_cpu_share, 4) if self.load else None,
