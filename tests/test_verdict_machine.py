@@ -212,9 +212,17 @@ def test_simulated_simplification_costing_the_margin_is_rarely_kept():
     assert harm <= 0.05
 
 
+def test_simulated_candidate_twice_as_noisy_with_no_effect_is_kept_under_five_percent():
+    kept, _ = simulate_verdicts.keep_rate(0.0, 4000, 1, seed=2, noise=2.0)
+    assert kept <= 0.05
+    with simulate_verdicts.rule_constants(KEEP_LEVEL={**verdict.KEEP_LEVEL, 4: 0.04}):
+        looser, _ = simulate_verdicts.keep_rate(0.0, 4000, 1, seed=2, noise=2.0)
+    assert looser > kept  # the fourth run's level is what lets such a candidate through
+
+
 def test_simulated_nights_keep_far_fewer_false_changes_than_the_greedy_rule():
-    kit = simulate_verdicts.night_figures(simulate_verdicts.kit_night, 6, seed=1)
-    greedy = simulate_verdicts.night_figures(simulate_verdicts.greedy_night, 6, seed=1)
+    kit = simulate_verdicts.night_figures(simulate_verdicts.kit_night, 20, seed=1)
+    greedy = simulate_verdicts.night_figures(simulate_verdicts.greedy_night, 20, seed=1)
     assert greedy[0] == pytest.approx(simulate_verdicts.NIGHT_SECONDS / simulate_verdicts.RUN_SECONDS, abs=1)
     assert kit[2] < greedy[2] / 5 and kit[4] <= 0.05 < greedy[4]
 

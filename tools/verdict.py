@@ -64,7 +64,7 @@ BEST_RUNS = 6           # the best is rerun (confirmed) until its mean rests on 
 MIN_BEST_RUNS = 3       # ...or on as few as this when the corrected sigma is small (best_runs_target)
 MIN_NOISE_RUNS = 3      # sigma counts only when pooled from at least this many runs
 WELCH_RUNS = 3          # from this many runs, a candidate's own spread counts (Welch)
-KEEP_LEVEL = {2: 0.02, 3: 0.03, 4: 0.04}   # one-sided t level for a keep at a candidate's run k
+KEEP_LEVEL = {2: 0.02, 3: 0.03, 4: 0.03}   # one-sided t level for a keep at a candidate's run k
 DROP_BELOW = {1: 0.5, 2: 0.8, 3: 1.2}      # t under which a candidate is discarded, no rerun
 AGREE = 0.7             # a keep at k=2 needs |run1 - run2| <= AGREE * sigma * sqrt(2), else a third run
 MAX_VOID_RUNS = 2       # runs that are not evidence (disturbed) tolerated per experiment
