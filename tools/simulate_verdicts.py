@@ -1,7 +1,7 @@
 """Seeded simulation of the keep rule on a measured noise model: its error rates per experiment, and
 whole nights of it against upstream's one-run greedy rule.
 
-    uv run tools/simulate_verdicts.py                  # the tables (about 20 s on one core)
+    uv run tools/simulate_verdicts.py                  # the tables (about 10 s on one core)
     uv run tools/simulate_verdicts.py --sensitivity    # and the nights at other probe errors
     uv run tools/simulate_verdicts.py --write-readme   # and put the figures in README.md's marked table
     uv run tools/simulate_verdicts.py --nights 50 --seed 7
@@ -38,17 +38,19 @@ from tools.verdict import Outcome, confirm_best_runs, judge_candidate
 # today's probe (torch's threads on a CPU) rather than an earlier one. EPYC: AMD EPYC Zen 4 with
 # AVX-512 bf16; Xeon: Intel Xeon with AMX.
 MEASURED_DAYS = {
-    "EPYC, host moved 15%, no probe": (False, ((402, 1.284756, None), (463, 1.270202, None), (431, 1.282701, None),
-                                         (401, 1.286903, None), (449, 1.271757, None), (425, 1.283580, None))),
-    "EPYC, steady host, numpy probe": (False, ((511, 1.270447, 59.4596), (472, 1.265095, 61.22), (509, 1.261224, 67.1919),
-                                         (516, 1.267353, 60.1919), (521, 1.264047, 60.4422), (503, 1.266094, 64.4419),
-                                         (505, 1.265400, 62.556), (514, 1.264275, 66.1362), (500, 1.269467, 64.0224),
-                                         (508, 1.263732, 59.9643))),
+    "EPYC, host moved 15%, no probe": (False, ((402, 1.284756, None), (463, 1.270202, None),
+                                               (431, 1.282701, None), (401, 1.286903, None),
+                                               (449, 1.271757, None), (425, 1.283580, None))),
+    "EPYC, steady host, numpy probe": (False, ((511, 1.270447, 59.4596), (472, 1.265095, 61.22),
+                                               (509, 1.261224, 67.1919), (516, 1.267353, 60.1919),
+                                               (521, 1.264047, 60.4422), (503, 1.266094, 64.4419),
+                                               (505, 1.265400, 62.556), (514, 1.264275, 66.1362),
+                                               (500, 1.269467, 64.0224), (508, 1.263732, 59.9643))),
     "EPYC, host moved 11%, torch probe": (True, ((553, 1.250400, 109.4574), (511, 1.268772, 102.8872),
-                                           (527, 1.263322, 109.8076), (504, 1.267038, 106.794),
-                                           (520, 1.262568, 105.182), (506, 1.263161, 120.1354),
-                                           (519, 1.262719, 108.1551), (514, 1.264948, 96.4286),
-                                           (549, 1.256675, 90.4566), (562, 1.253364, 94.9668))),
+                                                (527, 1.263322, 109.8076), (504, 1.267038, 106.794),
+                                                (520, 1.262568, 105.182), (506, 1.263161, 120.1354),
+                                                (519, 1.262719, 108.1551), (514, 1.264948, 96.4286),
+                                                (549, 1.256675, 90.4566), (562, 1.253364, 94.9668))),
     "Xeon, host moved 6%, torch probe": (True, ((533, 1.105731, 137.1415), (541, 1.096582, 136.1611),
                                                 (538, 1.102501, 139.5042), (543, 1.096814, 138.4886),
                                                 (526, 1.108043, 135.3671), (523, 1.104825, 136.226),
@@ -323,7 +325,8 @@ def figures(nights, seed):
          f"{null_runs:.2f} / {harm_runs:.2f}, against {no_stop_null_runs:.2f} / {no_stop_harm_runs:.2f} without"),
         ("early stop: what it costs (2 corrected sigma kept, no-effect kept)",
          f"{100 * power:.1f}% / {100 * null_night:.1f}%, against {100 * no_stop_power:.1f}% / {100 * no_stop_null:.1f}% without"),
-        (f"candidate twice as noisy (residual), no effect, kept ({5 * per:,} trials)", f"{100 * noisy:.1f}% ({100 * noisy_raw:.1f}% without the correction)"),
+        (f"candidate twice as noisy (residual), no effect, kept ({5 * per:,} trials)",
+         f"{100 * noisy:.1f}% ({100 * noisy_raw:.1f}% without the correction)"),
         ("host drifting 0.2 sigma per run, 12 no-effect ideas: mean keeps, nights > 2 (probe sees it)",
          f"{drift_visible[0]:.2f}, {100 * drift_visible[1]:.1f}%"),
         ("same, drift the probe does not see (recheck of the best on a keep)",
