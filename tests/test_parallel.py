@@ -189,7 +189,7 @@ def run_records(repo):
     return {p.parent.name: json.loads(p.read_text()) for p in (repo / "runs").glob("c*/result.json")}
 
 
-def test_two_candidates_run_at_once_on_two_slots_and_are_judged_against_their_base(repo, env):
+def test_two_candidates_run_at_once_on_two_slots_are_judged_against_their_base_and_status_shows_the_slots_kind(repo, env):
     # The first runs last long enough to overlap however long a submit takes to return.
     plan(env, base=BASELINE, a=[dict(val_bpb=v, seconds=10 if i == 0 else 0) for i, v in enumerate(WIN)],
          b=[{"val_bpb": 1.45, "seconds": 10}])
@@ -200,6 +200,9 @@ def test_two_candidates_run_at_once_on_two_slots_and_are_judged_against_their_ba
     assert status.returncode == 0, status.stderr
     shown = [line for line in status.stdout.splitlines() if line.startswith(("slot", "queued", "finished"))]
     assert any(first in line for line in shown) and any(second in line for line in shown), status.stdout
+    # While the slots split the cores, status judges by their kind: the slot baseline is the best.
+    assert "-1t/x1 (what a run on the scheduler's slots now has;" in status.stdout, status.stdout
+    assert "best         1.300000 mean of 6 runs" in status.stdout, status.stdout
     printed = wait_all(repo, env)
 
     book = candidates(repo)

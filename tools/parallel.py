@@ -32,6 +32,19 @@ def planned_slot_threads(args):
     return max(1, scheduler.machine_threads() // (workers or 1))
 
 
+def running_slot_threads():
+    """The threads of each slot while this checkout's scheduler runs CPU slots that split the
+    machine's cores (--workers N); None when no scheduler runs, its slots have the whole machine,
+    or it joined a cluster by --address."""
+    if not cluster.scheduler_running():
+        return None
+    saved = scheduler.read_json(cluster.CLUSTER_FILE) or {}
+    workers = saved.get("workers") or 1
+    if saved.get("address") or workers == 1:
+        return None
+    return max(1, scheduler.machine_threads() // workers)
+
+
 def slot_options(args):
     """The --workers/--address options a refusal should repeat."""
     return "".join(f" --{name} {value}" for name, value in (("workers", args.workers), ("address", args.address)) if value)

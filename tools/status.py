@@ -8,7 +8,7 @@ best was measured in, the counts, the last verdict and the parallel queue.
 from tools import ledger, verdict
 from tools.checkout import branch_base, current_branch, harness_changes, head
 from tools.kind import defaults_digest, kind_or_problem, ready_ledger, resolved_defaults
-from tools.parallel import queue_status
+from tools.parallel import queue_status, running_slot_threads
 from tools.runner_state import end_orphaned_training_unless_locked, latest_probe, load_state, lock_holder
 from tools.serial import first_description, kind_noise, speeds_context
 
@@ -33,16 +33,19 @@ def cmd_status(args):
               f"({interrupted['description']}); the next run undoes that commit, keeps its edit staged in "
               f"{', '.join([interrupted['script'], *interrupted.get('files', [])])}, records its {finished} finished run(s) as unjudged and stops "
               f"so you can check the file")
-    # The kind a run started here now has (as `run` computes it): the best of that kind is the
-    # bar the next experiment meets, whatever kind the last runs had.
-    kind, problem = kind_or_problem()
+    # The kind a run started here now has (as `run` computes it, or as `submit` does while the
+    # scheduler runs CPU slots with part of the cores): the best of that kind is the bar the next
+    # experiment meets, whatever kind the last runs had.
+    slot_threads = running_slot_threads()
+    kind, problem = kind_or_problem(slot_threads)
     present = list(dict.fromkeys(r.kind for r in rows if r.commit == best))
     if kind is None:
         print(f"kind         unknown: {problem}")
     else:
         kind = str(kind)
-        print(f"kind         {kind} (what a run started here now has; best and noise are of this kind)")
-        defaults = resolved_defaults()
+        runs_where = "a run on the scheduler's slots now has" if slot_threads else "a run started here now has"
+        print(f"kind         {kind} (what {runs_where}; best and noise are of this kind)")
+        defaults = resolved_defaults(slot_threads)
         if defaults:
             print(f"defaults     {describe_defaults(defaults)} (resolved on this machine; "
                   f"{defaults_digest(defaults)} in the kind)")

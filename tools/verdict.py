@@ -16,9 +16,10 @@ The rule, and why it is this one:
   the candidate carries the probe's machine speed, val_bpb is regressed on log(machine speed)
   within each same-commit group (one slope, pooled over every group, like sigma), and every value
   is corrected to a common speed: sigma is then the residual spread, one degree of freedom
-  poorer, and the comparison's standard error includes the slope's own uncertainty. The probe
-  measures the machine with fixed work, never the run's own steps or tokens per second, so a code
-  change that makes the step slower still pays for it.
+  poorer, and the comparison's standard error includes the slope's own uncertainty. A slope that
+  is not negative (faster hours scoring worse) is noise, not the machine: then nothing is
+  corrected. The probe measures the machine with fixed work, never the run's own steps or tokens
+  per second, so a code change that makes the step slower still pays for it.
 - The best's value is the mean of all its runs, and the best is confirmed until it has
   best_runs_target() of them (BEST_RUNS without the correction; fewer when the corrected sigma
   makes fewer runs as precise in val_bpb as BEST_RUNS raw runs were): one lucky run cannot set the
@@ -137,14 +138,17 @@ def pooled_noise(groups, speed_groups=None):
     speed_groups: the machine speeds of those runs, a list per group in the same order. Given,
     val_bpb is regressed on log(speed) within groups and sigma is the residual spread (the groups
     whose runs lack a speed are left out: their spread includes the machine). Without enough runs
-    to fit the slope and keep MIN_NOISE_RUNS worth of spread, the raw sigma is returned."""
+    to fit the slope and keep MIN_NOISE_RUNS worth of spread, the raw sigma is returned; so it is
+    when the fitted slope is not negative: a faster machine trains more steps of the same code in
+    the budget and never a worse model, so such a slope says the speeds did not explain the spread
+    (corrected with it, a candidate on a slow hour would be charged for the machine)."""
     raw = _raw_noise(groups)
     if speed_groups is None:
         return raw
     kept = [(g, [math.log(s) for s in sp]) for g, sp in zip(groups, speed_groups)
             if sp is not None and len(sp) == len(g) and all(s and s > 0 for s in sp)]
     syy, sxy, sxx, runs, dof = _sums([g for g, _ in kept], [x for _, x in kept])
-    if runs < MIN_NOISE_RUNS + 1 or dof < 2 or sxx <= 0:
+    if runs < MIN_NOISE_RUNS + 1 or dof < 2 or sxx <= 0 or sxy >= 0:
         return raw
     slope = sxy / sxx
     residual = max(syy - slope * sxy, 0.0)
