@@ -58,6 +58,23 @@ def test_plot_puts_several_files_and_a_branch_side_by_side(tmp_path):
     assert is_png(tmp_path / "compare.png")
 
 
+def test_plot_reads_the_checked_out_branch_from_the_working_tree(tmp_path, monkeypatch):
+    """The runner appends to results.tsv without committing it: the branch being worked on is
+    plotted from the file, another branch from its commit."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "results.tsv").write_text(HEADER)
+    for command in (["init", "--quiet", "-b", "autoresearch/mar5-gpu"], ["add", "results.tsv"],
+                    ["-c", "user.name=t", "-c", "user.email=t@e", "commit", "--quiet", "-m", "header only"],
+                    ["branch", "autoresearch/mar5-cpu"]):
+        subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
+    (repo / "results.tsv").write_text(RESULTS)
+    module = load_plot_module()
+    monkeypatch.chdir(repo)
+    series = module.load_series([], ["autoresearch/mar5-gpu", "autoresearch/mar5-cpu"])
+    assert [(name, len(rows)) for name, rows in series] == [("autoresearch/mar5-gpu", 6), ("autoresearch/mar5-cpu", 0)]
+
+
 def test_plot_explains_missing_or_empty_results(tmp_path):
     (tmp_path / "results.tsv").write_text(HEADER)
     empty = plot(cwd=tmp_path)

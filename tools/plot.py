@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Bbox
 
 from tools import ledger
+from tools.checkout import current_branch
 
 matplotlib.use("Agg")  # files only, never a window; switching is allowed until a figure exists
 
@@ -84,15 +85,20 @@ def row_role(row):
 
 
 def load_series(files, branches, parse=parse_results):
-    """(name, rows) for each results file and each branch's committed results.tsv, read by
-    parse(text, source)."""
+    """(name, rows) for each results file and each branch's committed results.tsv (the checked-out
+    branch's: the working tree's, which the runner writes), read by parse(text, source)."""
     series = []
     for name in files:
         path = Path(name)
         if not path.is_file():
             raise SystemExit(f"{path} not found: pass a results.tsv written by tools/experiment.py")
         series.append((path.stem if len(files) + len(branches) > 1 else str(path), parse(path.read_text(), path)))
+    checked_out = current_branch() if branches else None
     for branch in branches:
+        if branch == checked_out and Path("results.tsv").is_file():
+            # The runner appends to the working tree's file; its last commit may hold none of it.
+            series.append((branch, parse(Path("results.tsv").read_text(), f"{branch}:results.tsv")))
+            continue
         shown = subprocess.run(["git", "show", f"{branch}:results.tsv"], capture_output=True, text=True)
         if shown.returncode != 0:
             raise SystemExit(f"no results.tsv committed on {branch}: commit it there (git commit results.tsv) "
