@@ -3,6 +3,9 @@
     uv run tools/plot.py                                     # results.tsv -> progress.png
     uv run tools/plot.py m4.tsv cpu.tsv -o compare.png       # several machines side by side
     uv run tools/plot.py --branch autoresearch/mar5-m4max    # a branch's committed results.tsv
+    uv run tools/plot.py --branch autoresearch/dec6-slots --branch autoresearch/dec6-whole
+                        # another machine's night beside this one (the checked-out branch: the
+                        # working tree's results.tsv, where the runner writes)
 
 Every experiment in order on x, val_bpb on y (lower is better). Each results file or branch is one
 series with its own colour: kept experiments are large dots, discarded ones small and faded, the
