@@ -7,6 +7,7 @@ queue. A won candidate whose base is still the best moves the branch to it; one 
 on meanwhile is rebased onto the new best and judged again.
 """
 
+import argparse
 import dataclasses
 import time
 
@@ -38,11 +39,8 @@ def running_slot_threads():
     or it joined a cluster by --address."""
     if not cluster.scheduler_running():
         return None
-    saved = scheduler.read_json(cluster.CLUSTER_FILE) or {}
-    workers = saved.get("workers") or 1
-    if saved.get("address") or workers == 1:
-        return None
-    return max(1, scheduler.machine_threads() // workers)
+    threads = planned_slot_threads(argparse.Namespace(workers=None, address=None))
+    return threads if threads and threads < scheduler.machine_threads() else None
 
 
 def slot_options(args):
