@@ -8,7 +8,14 @@ that changed, a GPU that throttles. It times a float32 matmul (compute) and a la
 (memory bandwidth), the two things a training step waits on, and keeps the median of PROBE_REPEATS
 timings of each. The work is fixed (no growing the matrix until it takes long enough, as the peak
 calibration in backends/flops.py does): a different amount of work would be a different probe. One
-probe costs about 0.15 s on a 2-core CPU; the run's clock does not count it (it runs between steps).
+probe costs about 0.06 s on a 2-core CPU; the run's clock does not count it (it runs between steps).
+
+Why many short probes rather than a few long ones: alone on an idle 2-core VM a probe reads the same
+speed to about 1%, but between training steps its readings within one run move by 10% and more, as
+the host's other tenants come and go. The run's machine speed is the average over the run, so what
+limits it is how often the probe samples the host, not how long each probe lasts: a probe every 60 s
+(seven per run) followed the steps a run trained (log steps) with 63% of their variance on the Xeon.
+Every 10 s, 31 probes cost about 2 s, under 1% of a 300 s budget.
 
     measure(device="cpu") -> {
         "matmul_gflops":   float32 matmul rate, GFLOP/s (MATMUL_SIZE[device] square, MATMULS_PER_TIMING a timing)
@@ -37,10 +44,10 @@ import math
 import statistics
 import time
 
-PROBE_REPEATS = 11                      # timings per operation; their median is the rate
+PROBE_REPEATS = 5                       # timings per operation; their median is the rate
 MATMULS_PER_TIMING = 4                  # products in one timing, so a timing is not a single call
 COPIES_PER_TIMING = 4                   # copies in one timing: one alone lasts about a millisecond
-PROBE_EVERY_SECONDS = 60                # of timed training between two probes (backends/run.py)
+PROBE_EVERY_SECONDS = 10                # of timed training between two probes (backends/run.py)
 # Fixed shapes per device: the probe's work never changes. A Mac's GPU gets a smaller product
 # than a CUDA one so that a probe stays near 0.1 s on the smallest of them.
 MATMUL_SIZE = {"cpu": 512, "numpy": 512, "cuda": 4096, "mps": 2048, "mlx": 2048}
