@@ -98,3 +98,13 @@ def test_the_mlx_probe_measures_on_mlx_s_default_device(monkeypatch):
 def test_measure_refuses_an_unknown_device():
     with pytest.raises(ValueError, match="use cpu, numpy, cuda, mps or mlx"):
         machine_speed.measure("tpu")
+
+
+def test_a_runs_speed_leaves_out_the_probes_that_landed_on_a_moment_of_other_work():
+    # Twenty probes near 100 and two that caught another process: 45 and 150.
+    indexes = [100.0, 101.0, 99.0, 45.0, *([100.0] * 16), 150.0, 100.0]
+    probes = [{"speed_index": i, "matmul_gflops": 1.0, "memory_gb_per_s": 1.0, "probe_seconds": 0.05} for i in indexes]
+    record = machine_speed.summarize(probes)
+    # int(0.1 * 22) = 2 probes left out at each end: 45 and 99 below, 150 and 101 above.
+    assert record["machine_speed"] == pytest.approx(100.0, abs=1e-4)
+    assert record["machine_speed_probes"] == indexes  # the record keeps every probe
