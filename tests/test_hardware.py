@@ -419,6 +419,20 @@ def test_the_thread_probe_times_one_and_all_threads_and_leaves_the_count_and_the
     assert torch.equal(torch.rand(4), expected)  # a seeded run draws the same weights after a probe
 
 
+def test_a_busy_spell_during_one_round_of_the_thread_probe_does_not_take_a_thread_away(monkeypatch):
+    import torch
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs at least two CPU threads")
+    # Rounds of (one thread, all threads): another process held a core during the first round's
+    # all-thread timings, so that round alone would pick one thread.
+    timed = iter([3e9, 1e9, 3e9, 5e9, 2.9e9, 4.8e9])
+    monkeypatch.setattr(flops, "_timed_rate", lambda product, flop, repeats=flops.REPEATS: next(timed))
+    rates = flops._thread_rates((64, 32, 128), "fp32")
+    assert rates == {1: 3e9, torch.get_num_threads(): 5e9}
+    monkeypatch.setattr(flops, "_thread_rates", lambda shape, dtype: rates)
+    assert backends.fastest_cpu_threads(2 * 128, 64, "fp32") == torch.get_num_threads()
+
+
 def test_peak_flops_rejects_unknown_backends_and_mps_off_a_mac():
     info = hardware.read_hardware_info(**LINUX, cuda_reader=lambda: None)
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
