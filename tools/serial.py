@@ -184,7 +184,7 @@ def confirm_runs(plan, commit, description, values, what, target=verdict.BEST_RU
     def run_once(attempt):
         kind = plan.kind
         number = ledger.next_run_number(ledger.read(), commit, str(kind))
-        run_line(plan, f"{what} (run {number} of {commit[:7]}, until {target} count)")
+        run_line(plan, f"{what} of {commit[:7]}: run {number}, {target} wanted")
         run = execute(plan, record_group=True)
         status = "crash" if run.outcome.crash else ("keep" if run.outcome.value is not None else "discard")
         note = run.note if status != "crash" else crash_note(run.outcome.crash)
