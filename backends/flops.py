@@ -48,8 +48,8 @@ BF16_MIN_SPEEDUP = 1.2
 APPLE_BF16_MIN_SPEEDUP = 0.9
 NATIVE_BF16_CAPABILITY = (8, 0)  # NVIDIA Ampere (sm80) and later: bf16 tensor cores
 # The thread-count probe times products of at most this many rows at the model's width: enough
-# to tell whether the shape keeps every core busy, short enough to run at every start (0.3-0.5 s
-# at the CPU tier's width on a busy 2-core machine, 0.1 s at the smoke model's).
+# to tell whether the shape keeps every core busy, short enough to run at every start (about 1 s
+# with its three rounds at the CPU tier's width on the 2-core Xeon).
 THREAD_PROBE_ROWS = 2048
 # ...and trains on one thread only where one thread multiplies at least this much faster than all:
 # the probe times the matmul alone, the rest of a step still gains from every core, and on the
