@@ -9,8 +9,8 @@ whole nights of it against upstream's one-run greedy rule.
 The noise model is measured: same-commit baselines of the standard profile on idle 2-core VMs,
 three days on an AMD EPYC Zen 4 (AVX-512 bf16) and two on an Intel Xeon with AMX
 (MEASURED_DAYS). Within each day val_bpb is regressed on log(steps in the budget), pooled over
-the days: the slope (MACHINE_SLOPE), the raw sigma and the residual sigma. On three days the
-host's speed moved (6-15% in steps) and log(steps) explained 85-87% of the variance; on another
+the days: the slope (MACHINE_SLOPE), the raw sigma and the residual sigma. On four days the
+host's speed moved (6-15% in steps) and log(steps) explained 85-95% of the variance; on another
 it stayed put and explained none. So a fake run of code whose true val_bpb
 is v returns v + MACHINE_SLOPE * h + residual, where h (the host's log speed) is Gaussian with the
 spread that leaves the pooled raw sigma. The run's probe (backends/machine_speed.py) reads
