@@ -10,17 +10,12 @@ timings of each. The work is fixed (no growing the matrix until it takes long en
 calibration in backends/flops.py does): a different amount of work would be a different probe. One
 probe costs about 0.06 s on a 2-core CPU; the run's clock does not count it (it runs between steps).
 
-Why many short probes rather than a few long ones: alone on an idle 2-core VM a probe reads the same
-speed to about 1%, but between training steps its readings within one run move by 10% and more, as
-the host's other tenants come and go. The run's machine speed is the average over the run, so what
-limits it is how often the probe samples the host, not how long each probe lasts: a probe every 60 s
-(seven per run) followed the steps a run trained (log steps) with 63% of their variance on the Xeon.
-Every 10 s, 32 probes cost about 1.7 s, under 1% of a 300 s budget. A probe that lands on a moment
-of other work reads half the speed (two of 32 read 45 and 54 against about 122 for the rest of
-their run) while the 300 s of training hardly notice it, so the run's speed leaves out the highest
-and lowest tenth of its probes. Over eleven same-commit runs on the Xeon (steps 474-526) the
-corrected sigma was 0.35 of the raw one with all probes, 0.17 with the trimmed mean, and 0.85
-with only the probes a minute apart.
+Why many short probes rather than a few long ones: between training steps a probe's readings move
+by 10% and more within one run as the host's other tenants come and go (alone on an idle VM they
+repeat to about 1%), and the run's speed is an average over the run, so what limits it is how often
+the probe samples the host. A probe that lands on a moment of other work reads half the speed while
+300 s of training hardly notice it, so the run's speed leaves out the highest and lowest PROBE_TRIM
+of its probes. What this bought, measured: docs/measurements.md (2026-12-06).
 
     measure(device="cpu") -> {
         "matmul_gflops":   float32 matmul rate, GFLOP/s (MATMUL_SIZE[device] square, MATMULS_PER_TIMING a timing)
