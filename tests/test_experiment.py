@@ -697,6 +697,20 @@ def test_a_win_measured_under_another_load_than_the_best_is_not_judged(repo, env
     assert {r[3] for r in rows(repo)[7:]} == {"discard"}
 
 
+def test_max_load_change_1_turns_the_load_check_off(repo, env):
+    baseline(repo, env)
+    details = repo / "runs" / "experiments.jsonl"
+    entries = [json.loads(line) for line in details.read_text().splitlines()]
+    details.write_text("".join(json.dumps(dict(entry, other_cpu_share=0.9)) + "\n" for entry in entries))
+    edit(repo, "judged although the machine got quiet")
+    plan(env, 1.20, 1.202, 1.30, 1.205, 1.20, 1.21, 1.195)
+    done = runner(repo, env, "run", "judged although the machine got quiet", "--script", "train.py",
+                  "--max-disturbance", "1", "--max-load-change", "1", quiet_machine=False)
+    assert done.returncode == 0, done.stderr
+    assert "the machine's load changed" not in done.stderr
+    assert done.stdout.splitlines()[-1].startswith("KEEP     1.201000")
+
+
 def test_the_kind_comes_from_the_harness_of_the_checkout_being_run(tmp_path, monkeypatch):
     # This process has the kit's own prepare.py loaded; the checkout's stand-in must answer anyway.
     import prepare  # noqa: F401  (the kit's harness, loaded first on purpose)

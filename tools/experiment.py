@@ -284,7 +284,7 @@ def main():
     run.add_argument("--max-load-change", type=share, default=monitor.DISTURBED_SHARE,
                      help=f"how much more or less of the CPU a winner's runs may have had than the best's "
                           f"(other processes' load) before the win is not judged, as a fraction "
-                          f"(default {monitor.DISTURBED_SHARE:g}: 10%%)")
+                          f"(default {monitor.DISTURBED_SHARE:g}: 10%%; 1 turns the check off)")
     submit = commands.add_parser("submit", help="queue the training-script change as a candidate for the "
                                                 "parallel scheduler and return at once")
     submit.add_argument("description", help="what this experiment tries (the commit message and results.tsv text)")

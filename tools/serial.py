@@ -334,7 +334,10 @@ def judge_experiment(plan, best, rows, description, *, threshold=None, simplify=
 def load_difference(runs, best_commit, kind, tolerance):
     """Why a win cannot be trusted because the machine's load changed since the best was measured
     (only possible when --max-disturbance accepted loaded runs), or None. A lighter load gives
-    more steps in the same budget, so such a 'win' may be the machine's, not the idea's."""
+    more steps in the same budget, so such a 'win' may be the machine's, not the idea's. A
+    tolerance of 1 (the largest share) turns the check off, as --max-disturbance 1 does its own."""
+    if tolerance >= 1:
+        return None
     candidate = [r.load.other_cpu_share for r in runs if r.outcome.value is not None and r.load]
     best = [d["other_cpu_share"] for d in details_of(best_commit, str(kind))
             if isinstance(d.get("other_cpu_share"), (int, float))]
