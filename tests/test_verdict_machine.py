@@ -253,6 +253,17 @@ def test_simulated_nights_keep_far_fewer_false_changes_than_the_greedy_rule():
     assert kit[2] < greedy[2] / 5 and kit[4] <= 0.05 < greedy[4]
 
 
+def test_the_rule_without_its_guards_finds_more_but_keeps_noise_the_guards_refuse():
+    rows = {label: figures for label, *figures in simulate_verdicts.ceiling(10, seed=1)}
+    (kit, kit_first, kit_noisy), (loose, loose_first, loose_noisy) = rows["kit rule"], rows["without its guards"]
+    assert loose[3] > kit[3] and loose[0] > kit[0]  # more net gain, from more experiments a night
+    assert loose_first > 2 * kit_first and loose_noisy > 2 * kit_noisy
+    assert set(rows) == {"kit rule", "without its guards", "without its guards, sigma known", "upstream greedy, one run"}
+    # The loosened constants and the normal quantiles are put back afterwards.
+    assert verdict.MIN_KEEP_RUNS == 2 and verdict.RECHECK_RUNS == 1
+    assert verdict.student_t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)
+
+
 def test_write_readme_replaces_only_the_marked_table(tmp_path):
     readme = tmp_path / "README.md"
     start, end = simulate_verdicts.MARKERS

@@ -3,6 +3,7 @@ whole nights of it against upstream's one-run greedy rule.
 
     uv run tools/simulate_verdicts.py                  # the tables (about 10 s on one core)
     uv run tools/simulate_verdicts.py --sensitivity    # and the nights at other probe errors
+    uv run tools/simulate_verdicts.py --ceiling        # and the rule without its guards, against greedy
     uv run tools/simulate_verdicts.py --write-readme   # and put the figures in README.md's marked table
     uv run tools/simulate_verdicts.py --nights 50 --seed 7
 
@@ -29,6 +30,7 @@ import random
 import re
 import statistics
 from pathlib import Path
+from statistics import NormalDist
 
 from tools import verdict
 from tools.verdict import Outcome, confirm_best_runs, judge_candidate
@@ -358,6 +360,31 @@ def sensitivity(nights, seed):
             for error in (0.0, PROBE_ERROR, 0.03, 0.06)]
 
 
+# The kit's rule with every guard that costs net gain taken off: a keep on one run (at 10%, 15% from
+# the second), no recheck of the best before a keep, no agreement check of two runs. How close the
+# keep rule can come to the greedy rule's net gain at about 5% no-effect keeps, and what it gives up.
+UNGUARDED = {"MIN_KEEP_RUNS": 1, "KEEP_LEVEL": {1: 0.10, 2: 0.15, 3: 0.15, 4: 0.15},
+             "DROP_BELOW": {1: 1.0, 2: 0.8, 3: 1.2}, "RECHECK_RUNS": 0, "AGREE": math.inf, "MIN_BEST_RUNS": 2}
+
+
+def ceiling(nights, seed):
+    """(label, night figures, no-effect kept on the first experiment, twice-noisy no-effect kept)
+    for the kit's rule, the rule without its guards, the same with sigma known exactly (normal
+    quantiles instead of Student's t), and the greedy rule."""
+    trials = 20 * nights
+
+    def per_experiment():
+        return keep_rate(0.0, trials, 1, seed)[0], keep_rate(0.0, trials, 1, seed, noise=2.0)[0]
+
+    rows = [("kit rule", night_figures(kit_night, nights, seed), *per_experiment())]
+    with rule_constants(**UNGUARDED):
+        rows.append(("without its guards", night_figures(kit_night, nights, seed), *per_experiment()))
+    with rule_constants(**UNGUARDED, student_t_quantile=lambda p, dof: NormalDist().inv_cdf(p)):
+        rows.append(("without its guards, sigma known", night_figures(kit_night, nights, seed), *per_experiment()))
+    rows.append(("upstream greedy, one run", night_figures(greedy_night, nights, seed), math.nan, math.nan))
+    return rows
+
+
 def markdown(rows, night_rows, nights, seed):
     lines = [(f"Seeded simulations (`uv run tools/simulate_verdicts.py`, seed {seed}, {nights} nights of 8 h; "
               f"noise measured on 2-core VMs, AMD EPYC Zen 4 and Intel Xeon with AMX: raw sigma {RAW_SIGMA:.4f}, "
@@ -391,6 +418,8 @@ def main():
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     parser.add_argument("--write-readme", action="store_true", help="write the figures into README.md's marked table")
     parser.add_argument("--sensitivity", action="store_true", help="also the night figures at other probe errors")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also the rule without its guards (one-run keeps, no recheck) against greedy")
     args = parser.parse_args()
     if args.nights < 1:
         parser.error("--nights must be at least 1")
@@ -403,6 +432,14 @@ def main():
         for error, ratio, (experiments, true_keeps, false_keeps, net, null_rate) in sensitivity(args.nights, args.seed):
             print(f"| {100 * error:.1f}% | {ratio:.2f} | {experiments:.1f} | {true_keeps:.2f} | {false_keeps:.2f} | "
                   f"{net:+.2f} | {100 * null_rate:.1f}% |")
+    if args.ceiling:
+        print("\n| rule (ideas) | experiments | true keeps | false keeps | net gain | no-effect kept (night) | "
+              "first after a baseline | twice as noisy |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for label, (experiments, true_keeps, false_keeps, net, null_rate), first, noisy in ceiling(args.nights, args.seed):
+            extra = "| - | - |" if math.isnan(first) else f"| {100 * first:.1f}% | {100 * noisy:.1f}% |"
+            print(f"| {label} | {experiments:.1f} | {true_keeps:.2f} | {false_keeps:.2f} | {net:+.2f} | "
+                  f"{100 * null_rate:.1f}% {extra}")
     if args.write_readme:
         write_readme(text)
         print(f"wrote the figures into {README}")
