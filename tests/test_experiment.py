@@ -660,6 +660,11 @@ def test_disturbed_runs_are_rerun_then_not_judged_and_the_edit_stays(repo, env):
     assert git(repo, "rev-parse", "HEAD") == kept
     assert "# idea: idea on a busy machine" in (repo / "train.py").read_text()
     assert runner(repo, env, "status").stdout.count("mean of 6 runs") == 1  # not evidence
+    # Never judged, so the same edit is not refused once the machine is quiet.
+    plan(env, 1.5)
+    again = runner(repo, env, "run", "idea on a busy machine", "--script", "train.py")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().splitlines()[-1].startswith("DISCARD  1.500000")
 
 
 def test_status_and_best_report_sigma_and_the_best_mean(repo, env):

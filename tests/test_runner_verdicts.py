@@ -8,6 +8,7 @@ the machine alone, so the correction may remove the machine and must leave the c
 """
 
 import math
+import re
 
 from test_experiment import KIND, baseline, edit, env, git, measured_kits, plan, repo, rows, runner  # noqa: F401 (fixtures)
 
@@ -71,8 +72,10 @@ def test_a_code_change_that_slows_the_step_still_pays_for_it(repo, env):
     verdict = done.stdout.strip().splitlines()[-1]
     assert verdict.startswith("DISCARD")
     # 0.03 * log(1 / 0.9) = 0.0032 worse, and the correction leaves it there: the machine was the same.
-    worse = float(verdict.split("; ")[2])
-    assert 0.0025 < worse < 0.0045
+    raw, corrected = re.fullmatch(r"([-+]\d\.\d+) \(([-+]\d\.\d+) corrected for the machine\)",
+                                  verdict.split("; ")[2]).groups()
+    assert 0.0025 < float(raw) < 0.0045 and 0.0025 < float(corrected) < 0.0045
+    assert "standard errors worse after 1 run, under the 0.5 better a rerun needs" in verdict
 
 
 def test_a_real_speed_up_is_kept_and_confirmed_by_fewer_runs_of_the_corrected_noise(repo, env):
@@ -145,7 +148,7 @@ def test_a_simplification_that_costs_more_than_the_margin_is_discarded(repo, env
     plan(env, 1.33, 1.33)
     done = runner(repo, env, "run", "drop the progress print", "--simplify")
     assert git(repo, "rev-parse", "HEAD") == start
-    assert "simplification worse" in done.stdout
+    assert "simplification not worth a rerun: 3.0 standard errors outside the margin" in done.stdout
 
 
 def test_simplify_refuses_a_change_that_adds_lines(repo, env):

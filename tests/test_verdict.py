@@ -43,6 +43,20 @@ def test_a_grey_zone_result_is_rerun_and_judged_by_the_last_run():
     assert final.action == "discard" and "after 4 runs" in final.reason
 
 
+def test_reasons_say_better_or_worse_and_what_the_next_step_needed():
+    # The val_bpb difference is negative when better; the reasons put t in words instead of a sign.
+    assert decide([1.40], BEST).reason.endswith("standard errors worse after 1 run, under the 0.5 better a rerun needs")
+    slightly_better = decide([1.2995], BEST)
+    assert 0 < slightly_better.t < 0.5
+    assert slightly_better.reason == (f"{slightly_better.t:.1f} standard errors better after 1 run, "
+                                      "under the 0.5 better a rerun needs")
+    final = decide([1.295, 1.297, 1.2985, 1.2975], BEST)
+    assert final.t > 0 and final.reason.startswith(f"{final.t:.1f} standard errors better after 4 runs, short of the ")
+    needed = float(final.reason.split("short of the ")[1].removesuffix(" a keep needs"))
+    assert final.t < needed < 5
+    assert verdict.standing(-2.04) == "2.0 standard errors worse" and verdict.standing(0.0) == "0.0 standard errors better"
+
+
 def test_without_measured_noise_the_candidate_is_rerun_until_its_own_runs_measure_it():
     first = decide([1.0], [1.3])
     assert first.action == "rerun" and "sigma not measured yet" in first.reason

@@ -141,7 +141,7 @@ def test_a_simplification_is_kept_when_not_worse_by_the_margin_and_dropped_when_
                 if decide(same[:k], best, groups, simplify=True).action != "rerun")
     assert kept.action == "keep" and "not worse" in kept.reason
     worse = decide([sum(best) / 6 + 0.012], best, groups, simplify=True)
-    assert worse.action == "discard" and "worse" in worse.reason
+    assert worse.action == "discard" and "standard errors outside the margin" in worse.reason
 
 
 def test_the_best_needs_fewer_runs_when_the_corrected_sigma_is_small():

@@ -87,7 +87,7 @@ def experiment_setup(args, threads=None, baseline_command="baseline"):
 def judged_before(rows, kind, fingerprint):
     """'1a2b3c4 (halve the batch): discard, mean 1.289012 of 2 runs' for an experiment of this kind
     whose files hashed to `fingerprint` (checkout.experiment_fingerprint) and that was judged
-    already; None when it is new."""
+    already; None when it is new, or when none of its runs was evidence."""
     for entry in all_details():
         if entry.get("fingerprint") != fingerprint or entry.get("kind") != str(kind):
             continue
@@ -98,6 +98,8 @@ def judged_before(rows, kind, fingerprint):
         status = "keep" if any(r.status == "keep" for r in own) else (
             "crash" if all(r.status == "crash" for r in own) else "discard")
         values = [r.val_bpb for r in own if r.is_evidence]
+        if status == "discard" and not values:
+            continue  # every run was void (disturbed, over budget): the change was never judged
         mean = f", mean {verdict.mean(values):.6f} of {len(values)} runs" if values else ""
         return f"{commit} ({first_description(rows, commit, kind, 'no description')}): {status}{mean}"
     return None
@@ -167,8 +169,10 @@ def verdict_line(result, commit, description, kind, best, runs, extra=None):
         return f"DISCARD  {runs[-1].val_bpb:.6f} ({result.reason}) {label}"
     decision = result.decision
     mean = verdict.mean(result.values)
-    parts = [f"mean of {len(result.values)}{candidate_context(runs)}", best_context(kind, best),
-             f"{-verdict.mean(best.values) + mean:+.6f}"]
+    difference = f"{mean - verdict.mean(best.values):+.6f}"
+    if decision is not None and decision.noise is not None and decision.noise.slope is not None:
+        difference += f" ({-decision.difference:+.6f} corrected for the machine)"
+    parts = [f"mean of {len(result.values)}{candidate_context(runs)}", best_context(kind, best), difference]
     if decision is not None and decision.noise is not None:
         parts.append(decision.noise.describe())
     parts.append(result.reason)
@@ -194,7 +198,8 @@ def confirm_runs(plan, commit, description, values, what, target=verdict.BEST_RU
             record_details([dict(run.details(commit, kind, number), status=status)])
         shown = f"{run.val_bpb:.6f}{run_summary(run)}" if run.outcome.value is not None else (
             run.note or run.outcome.crash)
-        print(f"{'CONFIRM':<8} {shown} {commit[:7]} [run {number}]", flush=True)
+        label = "BASELINE" if what == "baseline" else "CONFIRM"
+        print(f"{label:<8} {shown} {commit[:7]} [run {number}]", flush=True)
         return run.outcome
 
     return verdict.confirm_best(run_once, values, target)

@@ -47,8 +47,8 @@ def cmd_status(args):
         print(f"kind         {kind} (what {runs_where}; best and noise are of this kind)")
         defaults = resolved_defaults(slot_threads)
         if defaults:
-            print(f"defaults     {describe_defaults(defaults)} (resolved on this machine; "
-                  f"{defaults_digest(defaults)} in the kind)")
+            print(f"defaults     {describe_defaults(defaults)} (the machine's suggestions the "
+                  f"script starts from, not the best's constants; {defaults_digest(defaults)} in the kind)")
         values = ledger.values_of(rows, best, kind)
         if values:
             print(f"best         {verdict.mean(values):.6f} mean of {len(values)} runs, {best} "
@@ -87,7 +87,7 @@ def describe_defaults(defaults):
 
 
 def machine_line(rows, kind, best):
-    """'speed 62.7 (matmul 140 GFLOP/s, memory 26.5 GB/s), +8.0% during the last run; ...' from the
+    """'speed 62.7 (matmul 140 GFLOP/s, memory 26.5 GB/s), its last probe +8.0% off its first; ...' from the
     newest run's probe, against the range the best was measured in; None before any probed run."""
     probe = latest_probe()
     if probe is None:
@@ -97,7 +97,7 @@ def machine_line(rows, kind, best):
         text += f" (matmul {probe['probe_matmul_gflops']:.0f} GFLOP/s, memory {probe['probe_memory_gb_per_s']:.1f} GB/s)"
     text += f" in the last run of {probe['commit']}"
     if isinstance(probe.get("machine_speed_change"), (int, float)):
-        text += f", {100 * probe['machine_speed_change']:+.1f}% during it"
+        text += f", its last probe {100 * probe['machine_speed_change']:+.1f}% off its first"
     best_speeds = speeds_context(rows, kind, best)[0] if kind else None
     if best_speeds:
         text += f"; the best's runs: {min(best_speeds):.1f}-{max(best_speeds):.1f}"

@@ -245,15 +245,25 @@ def decide(candidate, best, repeat_groups=(), threshold=None, *, candidate_speed
         return _decide_simplification(comparison, k)
     t, noise = comparison.t, comparison.noise
     args = (comparison.difference, t, noise)
-    if k >= MIN_KEEP_RUNS and t > student_t_quantile(1 - KEEP_LEVEL[min(k, MAX_RUNS)], comparison.dof):
+    level = KEEP_LEVEL.get(min(k, MAX_RUNS)) if k >= MIN_KEEP_RUNS else None
+    needed = student_t_quantile(1 - level, comparison.dof) if level is not None else math.inf
+    runs = f"{k} run{'s' if k > 1 else ''}"
+    if t > needed:
         if k == 2 and _runs_disagree(candidate, candidate_speeds, noise):
-            return Decision("rerun", f"{t:+.1f} standard errors, but its two runs disagree: a third", *args)
+            return Decision("rerun", f"{standing(t)}, but its two runs disagree: a third", *args)
         return Decision("keep", f"better by {t:.1f} standard errors", *args)
     if k < MAX_RUNS and t < DROP_BELOW[k]:
-        return Decision("discard", f"{t:+.1f} standard errors: not worth a rerun", *args)
+        return Decision("discard", f"{standing(t)} after {runs}, under the {DROP_BELOW[k]:.1f} better a rerun "
+                                   f"needs", *args)
     if k < MAX_RUNS:
-        return Decision("rerun", f"{t:+.1f} standard errors: grey zone", *args)
-    return Decision("discard", f"{t:+.1f} standard errors after {k} runs", *args)
+        return Decision("rerun", f"{standing(t)} after {runs}: grey zone", *args)
+    return Decision("discard", f"{standing(t)} after {runs}, short of the {needed:.1f} a keep needs", *args)
+
+
+def standing(t):
+    """'1.8 standard errors better' or '0.5 standard errors worse': the t of a comparison in words,
+    so its sign cannot be read against the val_bpb difference's (where negative is better)."""
+    return f"{abs(t):.1f} standard errors {'better' if t >= 0 else 'worse'}"
 
 
 def _runs_disagree(candidate, speeds, noise):
@@ -282,11 +292,15 @@ def _decide_simplification(comparison, k):
     margin = SIMPLIFY_MARGIN * comparison.noise.sigma
     t = comparison.t if comparison.error == 0 else (comparison.difference + margin) / comparison.error
     args = (comparison.difference, t, comparison.noise)
-    reason = f"{t:+.1f} standard errors inside the margin of {margin:.6f}"
-    if k >= MIN_KEEP_RUNS and t > student_t_quantile(1 - SIMPLIFY_LEVEL[min(k, MAX_RUNS)], comparison.dof):
+    level = SIMPLIFY_LEVEL.get(min(k, MAX_RUNS)) if k >= MIN_KEEP_RUNS else None
+    needed = student_t_quantile(1 - level, comparison.dof) if level is not None else math.inf
+    reason = f"{abs(t):.1f} standard errors {'inside' if t >= 0 else 'outside'} the margin of {margin:.6f}"
+    if needed < math.inf:
+        reason += f" (a keep needs {needed:.1f} inside)"
+    if t > needed:
         return Decision("keep", f"simplification not worse: {reason}", *args)
     if k < MAX_RUNS and t < SIMPLIFY_DROP_BELOW[k]:
-        return Decision("discard", f"simplification worse: {reason}", *args)
+        return Decision("discard", f"simplification not worth a rerun: {reason}", *args)
     if k < MAX_RUNS:
         return Decision("rerun", f"simplification in the grey zone: {reason}", *args)
     return Decision("discard", f"simplification not shown harmless after {k} runs: {reason}", *args)
