@@ -236,7 +236,7 @@ def test_the_digest_lists_near_misses_as_the_morning_report_finds_them(tmp_path,
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(supervisor, "runner_status", lambda: "best         1.300000 mean of 3 runs")
     text = supervisor.digest(4, None, 1_800_000_000.0, 1_800_000_000.0 - HOUR)
-    near = text.split("## Near misses and runs worth a rerun\n\n")[1].strip().splitlines()
+    near = text.split("## Near misses and changes worth another try\n\n")[1].strip().splitlines()
     assert near == ["- #4 bbbbbbb softcap 20: 1.305000 (+0.005000 against the best then): "
                     "within the noise of the best: 0.5x the noise above it"]
     ideas = text.split("## Ideas already tried (3 experiments, oldest first)\n\n")[1].split("\n\n")[0]

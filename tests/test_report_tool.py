@@ -121,7 +121,7 @@ def test_report_lists_kept_changes_with_delta_and_diff_stat(night):
 
 def test_report_finds_near_misses_and_disturbed_runs_but_not_plain_losses(night):
     assert report(night).returncode == 0
-    worth = (night / "report.md").read_text().split("### Worth a rerun")[1].split("###")[0]
+    worth = (night / "report.md").read_text().split("### Worth another try")[1].split("###")[0]
     assert "| softcap 20 | 1.491600 | +0.001600 | within the noise of the best: 0.8x the noise above it |" in worth
     assert "| wider mlp | 1.560000 | +0.070000 | disturbed: 100 steps against 200 for the baseline |" in worth
     assert "lr x10" not in worth
@@ -136,7 +136,7 @@ def test_report_asks_to_confirm_a_win_inside_twice_the_noise(night):
     json_path = next(path for path in (night / "runs").glob("*.json") if '"val_bpb": 1.48,' in path.read_text())
     json_path.write_text(json_path.read_text().replace('"val_bpb": 1.48,', '"val_bpb": 1.487,'))
     assert report(night).returncode == 0
-    worth = (night / "report.md").read_text().split("### Worth a rerun")[1].split("###")[0]
+    worth = (night / "report.md").read_text().split("### Worth another try")[1].split("###")[0]
     assert "| warmdown 0.7 | 1.487000 | -0.003000 | kept on one run by 1.5x the noise: confirm it |" in worth
 
 
@@ -153,7 +153,7 @@ def test_report_counts_experiments_per_hour_and_where_the_time_went(night):
     assert report(night).returncode == 0
     timing = (night / "report.md").read_text().split("### Time")[1]
     # First start T0 (the first run ended at T0+100 after 100 s), last event T0+930 (the last crash).
-    assert f"10 experiments from {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(T0))}" in timing
+    assert f"7 experiments in 10 runs from {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(T0))}" in timing
     assert f"({930 / 60:.1f} min): **{7 / (930 / 3600):.1f} experiments per hour**" in timing
     assert "| training (the budget) | 10.7 min | 69% |" in timing            # 8 runs x 80 s
     assert "| start-up, compiling, evaluation | 2.7 min | 17% |" in timing      # 8 runs x 20 s
@@ -254,3 +254,19 @@ def test_report_and_plot_reject_the_same_lines():
     rows = module.parse_rows(HEADER + "a000001\t1.500000\t2.0\tkeep\tbaseline\n" + bad)
     assert [row["commit"] for row in rows] == ["a000001"]
     assert rows[0]["unreadable_lines"] == 1
+
+
+def test_a_near_miss_is_one_entry_judged_on_the_mean_of_all_its_runs(night):
+    lines = (night / "results.tsv").read_text().splitlines(keepends=True)
+    first = next(i for i, line in enumerate(lines) if line.rstrip().endswith("\tsoftcap 20"))
+    commit = lines[first].split("\t")[0]
+    lines.insert(first + 1, f"{commit}\t1.491000\t2.0\tdiscard\tsoftcap 20 [run 2]\n")
+    (night / "results.tsv").write_text("".join(lines))
+    assert report(night).returncode == 0
+    text = (night / "report.md").read_text()
+    worth = text.split("### Worth another try")[1].split("###")[0]
+    assert worth.count("softcap 20") == 1
+    assert ("| softcap 20 | 1.491300 (2 runs) | +0.001300 | within the noise of the best: 0.8x the noise above it |"
+            in worth)
+    assert "The runner refuses the same change on the same best" in worth
+    assert "7 experiments in 11 runs from " in text.split("### Time")[1]

@@ -11,8 +11,8 @@ exits before the deadline, starts it again with a digest of where the night stan
 - in .autoresearch/digest.md, whose path replaces `{digest}` in the command and is in the agent's
   environment as AUTORESEARCH_DIGEST.
 The digest holds the runner's status (best, sigma, counts, last verdict), every idea already tried
-with its outcome, the near misses and other runs worth a rerun (as tools/report.py finds them) and
-how the agent's previous run ended.
+with its outcome, the near misses and other changes worth another try (as tools/report.py finds
+them) and how the agent's previous run ended.
 
 How it stays safe:
 - One supervisor per checkout (.autoresearch/night.lock). It refuses to start (exit 2, one line)
@@ -126,15 +126,15 @@ def tried_ideas(rows):
     return lines
 
 
-def worth_a_rerun(rows):
-    """The morning report's 'worth a rerun' lines of the latest kind: near misses, narrow wins,
-    disturbed runs."""
+def worth_another_try(rows):
+    """The morning report's 'worth another try' lines of the latest kind: near misses, narrow wins,
+    changes never judged."""
     if not rows:
         return []
     runs = night_files.load_runs(os.environ.get("AUTORESEARCH_RUNS_DIR", "runs"))
     section = report.build_sections([("results.tsv", rows)], runs, None)[-1]
-    return [f"- #{row['index']} {row['commit']} {row['text']}: {row['val_bpb']:.6f} "
-            f"({delta:+.6f} against the best then): {why}" for row, delta, why in section["worth"]]
+    return [f"- #{row['index']} {row['commit']} {row['text']}: {report.value_text(mean, n)} "
+            f"({delta:+.6f} against the best then): {why}" for row, mean, n, delta, why in section["worth"]]
 
 
 def digest(number, previous, deadline, now):
@@ -151,13 +151,14 @@ def digest(number, previous, deadline, now):
     lines = [f"# Where the night stands ({clock_text(now)}; the night ends at {clock_text(deadline)})", "",
              f"You are the research agent of this checkout, started by tools/night.py (start {number} of the "
              f"night). {earlier} Carry on with the loop in program.md from where it stands: the set-up "
-             "and the baseline are done; do not repeat an idea listed below unless it is worth a rerun.", "",
+             "and the baseline are done; do not repeat an idea listed below: the runner refuses the same change on "
+             "the same best. A near miss may be worth another try on a later best or as a variation.", "",
              "## Status (uv run tools/experiment.py status)", "", runner_status(), "",
              f"## Ideas already tried ({len(ideas)} experiments, oldest first"
              + (f"; the last {len(shown)} shown" if len(shown) < len(ideas) else "") + ")", ""]
     lines += shown or ["none yet"]
-    lines += ["", "## Near misses and runs worth a rerun", ""]
-    lines += worth_a_rerun(rows) or ["none"]
+    lines += ["", "## Near misses and changes worth another try", ""]
+    lines += worth_another_try(rows) or ["none"]
     return "\n".join(lines) + "\n"
 
 

@@ -5,9 +5,9 @@
     uv run tools/report.py night.tsv -o night.md --plot night.png --runs-dir runs
 
 For each results file or branch: the kind of result and the machine, the baseline and the best
-with their spread, the gain in bpb and %, every kept change with its delta and diff stat, the runs
-worth a rerun (near misses, disturbed runs), the crashes grouped by cause, experiments per hour and
-where the time went. Several files or branches also get one table side by side. progress.png is
+with their spread, the gain in bpb and %, every kept change with its delta and diff stat, the
+experiments worth another try (near misses, disturbed runs), the crashes grouped by cause,
+experiments per hour and where the time went. Several files or branches also get one table side by side. progress.png is
 redrawn from the same rows (tools/plot.py).
 
 Where each fact comes from, and nothing else is guessed:
@@ -41,7 +41,9 @@ CONFIRM_NOISE = 2.0      # a win by less than this many noise standard deviation
 NEAR_MISS_NOISE = 1.0    # a discard within this many noise standard deviations of the best: rerun it
 NEAR_MISS_FRACTION = 0.001  # ... or, with no noise measured, within this fraction of the best
 DISTURBED_STEPS = 0.8    # a run with fewer steps than this share of the baseline's median was slowed down
-MAX_RERUNS = 8           # rows listed under "worth a rerun"
+MAX_RERUNS = 8           # experiments listed under "worth another try"
+WORTH_NOTE = ("The runner refuses the same change on the same best (a rerun only buys luck): try a near miss "
+              "again on a later best or as a variation. A change that was never judged runs again as it is.")
 
 
 def spread(values):
@@ -109,8 +111,12 @@ def analyse(name, rows, facts, log_text):
 
     kept, confirm, near, disturbed, listed, running, best_commit = [], [], [], [], set(), None, None
     for row in finished:
-        steps = row["run"]["num_steps"] if row["run"] else None
-        if row["status"] == "keep" and row["commit"] not in listed:
+        if row["commit"] in listed:
+            continue
+        own = [r for r in finished if r["commit"] == row["commit"] and is_evidence(r)]
+        steps_seen = [r["run"]["num_steps"] for r in own if r["run"]]
+        steps = round(statistics.mean(steps_seen)) if steps_seen else None
+        if row["status"] == "keep":
             listed.add(row["commit"])
             mean = statistics.mean(runs_of[row["commit"]])
             if row["role"] != "baseline":
@@ -119,22 +125,29 @@ def analyse(name, rows, facts, log_text):
                 # One lucky run can clear the threshold: a win inside twice the noise wants a second look.
                 narrow = noise and noise[0] and delta is not None and -delta < CONFIRM_NOISE * noise[0]
                 if narrow and len(runs_of[row["commit"]]) == 1:
-                    confirm.append((row, delta, f"kept on one run by {-delta / noise[0]:.1f}x the noise: confirm it"))
+                    confirm.append((row, mean, 1, delta, f"kept on one run by {-delta / noise[0]:.1f}x the noise: "
+                                                         "confirm it"))
             if running is None or mean < running:
                 running, best_commit = mean, row["commit"]
             continue
         if row["status"] != "discard" or row["role"] != "experiment" or running is None:
             continue
-        delta = row["val_bpb"] - running
-        flags = [tag for tag in row["tags"] if tag.lower().startswith(("disturbed", "over budget"))]
-        if flags:
-            disturbed.append((row, delta, f"the runner tagged it [{flags[0]}]"))
-        elif steps is not None and median_steps and steps < DISTURBED_STEPS * median_steps:
-            disturbed.append((row, delta, f"disturbed: {steps} steps against {median_steps:g} for the baseline"))
+        # One entry per experiment, judged on the mean of all its evidence runs, as the runner judged it.
+        listed.add(row["commit"])
+        if not own:
+            flags = [tag for tag in row["tags"] if tag.lower().startswith(NOT_EVIDENCE)]
+            why = f"never judged: the runner tagged its runs [{flags[0]}]" if flags else "never judged"
+            disturbed.append((row, row["val_bpb"], 1, row["val_bpb"] - running, why))
+            continue
+        mean = statistics.mean(r["val_bpb"] for r in own)
+        delta = mean - running
+        if steps is not None and median_steps and steps < DISTURBED_STEPS * median_steps:
+            disturbed.append((row, mean, len(own), delta,
+                              f"disturbed: {steps} steps against {median_steps:g} for the baseline"))
         elif delta < (NEAR_MISS_NOISE * noise[0] if noise else NEAR_MISS_FRACTION * running):
             side = "below" if delta < 0 else "above"
             scale = f"{abs(delta) / noise[0]:.1f}x the noise {side} it" if noise and noise[0] else f"{delta:+.6f}"
-            near.append((row, delta, f"within the noise of the best: {scale}"))
+            near.append((row, mean, len(own), delta, f"within the noise of the best: {scale}"))
 
     crashes = {}
     for row in rows:
@@ -151,8 +164,8 @@ def analyse(name, rows, facts, log_text):
         "baseline": (statistics.mean(base_values) if base_values else None, spread(base_values), len(base_values)),
         "best": (running, spread(best_values), len(best_values), best_commit),
         "is_baseline": best_commit is not None and best_commit in {r["commit"] for r in baselines},
-        "kept": kept, "worth": (confirm + sorted(near, key=lambda item: item[1])
-                  + sorted(disturbed, key=lambda item: item[1]))[:MAX_RERUNS],
+        "kept": kept, "worth": (confirm + sorted(near, key=lambda item: item[3])
+                  + sorted(disturbed, key=lambda item: item[3]))[:MAX_RERUNS],
         "mostly_noise": len(near) >= max(3, sum(r["role"] == "experiment" for r in finished) / 2),
         "crashes": crashes, "timing": time_spent(rows, facts),
         "counts": experiment_counts(rows),
@@ -206,6 +219,11 @@ def clock(seconds):
 def duration(seconds):
     minutes = seconds / 60
     return f"{seconds:.0f} s" if seconds < 120 else (f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h")
+
+
+def value_text(mean, n):
+    """'1.234567' for one run, '1.234567 (3 runs)' for the mean of several."""
+    return f"{mean:.6f}" + (f" ({n} runs)" if n > 1 else "")
 
 
 def mean_text(mean, std, n):
@@ -268,7 +286,7 @@ def section_lines(section, heading):
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for row, mean, n, delta, steps in section["kept"]:
             diff = facts[row["commit"]][1] if row["commit"] in facts else "commit not in this repository"
-            value = f"{mean:.6f}" + (f" ({n} runs)" if n > 1 else "")
+            value = value_text(mean, n)
             change = f"{delta:+.6f}" if delta is not None else "first"
             lines.append(f"| {row['index']} | {row['commit']} | {row['text']} | {value} | {change} | "
                          f"{steps if steps is not None else '?'} | {diff} |")
@@ -276,12 +294,12 @@ def section_lines(section, heading):
         lines.append("None: every change was discarded or crashed.")
     lines.append("")
 
-    lines += ["### Worth a rerun", ""]
+    lines += ["### Worth another try", ""]
     if section["worth"]:
-        lines += ["| # | commit | change | val_bpb | vs best mean then | why |",
+        lines += [WORTH_NOTE, "", "| # | commit | change | val_bpb | vs best mean then | why |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        for row, delta, why in section["worth"]:
-            lines.append(f"| {row['index']} | {row['commit']} | {row['text']} | {row['val_bpb']:.6f} | "
+        for row, mean, n, delta, why in section["worth"]:
+            lines.append(f"| {row['index']} | {row['commit']} | {row['text']} | {value_text(mean, n)} | "
                          f"{delta:+.6f} | {why} |")
     else:
         lines.append("No narrow wins, near misses or disturbed runs.")
@@ -304,7 +322,8 @@ def section_lines(section, heading):
     else:
         span = timing["span"] or 1.0
         per_hour = f"{timing['per_hour']:.1f}" if timing["per_hour"] else "n/a"
-        lines.append(f"{len(rows)} experiments from {clock(timing['first'])} to {clock(timing['last'])} "
+        lines.append(f"{len(experiments(rows))} experiments in {len(rows)} runs from {clock(timing['first'])} to "
+                     f"{clock(timing['last'])} "
                      f"({duration(timing['span'])}): **{per_hour} experiments per hour**.")
         if timing["gaps"]:
             lines += ["", f"Between one run's end and the next one's start: median "
