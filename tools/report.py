@@ -7,8 +7,8 @@
 For each results file or branch: the kind of result and the machine, the baseline and the best
 with their spread, the gain in bpb and %, every kept change with its delta and diff stat, the
 experiments worth another try (near misses, disturbed runs), the crashes grouped by cause,
-experiments per hour and where the time went. Several files or branches also get one table side by side. progress.png is
-redrawn from the same rows (tools/plot.py).
+experiments per hour and where the time went. Several files or branches also get one table side
+by side. progress.png is redrawn from the same rows (tools/plot.py).
 
 Where each fact comes from, and nothing else is guessed:
 - results.tsv rows (commit, val_bpb, memory_gb, status, description; tags such as
@@ -67,9 +67,12 @@ def experiments(rows):
 
 
 def experiment_counts(rows):
-    """Counter of experiments by outcome (keep, discard, crash), plus 'baseline' runs and 'runs'."""
+    """Counter of experiments by outcome (keep, discard, crash) and in all ('experiments'), plus
+    'baseline' runs and 'runs'."""
     counts = Counter()
-    for commit_rows in experiments(rows).values():
+    found = experiments(rows)
+    counts["experiments"] = len(found)
+    for commit_rows in found.values():
         statuses = {r["status"] for r in commit_rows}
         counts["keep" if "keep" in statuses else "crash" if "crash" in statuses else "discard"] += 1
     counts["baseline"] = sum(r["role"] == "baseline" for r in rows)
@@ -98,10 +101,11 @@ def analyse(name, rows, facts, log_text):
     A commit's value is the mean of its finished runs (a baseline's repeats, the runner's reruns),
     and the best is the kept commit with the lowest mean."""
     finished = [r for r in rows if r["status"] != "crash"]
-    runs_of = {}
+    evidence_of = {}
     for row in finished:
         if is_evidence(row):
-            runs_of.setdefault(row["commit"], []).append(row["val_bpb"])
+            evidence_of.setdefault(row["commit"], []).append(row)
+    runs_of = {commit: [r["val_bpb"] for r in own] for commit, own in evidence_of.items()}
     baselines = ([r for r in finished if r["role"] == "baseline" and is_evidence(r)]
                  or [r for r in finished if r["status"] == "keep"][:1])
     base_values = [r["val_bpb"] for r in baselines]
@@ -113,7 +117,7 @@ def analyse(name, rows, facts, log_text):
     for row in finished:
         if row["commit"] in listed:
             continue
-        own = [r for r in finished if r["commit"] == row["commit"] and is_evidence(r)]
+        own = evidence_of.get(row["commit"], [])
         steps_seen = [r["run"]["num_steps"] for r in own if r["run"]]
         steps = round(statistics.mean(steps_seen)) if steps_seen else None
         if row["status"] == "keep":
@@ -139,7 +143,7 @@ def analyse(name, rows, facts, log_text):
             why = f"never judged: the runner tagged its runs [{flags[0]}]" if flags else "never judged"
             disturbed.append((row, row["val_bpb"], 1, row["val_bpb"] - running, why))
             continue
-        mean = statistics.mean(r["val_bpb"] for r in own)
+        mean = statistics.mean(runs_of[row["commit"]])
         delta = mean - running
         if steps is not None and median_steps and steps < DISTURBED_STEPS * median_steps:
             disturbed.append((row, mean, len(own), delta,
@@ -256,7 +260,7 @@ def section_lines(section, heading):
     lines = [f"## {heading}", ""]
     machine = section["machine"] or "unknown (no run JSON in the runs folder matches these rows)"
     lines += [f"- **Machine:** {machine}", f"- **Kind:** {describe_kind(section)}",
-              f"- **Experiments:** {counts['keep'] + counts['discard'] + counts['crash']}: {counts['keep']} kept, "
+              f"- **Experiments:** {counts['experiments']}: {counts['keep']} kept, "
               f"{counts['discard']} discarded, {counts['crash']} crashed, in {counts['runs']} runs "
               f"({counts['baseline']} of them baseline runs)"]
     base_mean, base_std, base_n = section["baseline"]
@@ -322,9 +326,8 @@ def section_lines(section, heading):
     else:
         span = timing["span"] or 1.0
         per_hour = f"{timing['per_hour']:.1f}" if timing["per_hour"] else "n/a"
-        lines.append(f"{len(experiments(rows))} experiments in {len(rows)} runs from {clock(timing['first'])} to "
-                     f"{clock(timing['last'])} "
-                     f"({duration(timing['span'])}): **{per_hour} experiments per hour**.")
+        lines.append(f"{counts['experiments']} experiments in {counts['runs']} runs from {clock(timing['first'])} "
+                     f"to {clock(timing['last'])} ({duration(timing['span'])}): **{per_hour} experiments per hour**.")
         if timing["gaps"]:
             lines += ["", f"Between one run's end and the next one's start: median "
                           f"{duration(statistics.median(timing['gaps']))}, longest {duration(max(timing['gaps']))} "
@@ -347,8 +350,7 @@ def side_by_side(sections):
     for s in sections:
         per_hour = f"{s['timing']['per_hour']:.1f}" if s["timing"] and s["timing"]["per_hour"] else "n/a"
         base, best = s["baseline"][0], s["best"][0]
-        experiments_run = s["counts"]["keep"] + s["counts"]["discard"] + s["counts"]["crash"]
-        lines.append(f"| {s['name']} | {s['machine'] or 'unknown'} | {s['kind']} | {experiments_run} | "
+        lines.append(f"| {s['name']} | {s['machine'] or 'unknown'} | {s['kind']} | {s['counts']['experiments']} | "
                      f"{len(s['kept'])} | {s['counts']['crash']} | "
                      f"{f'{base:.6f}' if base is not None else 'none'} | "
                      f"{f'{best:.6f}' if best is not None else 'none'} | {gain_text(s)} | {per_hour} |")

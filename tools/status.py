@@ -87,8 +87,9 @@ def describe_defaults(defaults):
 
 
 def machine_line(rows, kind, best):
-    """'speed 62.7 (matmul 140 GFLOP/s, memory 26.5 GB/s), its last probe +8.0% off its first; ...' from the
-    newest run's probe, against the range the best was measured in; None before any probed run."""
+    """'speed 62.7 (matmul 140 GFLOP/s, memory 26.5 GB/s) in the last run of <commit>, its last probe
+    +8.0% off its first; ...' from the newest run's probe, against the range the best was measured
+    in; None before any probed run."""
     probe = latest_probe()
     if probe is None:
         return None

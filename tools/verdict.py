@@ -245,8 +245,7 @@ def decide(candidate, best, repeat_groups=(), threshold=None, *, candidate_speed
         return _decide_simplification(comparison, k)
     t, noise = comparison.t, comparison.noise
     args = (comparison.difference, t, noise)
-    level = KEEP_LEVEL.get(min(k, MAX_RUNS)) if k >= MIN_KEEP_RUNS else None
-    needed = student_t_quantile(1 - level, comparison.dof) if level is not None else math.inf
+    needed = _keep_bar(KEEP_LEVEL, k, comparison.dof)
     runs = f"{k} run{'s' if k > 1 else ''}"
     if t > needed:
         if k == 2 and _runs_disagree(candidate, candidate_speeds, noise):
@@ -258,6 +257,11 @@ def decide(candidate, best, repeat_groups=(), threshold=None, *, candidate_speed
     if k < MAX_RUNS:
         return Decision("rerun", f"{standing(t)} after {runs}: grey zone", *args)
     return Decision("discard", f"{standing(t)} after {runs}, short of the {needed:.1f} a keep needs", *args)
+
+
+def _keep_bar(levels, k, dof):
+    """The t a keep needs after k runs at these one-sided levels; infinite before MIN_KEEP_RUNS."""
+    return student_t_quantile(1 - levels[min(k, MAX_RUNS)], dof) if k >= MIN_KEEP_RUNS else math.inf
 
 
 def standing(t):
@@ -292,8 +296,7 @@ def _decide_simplification(comparison, k):
     margin = SIMPLIFY_MARGIN * comparison.noise.sigma
     t = comparison.t if comparison.error == 0 else (comparison.difference + margin) / comparison.error
     args = (comparison.difference, t, comparison.noise)
-    level = SIMPLIFY_LEVEL.get(min(k, MAX_RUNS)) if k >= MIN_KEEP_RUNS else None
-    needed = student_t_quantile(1 - level, comparison.dof) if level is not None else math.inf
+    needed = _keep_bar(SIMPLIFY_LEVEL, k, comparison.dof)
     reason = f"{abs(t):.1f} standard errors {'inside' if t >= 0 else 'outside'} the margin of {margin:.6f}"
     if needed < math.inf:
         reason += f" (a keep needs {needed:.1f} inside)"
