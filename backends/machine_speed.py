@@ -29,7 +29,9 @@ of its probes. What this bought, measured: docs/measurements.md (2026-12-06).
                                   the PROBE_TRIM share of them at each end
         "machine_speed_change":   last / first - 1 (the host moved during the run)
         "machine_speed_probes":   every probe's speed index, in order
-        "probe_matmul_gflops", "probe_memory_gb_per_s": the medians over the probes
+        "probe_matmul_gflops", "probe_memory_gb_per_s": the run's two rates, trimmed as machine_speed
+                                  is; the verdict corrects for each apart (tools/verdict.py)
+        "probe_matmul_series", "probe_memory_series": every probe's two rates, in order
         "probe_seconds":          the probes' cost together
     }
 
@@ -139,11 +141,18 @@ def summarize(probes):
     if not done:
         return None
     indexes = [p["speed_index"] for p in done]
-    cut = int(PROBE_TRIM * len(indexes))
-    kept = sorted(indexes)[cut:len(indexes) - cut]
-    return {"machine_speed": round(math.exp(sum(math.log(i) for i in kept) / len(kept)), 4),
+    return {"machine_speed": round(trimmed_geometric_mean(indexes), 4),
             "machine_speed_change": round(indexes[-1] / indexes[0] - 1, 4),
             "machine_speed_probes": indexes,
-            "probe_matmul_gflops": statistics.median(p["matmul_gflops"] for p in done),
-            "probe_memory_gb_per_s": statistics.median(p["memory_gb_per_s"] for p in done),
+            "probe_matmul_gflops": round(trimmed_geometric_mean([p["matmul_gflops"] for p in done]), 3),
+            "probe_memory_gb_per_s": round(trimmed_geometric_mean([p["memory_gb_per_s"] for p in done]), 3),
+            "probe_matmul_series": [p["matmul_gflops"] for p in done],
+            "probe_memory_series": [p["memory_gb_per_s"] for p in done],
             "probe_seconds": round(sum(p["probe_seconds"] for p in done), 3)}
+
+
+def trimmed_geometric_mean(values):
+    """The geometric mean of values less the PROBE_TRIM share of them at each end of their range."""
+    cut = int(PROBE_TRIM * len(values))
+    kept = sorted(values)[cut:len(values) - cut]
+    return math.exp(sum(math.log(v) for v in kept) / len(kept))

@@ -45,7 +45,7 @@ BUDGET_KEYS = ("untimed_steps", "untimed_tokens", "timed_tokens", "total_batch_s
 EVAL_KEYS = ("eval_scored_tokens", "eval_bytes", "eval_nats")
 # The probes of the machine's speed (backends/machine_speed.summarize); absent when none ran.
 MACHINE_KEYS = ("machine_speed", "machine_speed_change", "machine_speed_probes", "probe_matmul_gflops",
-                "probe_memory_gb_per_s", "probe_seconds")
+                "probe_memory_gb_per_s", "probe_matmul_series", "probe_memory_series", "probe_seconds")
 # How each numeric field is written, so every run prints the same widths and decimals.
 _FORMATS = {
     "val_bpb": "{:.6f}", "training_seconds": "{:.1f}", "total_seconds": "{:.1f}",
@@ -103,13 +103,12 @@ def _format_value(key, value):
         return "true" if value else "false"
     if key in _FORMATS and isinstance(value, (int, float)):
         return _FORMATS[key].format(value)
-    if isinstance(value, list):  # a series (the speed probes): space-separated numbers
-        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return str(value)
 
 
 def format_summary(fields):
-    """The summary block: '---' then 'key: value' lines, SUMMARY_KEYS, CONTEXT_KEYS, then extras.
+    """The summary block: '---' then 'key: value' lines, SUMMARY_KEYS, CONTEXT_KEYS, then extras
+    (lists, the probes' series, only in the JSON).
 
     A missing required key is a bug in the training script, so it raises instead of printing a
     summary that tools would misread.
@@ -117,7 +116,9 @@ def format_summary(fields):
     missing = [k for k in SUMMARY_KEYS + CONTEXT_KEYS if k not in fields]
     if missing:
         raise KeyError(f"summary is missing required keys: {', '.join(missing)}")
-    ordered = list(SUMMARY_KEYS + CONTEXT_KEYS) + [k for k in fields if k not in SUMMARY_KEYS + CONTEXT_KEYS]
+    # Series (every probe's reading) go to the JSON only: dozens of numbers on a line help no reader.
+    ordered = list(SUMMARY_KEYS + CONTEXT_KEYS) + [k for k in fields if k not in SUMMARY_KEYS + CONTEXT_KEYS
+                                                   and not isinstance(fields[k], list)]
     width = max(len(k) for k in ordered) + 2
     lines = ["---"] + [f"{k + ':':<{width}}{_format_value(k, fields[k])}" for k in ordered]
     return "\n".join(lines)

@@ -61,7 +61,7 @@ def test_speed_index_is_the_geometric_mean_of_compute_and_memory():
     assert machine_speed.speed_index(90.0, 25.0) / 50.0 == pytest.approx(math.sqrt(0.9))
 
 
-def test_summary_is_the_geometric_mean_and_the_move_from_first_to_last_probe():
+def test_summary_is_the_geometric_mean_of_each_rate_and_the_move_from_first_to_last_probe():
     probes = [{"speed_index": 40.0, "matmul_gflops": 80.0, "memory_gb_per_s": 20.0, "probe_seconds": 0.1},
               None,  # a probe that failed is left out
               {"speed_index": 44.1, "matmul_gflops": 90.0, "memory_gb_per_s": 21.6, "probe_seconds": 0.12}]
@@ -69,8 +69,9 @@ def test_summary_is_the_geometric_mean_and_the_move_from_first_to_last_probe():
     assert record["machine_speed"] == pytest.approx(42.0, abs=1e-4)
     assert record["machine_speed_change"] == pytest.approx(0.1025)
     assert record["machine_speed_probes"] == [40.0, 44.1]
-    assert record["probe_matmul_gflops"] == pytest.approx(85.0)
-    assert record["probe_memory_gb_per_s"] == pytest.approx(20.8)
+    assert record["probe_matmul_gflops"] == pytest.approx(math.sqrt(80.0 * 90.0), abs=1e-3)
+    assert record["probe_memory_gb_per_s"] == pytest.approx(math.sqrt(20.0 * 21.6), abs=1e-3)
+    assert record["probe_matmul_series"] == [80.0, 90.0] and record["probe_memory_series"] == [20.0, 21.6]
     assert record["probe_seconds"] == pytest.approx(0.22)
     assert machine_speed.summarize([None, probes[2]])["machine_speed_change"] == 0.0
     assert machine_speed.summarize([None]) is None and machine_speed.summarize([]) is None
@@ -103,8 +104,11 @@ def test_measure_refuses_an_unknown_device():
 def test_a_runs_speed_leaves_out_the_probes_that_landed_on_a_moment_of_other_work():
     # Twenty probes near 100 and two that caught another process: 45 and 150.
     indexes = [100.0, 101.0, 99.0, 45.0, *([100.0] * 16), 150.0, 100.0]
-    probes = [{"speed_index": i, "matmul_gflops": 1.0, "memory_gb_per_s": 1.0, "probe_seconds": 0.05} for i in indexes]
+    probes = [{"speed_index": i, "matmul_gflops": 2 * i, "memory_gb_per_s": i / 2, "probe_seconds": 0.05}
+              for i in indexes]
     record = machine_speed.summarize(probes)
     # int(0.1 * 22) = 2 probes left out at each end: 45 and 99 below, 150 and 101 above.
     assert record["machine_speed"] == pytest.approx(100.0, abs=1e-4)
+    assert record["probe_matmul_gflops"] == pytest.approx(200.0, abs=1e-3)  # each rate trimmed the same way
+    assert record["probe_memory_gb_per_s"] == pytest.approx(50.0, abs=1e-3)
     assert record["machine_speed_probes"] == indexes  # the record keeps every probe
