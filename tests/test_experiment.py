@@ -66,8 +66,9 @@ fields = {
     "untimed_steps": untimed, "untimed_tokens": untimed * batch, "timed_tokens": (steps - untimed) * batch,
     "total_batch_size": batch,
 }
-if "machine_speed" in result:  # the probe of backends/machine_speed.py, as a real run records it
-    fields["machine_speed"] = result["machine_speed"]
+for key in ("machine_speed", "probe_matmul_gflops", "probe_memory_gb_per_s"):  # the probe, as a real run records it
+    if key in result:
+        fields[key] = result[key]
 print(format_summary(fields))
 if mode != "summary-only":
     write_run_json(fields)

@@ -22,6 +22,16 @@ def probed(machine, code=1.0, residual=0.0):
     return {"val_bpb": round(1.3 - SLOPE * math.log(machine * code) + residual, 6), "machine_speed": machine}
 
 
+def probed_rates(machine, memory, code=1.0, residual=0.0):
+    """probed(), with the probe's two rates as a real run records them: the matmul rate follows the
+    machine, the memory rate is given apart (on the EPYC it wandered with no link to the steps)."""
+    return dict(probed(machine, code, residual), machine_speed=math.sqrt(190 * machine * memory),
+                probe_matmul_gflops=190 * machine, probe_memory_gb_per_s=memory)
+
+
+MEMORY_RATES = [57.2, 75.7, 70.9, 70.2, 76.6, 57.8, 54.4, 52.0, 58.8, 54.1]  # the EPYC's ten runs, GB/s
+
+
 def measured_best(repo, env, with_speeds=True):
     values = [probed(m, residual=r) for m, r in zip(BASE_SPEEDS, RESIDUALS)]
     if not with_speeds:
@@ -59,6 +69,23 @@ def test_the_probe_takes_the_faster_host_out_and_the_change_is_discarded(repo, e
     assert {r[3] for r in rows(repo)[6:]} == {"discard"}
     assert "corrected for the machine's speed" in done.stdout
     assert "rechecking" not in done.stdout  # corrected, it never looked like a win
+
+
+def test_with_two_rates_a_wandering_memory_rate_cannot_hide_a_faster_host(repo, env):
+    """The host is 15% faster during the change while the copy rate happens to read low: the speed
+    index moved by half as much as the host. The rule fits each rate apart, corrects for the
+    matmul rate, and the change that does nothing is discarded."""
+    start = baseline(repo, env, [probed_rates(m, c, residual=r) for m, c, r in zip(BASE_SPEEDS, MEMORY_RATES, RESIDUALS)])
+    status = runner(repo, env, "status").stdout
+    assert "the best's runs: matmul 177-205 GFLOP/s, memory 57.2-76.6 GB/s" in status
+    edit(repo, "rename a variable")
+    plan(env, *[probed_rates(1.15, c, residual=r) for c, r in zip(MEMORY_RATES[6:], RESIDUALS[6:])])
+    done = runner(repo, env, "run", "rename a variable")
+    assert done.returncode == 0, done.stderr
+    assert git(repo, "rev-parse", "HEAD") == start
+    assert "corrected for the machine's speed" in done.stdout and "rechecking" not in done.stdout
+    status = runner(repo, env, "status").stdout
+    assert "the machine's matmul rate is 6% faster than in any of the best's runs" in status
 
 
 def test_a_code_change_that_slows_the_step_still_pays_for_it(repo, env):

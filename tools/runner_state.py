@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from backends.report import runs_dir
-from tools import ledger, scheduler
+from tools import ledger, scheduler, verdict
 
 STATE_DIR = Path(".autoresearch")  # the runner's memory; ignores itself in git
 STATE_FILE = STATE_DIR / "state.json"
@@ -220,8 +220,9 @@ def all_details():
 def machine_speeds(rows, kind):
     """{commit: the machine speed of each of its evidence runs of this kind}, in the order of
     ledger.values_of (file order), None for a run without a probe. The commits come in the order
-    of ledger.repeat_groups, so both can be zipped."""
-    probed = {(e.get("commit"), e.get("run")): e.get("machine_speed") for e in all_details()
+    of ledger.repeat_groups, so both can be zipped. A speed is the probe's two rates (see
+    probed_speed)."""
+    probed = {(e.get("commit"), e.get("run")): probed_speed(e) for e in all_details()
               if e.get("kind") == kind and e.get("evidence")}
     speeds = {}
     for row in rows:
@@ -231,9 +232,21 @@ def machine_speeds(rows, kind):
     return speeds
 
 
+def probed_speed(fields):
+    """A run's machine speed as the keep rule takes it from its record (a results detail entry or
+    runs/last_run.json): the probe's (matmul GFLOP/s, memory GB/s), each corrected for apart
+    (tools/verdict.py); the speed index alone for a record without the rates; None unprobed."""
+    rates = (fields.get("probe_matmul_gflops"), fields.get("probe_memory_gb_per_s"))
+    if verdict.speeds_complete([rates], 1):
+        return tuple(float(r) for r in rates)
+    index = fields.get("machine_speed")
+    return float(index) if verdict.speeds_complete([index], 1) else None
+
+
 def complete_speeds(speeds):
-    """The list when every run has a speed, else None (the rule then judges the raw values)."""
-    return list(speeds) if speeds and all(isinstance(s, (int, float)) and s > 0 for s in speeds) else None
+    """The list when every run has a speed of the same rates, else None (the rule then judges the
+    raw values)."""
+    return list(speeds) if speeds and verdict.speeds_complete(speeds, len(speeds)) else None
 
 
 def latest_probe():

@@ -8,16 +8,18 @@ whole nights of it against upstream's one-run greedy rule.
     uv run tools/simulate_verdicts.py --nights 50 --seed 7
 
 The noise model is measured: same-commit baselines of the standard profile on idle 2-core VMs,
-three days on an AMD EPYC Zen 4 (AVX-512 bf16) and two on an Intel Xeon with AMX
+four days on an AMD EPYC Zen 4 (AVX-512 bf16) and two on an Intel Xeon with AMX
 (MEASURED_DAYS). Within each day val_bpb is regressed on log(steps in the budget), pooled over
-the days: the slope (MACHINE_SLOPE), the raw sigma and the residual sigma. On four days the
+the days: the slope (MACHINE_SLOPE), the raw sigma and the residual sigma. On five days the
 host's speed moved (6-15% in steps) and log(steps) explained 85-95% of the variance; on another
-it stayed put and explained none. So a fake run of code whose true val_bpb
-is v returns v + MACHINE_SLOPE * h + residual, where h (the host's log speed) is Gaussian with the
-spread that leaves the pooled raw sigma. The run's probe (backends/machine_speed.py) reads
-exp(h + probe error); PROBE_ERROR is measured too, on the days that ran today's probe: the spread
-of log(probe speed) that log(steps) does not explain (an upper bound: a host can change the probe
-and leave the training alone). Drift adds a trend per run to h (the probe sees it) or to val_bpb
+it stayed put and explained none. So a fake run of code whose true val_bpb is v returns
+v + MACHINE_SLOPE * h + residual, where h (the host's log speed) is Gaussian with the spread that
+leaves the pooled raw sigma. The run's probe (backends/machine_speed.py) reads two rates: a matmul
+rate exp(h + probe error) and a memory rate that wanders on its own (MEMORY_WANDER), as the EPYC's
+did, so the rule pays for fitting a rate that explains nothing. PROBE_ERROR is measured on the
+days that ran today's probe: the spread of log(steps) their rates do not explain (an upper bound:
+a host can change the probe and leave the training alone); MEMORY_WANDER on the days that
+recorded the two rates. Drift adds a trend per run to h (the probe sees it) or to val_bpb
 (it does not). Every candidate goes through tools/verdict.py's judge_candidate, recheck and
 confirm_best_runs, the functions the runner calls; the greedy rule runs each idea once and keeps it
 when its one run beats the best's one run.
@@ -36,9 +38,10 @@ from tools import verdict
 from tools.verdict import Outcome, confirm_best_runs, judge_candidate
 
 # Same-commit baselines, standard profile, idle 2-core VMs, one day each: (steps in the 300 s
-# budget, val_bpb, the run's machine speed from the probe or None), and whether the day ran
-# today's probe (torch's threads on a CPU) rather than an earlier one. EPYC: AMD EPYC Zen 4 with
-# AVX-512 bf16; Xeon: Intel Xeon with AMX.
+# budget, val_bpb, the run's machine speed from the probe or None: its speed index, or its two
+# rates where the day recorded them), and whether the day ran today's probe (torch's threads on a
+# CPU, every 10 s) rather than an earlier one. EPYC: AMD EPYC Zen 4 with AVX-512 bf16; Xeon: Intel
+# Xeon with AMX.
 MEASURED_DAYS = {
     "EPYC, host moved 15%, no probe": (False, ((402, 1.284756, None), (463, 1.270202, None),
                                                (431, 1.282701, None), (401, 1.286903, None),
@@ -64,6 +67,18 @@ MEASURED_DAYS = {
                                                      (479, 1.132410, 122.9205), (494, 1.122394, 128.4526),
                                                      (526, 1.106034, 135.7496), (521, 1.108497, 134.6696),
                                                      (523, 1.105535, 135.8334))),
+    # From here each run carries the probe's two rates, (matmul GFLOP/s, memory GB/s): the medians
+    # of the run's probes on this day.
+    "EPYC, host moved 10%, probe every 10 s": (True, ((510, 1.119384, (197.7180, 57.1760)),
+                                                     (500, 1.122886, (193.3400, 75.6820)),
+                                                     (487, 1.129314, (191.0955, 70.8615)),
+                                                     (468, 1.139123, (187.5925, 70.1785)),
+                                                     (474, 1.137187, (188.2675, 76.5530)),
+                                                     (512, 1.111397, (196.3345, 57.7650)),
+                                                     (505, 1.120731, (194.5935, 54.3585)),
+                                                     (477, 1.133693, (189.9690, 51.9690)),
+                                                     (467, 1.139303, (187.3720, 58.7515)),
+                                                     (489, 1.130628, (191.0880, 54.1215)))),
 }
 RUN_SECONDS = 380           # one run: the 300 s budget, start-up, compilation and evaluation
 NIGHT_SECONDS = 8 * 3600
@@ -102,17 +117,42 @@ def pooled_regression(days):
 
 def measured_model(days=MEASURED_DAYS):
     """(raw sigma, residual sigma, slope of val_bpb on log(steps), host log-speed spread, probe
-    error) of the measured days, pooled within days."""
+    error, memory wander) of the measured days, pooled within days."""
     slope, raw, residual = pooled_regression([[(math.log(steps), value) for steps, value, _ in runs]
                                               for _, runs in days.values()])
     host = math.sqrt(max(raw ** 2 - residual ** 2, 0.0)) / abs(slope)
-    probed = [[(math.log(steps), math.log(speed)) for steps, _, speed in runs]
-              for current, runs in days.values() if current]
-    probe_error = pooled_regression(probed)[2] if probed else None
-    return raw, residual, slope, host, probe_error
+    probed = [runs for current, runs in days.values() if current]
+    return raw, residual, slope, host, probe_error(probed), memory_wander(probed)
 
 
-RAW_SIGMA, RESIDUAL_SIGMA, MACHINE_SLOPE, HOST_SPREAD, MEASURED_PROBE_ERROR = measured_model()
+def probe_error(days):
+    """The spread of log(steps) the probe's rates do not explain, pooled over days (None without
+    any): each day's log(steps) regressed on the log of each rate its runs recorded (the speed
+    index alone on a day without the two rates), one degree of freedom per rate. An upper bound
+    on the probe's error: a host can change the probe and leave the training alone."""
+    squares = freedom = 0.0
+    for runs in days:
+        y = [math.log(steps) for steps, _, _ in runs]
+        x = [verdict.log_rates(speed) for _, _, speed in runs]
+        syy, sxy, sxx, _, dof = verdict.within_group_sums([y], [x], len(x[0]))
+        inverse = verdict.inverse_matrix(sxx)
+        explained = sum(sxy[j] * inverse[j][l] * sxy[l] for j in range(len(sxy)) for l in range(len(sxy)))
+        squares += syy - explained
+        freedom += dof - len(sxy)
+    return math.sqrt(squares / freedom) if freedom > 0 else None
+
+
+def memory_wander(days):
+    """The spread of the log memory rate within a day, pooled over the days that recorded the two
+    rates (None without any). The simulated probe's memory rate wanders this much with no link to
+    the training, as it did on the EPYC: the rule pays a slope's worth of freedom for it."""
+    groups = [[math.log(speed[1]) for _, _, speed in runs] for runs in days if isinstance(runs[0][2], tuple)]
+    if not groups:
+        return None
+    return math.sqrt(sum((x - statistics.mean(g)) ** 2 for g in groups for x in g) / sum(len(g) - 1 for g in groups))
+
+
+RAW_SIGMA, RESIDUAL_SIGMA, MACHINE_SLOPE, HOST_SPREAD, MEASURED_PROBE_ERROR, MEMORY_WANDER = measured_model()
 PROBE_ERROR = MEASURED_PROBE_ERROR if MEASURED_PROBE_ERROR is not None else 0.05  # log(speed)
 
 
@@ -136,7 +176,9 @@ class Host:
         host = self.rng.gauss(0.0, HOST_SPREAD) + self.speed_drift * self.runs
         value = (true_value + MACHINE_SLOPE * host + noise * self.rng.gauss(0.0, RESIDUAL_SIGMA)
                  - self.hidden_drift * self.runs)
-        return Outcome(value=value, speed=math.exp(host + self.rng.gauss(0.0, self.probe_error)))
+        matmul = math.exp(host + self.rng.gauss(0.0, self.probe_error))
+        memory = math.exp(self.rng.gauss(0.0, MEMORY_WANDER or 0.0))
+        return Outcome(value=value, speed=(matmul, memory))
 
     def runner(self, true_value, noise=1.0):
         return lambda attempt: self.run(true_value, noise)

@@ -9,7 +9,7 @@ from tools import ledger, verdict
 from tools.checkout import branch_base, current_branch, harness_changes, head
 from tools.kind import defaults_digest, kind_or_problem, ready_ledger, resolved_defaults
 from tools.parallel import queue_status, running_slot_threads
-from tools.runner_state import end_orphaned_training_unless_locked, latest_probe, load_state, lock_holder
+from tools.runner_state import end_orphaned_training_unless_locked, latest_probe, load_state, lock_holder, probed_speed
 from tools.serial import first_description, kind_noise, speeds_context
 
 
@@ -86,6 +86,15 @@ def describe_defaults(defaults):
     return ", ".join(parts + [str(defaults.get("dtype")), f"{defaults['threads']} threads"])
 
 
+def speed_range(speeds):
+    """'0.9-1.1' of speed indexes, or 'matmul 187-198 GFLOP/s, memory 52.0-76.6 GB/s' of the
+    probe's two rates."""
+    if not isinstance(speeds[0], tuple):
+        return f"{min(speeds):.1f}-{max(speeds):.1f}"
+    matmul, memory = [s[0] for s in speeds], [s[1] for s in speeds]
+    return f"matmul {min(matmul):.0f}-{max(matmul):.0f} GFLOP/s, memory {min(memory):.1f}-{max(memory):.1f} GB/s"
+
+
 def machine_line(rows, kind, best):
     """'speed 62.7 (matmul 140 GFLOP/s, memory 26.5 GB/s) in the last run of <commit>, its last probe
     +8.0% off its first; ...' from the newest run's probe, against the range the best was measured
@@ -101,8 +110,8 @@ def machine_line(rows, kind, best):
         text += f", its last probe {100 * probe['machine_speed_change']:+.1f}% off its first"
     best_speeds = speeds_context(rows, kind, best)[0] if kind else None
     if best_speeds:
-        text += f"; the best's runs: {min(best_speeds):.1f}-{max(best_speeds):.1f}"
-        moved = verdict.probe_drift(best_speeds, [probe["machine_speed"]])
+        text += f"; the best's runs: {speed_range(best_speeds)}"
+        moved = verdict.probe_drift(best_speeds, [probed_speed(probe)], kind_noise(rows, kind, best))
         if moved:
             text += f" ({moved}: re-measure the best with uv run tools/experiment.py baseline --repeat 2)"
     return text

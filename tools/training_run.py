@@ -18,7 +18,7 @@ from pathlib import Path
 from backends.report import parse_summary, read_run_json, runner_score_problem, runs_dir
 from tools import budget, ledger, monitor, verdict
 from tools.kind import result_kind
-from tools.runner_state import Refused, record_training_group, signals_held
+from tools.runner_state import Refused, probed_speed, record_training_group, signals_held
 
 LOG_FILE = Path("run.log")
 KILL_GRACE_SECONDS = 5  # between SIGTERM and SIGKILL for the training process group
@@ -169,14 +169,7 @@ def execute(plan, record_group=False):
     over = slow or budget.token_problem(fields)
     if over:
         return Run(verdict.Outcome(rejected=over), fields, over, load, wall)
-    return Run(verdict.Outcome(value=value, speed=machine_speed(fields)), fields, None, load, wall)
-
-
-def machine_speed(fields):
-    """The run's probe of the machine's speed (backends/machine_speed.py), or None when the run
-    has none (a custom trainer, a probe that failed)."""
-    speed = fields.get("machine_speed")
-    return float(speed) if isinstance(speed, (int, float)) and math.isfinite(speed) and speed > 0 else None
+    return Run(verdict.Outcome(value=value, speed=probed_speed(fields)), fields, None, load, wall)
 
 
 def run_line(plan, what):

@@ -13,13 +13,17 @@ The rule, and why it is this one:
   reruns measure it.
 - The machine is taken out. On a shared host the same code trains more or fewer steps in the
   budget as the host's speed moves, and that is most of the spread. When every run of the best and
-  the candidate carries the probe's machine speed, val_bpb is regressed on log(machine speed)
-  within each same-commit group (one slope, pooled over every group, like sigma), and every value
-  is corrected to a common speed: sigma is then the residual spread, one degree of freedom
-  poorer, and the comparison's standard error includes the slope's own uncertainty. A slope that
-  is not negative (faster hours scoring worse) is noise, not the machine: then nothing is
-  corrected. The probe measures the machine with fixed work, never the run's own steps or tokens
-  per second, so a code change that makes the step slower still pays for it.
+  the candidate carries the probe's rates (a matmul rate and a memory copy rate), val_bpb is
+  regressed on the log of each rate within each same-commit group (one slope per rate, pooled over
+  every group, like sigma), and every value is corrected to a common speed: sigma is then the
+  residual spread, one degree of freedom poorer per rate, and the comparison's standard error
+  includes the slopes' own uncertainty. Each rate gets its own slope because which one follows the
+  training depends on the host: on one VM the copy rate wandered 52-77 GB/s with no link to the
+  steps while the matmul rate followed them, and one index of both corrected nothing
+  (docs/measurements.md). A rate whose slope is not negative (faster hours scoring worse) is
+  noise, not the machine: it leaves the fit. The probe measures the machine with fixed work, never
+  the run's own steps or tokens per second, so a code change that makes the step slower still
+  pays for it.
 - The best's value is the mean of all its runs, and the best is confirmed until it has
   best_runs_target() of them (BEST_RUNS without the correction; fewer when the corrected sigma
   makes fewer runs as precise in val_bpb as BEST_RUNS raw runs were): one lucky run cannot set the
@@ -73,6 +77,7 @@ THRESHOLD_RUNS = 2      # an explicit --threshold judges the mean of at least th
 RECHECK_RUNS = 1        # fresh runs of the best before a keep, when the caller can run the best
 DRIFT_T = 2.0           # fresh best runs this many standard errors off the old mean: the host drifted
 PROBE_DRIFT = 0.05      # the probe left the best's speed range by this fraction: re-measure the best
+RATE_NAMES = ("matmul rate", "memory rate")  # a two-rate speed's order, as tools/training_run.py reads the probe
 SIMPLIFY_MARGIN = 1.0   # a simplification may cost up to this many sigma...
 SIMPLIFY_LEVEL = {2: 0.03, 3: 0.04, 4: 0.05}  # ...one that costs it all is kept under 5% (simulated)
 SIMPLIFY_DROP_BELOW = {1: -0.5, 2: 0.0, 3: 0.5}  # non-inferiority t under which it is discarded
@@ -81,13 +86,15 @@ SIMPLIFY_DROP_BELOW = {1: -0.5, 2: 0.0, 3: 0.5}  # non-inferiority t under which
 @dataclass(frozen=True)
 class Noise:
     """Pooled run-to-run spread: sigma (None until measured), the runs it rests on, its dof.
-    With machine speeds: sigma is the residual after the machine, slope is d val_bpb / d log(speed),
-    speed_sxx the pooled within-group sum of squares of log(speed), raw_sigma the uncorrected one."""
+    With machine speeds: sigma is the residual after the machine, slope the d val_bpb / d log(rate)
+    of each of the probe's rates (0.0 for a rate left out of the fit), slope_covariance the inverse
+    of the pooled within-group sums of squares and products of the log rates (the slopes'
+    covariance over sigma^2), raw_sigma the uncorrected one."""
     sigma: float | None
     runs: int
     dof: int
-    slope: float | None = None
-    speed_sxx: float | None = None
+    slope: tuple | None = None
+    slope_covariance: tuple | None = None
     raw_sigma: float | None = None
 
     def describe(self):
@@ -113,60 +120,134 @@ def mean(values):
     return sum(values) / len(values)
 
 
-def _sums(groups, log_speeds):
-    """Within-group sums (Syy, Sxy, Sxx, runs, dof) over groups of at least two runs."""
-    syy = sxy = sxx = 0.0
+def log_rates(speed):
+    """A run's machine speed as a tuple of log rates: a number is one rate, a tuple (the probe's
+    matmul and memory rates) one per rate."""
+    return tuple(math.log(r) for r in speed) if isinstance(speed, (tuple, list)) else (math.log(speed),)
+
+
+def _valid(speed):
+    rates = speed if isinstance(speed, (tuple, list)) else (speed,)
+    return bool(rates) and all(isinstance(r, (int, float)) and math.isfinite(r) and r > 0 for r in rates)
+
+
+def within_group_sums(groups, log_speeds, width=0):
+    """Sums of squares and products about each group's means, over the groups of at least two
+    runs: (Syy, Sxy, Sxx, runs, dof), Syy of the values, Sxy a list over the width log rates of
+    each run (log_speeds: a list per group, or None per group with width 0), Sxx their matrix."""
+    syy, sxy, sxx = 0.0, [0.0] * width, [[0.0] * width for _ in range(width)]
     runs = dof = 0
     for values, speeds in zip(groups, log_speeds):
         if len(values) < 2:
             continue
         y_mean = mean(values)
-        x_mean = mean(speeds) if speeds is not None else 0.0
+        x_mean = [mean([x[j] for x in speeds]) for j in range(width)]
         for i, y in enumerate(values):
-            x = speeds[i] - x_mean if speeds is not None else 0.0
+            x = [speeds[i][j] - x_mean[j] for j in range(width)]
             syy += (y - y_mean) ** 2
-            sxy += x * (y - y_mean)
-            sxx += x * x
+            for j in range(width):
+                sxy[j] += x[j] * (y - y_mean)
+                for l in range(width):
+                    sxx[j][l] += x[j] * x[l]
         runs += len(values)
         dof += len(values) - 1
     return syy, sxy, sxx, runs, dof
 
 
+def inverse_matrix(matrix):
+    """The inverse of a small symmetric matrix (Gauss-Jordan), or None when it is singular."""
+    n = len(matrix)
+    work = [list(row) + [float(i == j) for j in range(n)] for i, row in enumerate(matrix)]
+    scale = max((abs(matrix[i][i]) for i in range(n)), default=0.0)
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(work[r][col]))
+        if abs(work[pivot][col]) <= 1e-12 * scale or scale == 0:
+            return None
+        work[col], work[pivot] = work[pivot], work[col]
+        lead = work[col][col]
+        work[col] = [v / lead for v in work[col]]
+        for row in range(n):
+            if row != col and work[row][col]:
+                factor = work[row][col]
+                work[row] = [a - factor * b for a, b in zip(work[row], work[col])]
+    return [row[n:] for row in work]
+
+
 def pooled_noise(groups, speed_groups=None):
     """Noise from groups of same-commit runs (lists of val_bpb); groups of one run add nothing.
 
-    speed_groups: the machine speeds of those runs, a list per group in the same order. Given,
-    val_bpb is regressed on log(speed) within groups and sigma is the residual spread (the groups
-    whose runs lack a speed are left out: their spread includes the machine). Without enough runs
-    to fit the slope and keep MIN_NOISE_RUNS worth of spread, the raw sigma is returned; so it is
-    when the fitted slope is not negative: a faster machine trains more steps of the same code in
-    the budget and never a worse model, so such a slope says the speeds did not explain the spread
-    (corrected with it, a candidate on a slow hour would be charged for the machine)."""
+    speed_groups: the machine speeds of those runs, a list per group in the same order (a speed is
+    a number or a tuple of the probe's rates, see log_rates). Given, val_bpb is regressed on the
+    log rates within groups, one slope per rate pooled over every group, and sigma is the residual
+    spread (the groups whose runs lack a speed, or carry other rates than the last group's, are
+    left out: their spread includes the machine). Each rate's slope must be negative: a faster
+    machine trains more steps of the same code in the budget and never a worse model, so a slope
+    that is not says that rate did not follow the training (corrected with it, a candidate on a
+    slow hour would be charged for the machine). Such a rate, or one there are too few runs to fit
+    beside the others, leaves the fit, the weakest first, and the rest are fitted again; with no
+    rate left the raw sigma is returned."""
     raw = _raw_noise(groups)
     if speed_groups is None:
         return raw
-    kept = [(g, [math.log(s) for s in sp]) for g, sp in zip(groups, speed_groups)
-            if sp is not None and len(sp) == len(g) and all(s and s > 0 for s in sp)]
-    syy, sxy, sxx, runs, dof = _sums([g for g, _ in kept], [x for _, x in kept])
-    if runs < MIN_NOISE_RUNS + 1 or dof < 2 or sxx <= 0 or sxy >= 0:
+    complete = [(g, sp) for g, sp in zip(groups, speed_groups) if speeds_complete(sp, len(g))]
+    if not complete:
         return raw
-    slope = sxy / sxx
-    residual = max(syy - slope * sxy, 0.0)
-    return Noise(math.sqrt(residual / (dof - 1)), runs, dof - 1, slope, sxx, raw.sigma)
+    width = len(log_rates(complete[-1][1][0]))
+    kept = [(g, [log_rates(s) for s in sp]) for g, sp in complete if len(log_rates(sp[0])) == width]
+    syy, sxy, sxx, runs, dof = within_group_sums([g for g, _ in kept], [x for _, x in kept], width)
+    active = list(range(width))
+    while active:
+        fitted = _fit(sxy, sxx, active, runs, dof)
+        if fitted is not None and all(fitted[0][j] < 0 for j in active):
+            slope, covariance = fitted
+            residual = max(syy - sum(slope[j] * sxy[j] for j in active), 0.0)
+            freedom = dof - len(active)
+            return Noise(math.sqrt(residual / freedom), runs, freedom, slope, covariance, raw.sigma)
+        active.remove(_weakest(sxy, sxx, active, fitted))
+    return raw
+
+
+def _fit(sxy, sxx, active, runs, dof):
+    """(slopes, their covariance over sigma^2) over the active rates, each a full-width tuple with
+    zeros for the others; None with too few runs to fit them or when the rates move together."""
+    if runs < MIN_NOISE_RUNS + len(active) or dof < len(active) + 1:
+        return None
+    inverse = inverse_matrix([[sxx[j][l] for l in active] for j in active])
+    if inverse is None:
+        return None
+    width = len(sxy)
+    slope, covariance = [0.0] * width, [[0.0] * width for _ in range(width)]
+    for a, j in enumerate(active):
+        slope[j] = sum(inverse[a][b] * sxy[l] for b, l in enumerate(active))
+        for b, l in enumerate(active):
+            covariance[j][l] = inverse[a][b]
+    return tuple(slope), tuple(tuple(row) for row in covariance)
+
+
+def _weakest(sxy, sxx, active, fitted):
+    """The rate to leave out next: the one whose fitted slope, in units of its own spread, is the
+    least negative; without a fit, the one least linked to val_bpb on its own."""
+    def strength(j):
+        if sxx[j][j] <= 0:
+            return math.inf
+        if fitted is not None:
+            return fitted[0][j] * math.sqrt(sxx[j][j])
+        return sxy[j] / math.sqrt(sxx[j][j])
+    return max(active, key=strength)
 
 
 def _raw_noise(groups):
-    syy, _, _, runs, dof = _sums(groups, [None] * len(groups))
+    syy, _, _, runs, dof = within_group_sums(groups, [None] * len(groups))
     if runs < MIN_NOISE_RUNS or dof < 1:
         return Noise(None, runs, dof)
     return Noise(math.sqrt(syy / dof), runs, dof)
 
 
 def corrected(values, speeds, noise):
-    """values corrected to the machine speed 1.0 with noise's slope (unchanged without one)."""
+    """values corrected to the machine speed 1.0 with noise's slopes (unchanged without them)."""
     if noise.slope is None or speeds is None:
         return list(values)
-    return [v - noise.slope * math.log(s) for v, s in zip(values, speeds)]
+    return [v - sum(b * x for b, x in zip(noise.slope, log_rates(s))) for v, s in zip(values, speeds)]
 
 
 @dataclass(frozen=True)
@@ -191,7 +272,8 @@ def compare(candidate, best, repeat_groups=(), candidate_speeds=None, best_speed
     list per repeat group, None for a group without)."""
     k, m = len(candidate), len(best)
     speeds = None
-    if _complete(candidate_speeds, k) and _complete(best_speeds, m):
+    if (speeds_complete(candidate_speeds, k) and speeds_complete(best_speeds, m)
+            and len(log_rates(candidate_speeds[0])) == len(log_rates(best_speeds[0]))):
         speeds = [*(repeat_speeds or [None] * len(repeat_groups)), list(best_speeds), list(candidate_speeds)]
     groups = [*repeat_groups, list(best), list(candidate)]
     noise = pooled_noise(groups, speeds)
@@ -202,8 +284,10 @@ def compare(candidate, best, repeat_groups=(), candidate_speeds=None, best_speed
     difference = mean(base) - mean(cand)
     slope_term = 0.0
     if noise.slope is not None:
-        gap = mean([math.log(s) for s in best_speeds]) - mean([math.log(s) for s in candidate_speeds])
-        slope_term = gap * gap / noise.speed_sxx
+        best_logs, candidate_logs = [log_rates(s) for s in best_speeds], [log_rates(s) for s in candidate_speeds]
+        gap = [mean([x[j] for x in best_logs]) - mean([x[j] for x in candidate_logs]) for j in range(len(noise.slope))]
+        slope_term = sum(gap[j] * noise.slope_covariance[j][l] * gap[l]
+                         for j in range(len(gap)) for l in range(len(gap)))
     if k < WELCH_RUNS:
         error = noise.sigma * math.sqrt(1 / m + 1 / k + slope_term)
         return Comparison(difference, error, noise.dof, noise)
@@ -221,8 +305,11 @@ def compare(candidate, best, repeat_groups=(), candidate_speeds=None, best_speed
     return Comparison(difference, error, dof, noise)
 
 
-def _complete(speeds, count):
-    return speeds is not None and len(speeds) == count and all(s and s > 0 for s in speeds)
+def speeds_complete(speeds, count):
+    """Every one of count runs has a valid speed, all of one width (the same rates): then the rule
+    corrects for the machine."""
+    return (speeds is not None and len(speeds) == count and count > 0 and all(_valid(s) for s in speeds)
+            and len({len(log_rates(s)) for s in speeds}) == 1)
 
 
 def decide(candidate, best, repeat_groups=(), threshold=None, *, candidate_speeds=None, best_speeds=None,
@@ -318,17 +405,26 @@ def best_runs_target(noise):
     return max(MIN_BEST_RUNS, min(BEST_RUNS, needed))
 
 
-def probe_drift(best_speeds, recent_speeds):
+def probe_drift(best_speeds, recent_speeds, noise=None):
     """Why the best should be re-measured because the machine's speed left the range it was measured
-    in (the correction's slope would extrapolate), or None. Fractions of the speed index."""
-    if not best_speeds or not recent_speeds:
+    in (the correction's slopes would extrapolate), or None. Each rate is checked apart; given noise
+    with slopes, only the rates the correction uses. Fractions of the rate."""
+    if not best_speeds or not recent_speeds or not speeds_complete(best_speeds, len(best_speeds)):
         return None
-    recent = math.exp(mean([math.log(s) for s in recent_speeds]))
-    low, high = min(best_speeds), max(best_speeds)
-    if recent > high * (1 + PROBE_DRIFT):
-        return f"the machine is {100 * (recent / high - 1):.0f}% faster than in any of the best's runs"
-    if recent < low * (1 - PROBE_DRIFT):
-        return f"the machine is {100 * (1 - recent / low):.0f}% slower than in any of the best's runs"
+    best_logs, recent_logs = [log_rates(s) for s in best_speeds], [log_rates(s) for s in recent_speeds]
+    width = len(best_logs[0])
+    if any(len(x) != width for x in recent_logs):
+        return None
+    used = [j for j in range(width) if noise is None or noise.slope is None or noise.slope[j] != 0.0]
+    for j in used:
+        name = RATE_NAMES[j] if j < len(RATE_NAMES) else f"rate {j + 1}"
+        what = "the machine" if width == 1 else f"the machine's {name}"
+        recent = math.exp(mean([x[j] for x in recent_logs]))
+        low, high = (math.exp(f([x[j] for x in best_logs])) for f in (min, max))
+        if recent > high * (1 + PROBE_DRIFT):
+            return f"{what} is {100 * (recent / high - 1):.0f}% faster than in any of the best's runs"
+        if recent < low * (1 - PROBE_DRIFT):
+            return f"{what} is {100 * (1 - recent / low):.0f}% slower than in any of the best's runs"
     return None
 
 
@@ -336,7 +432,7 @@ def drifted(old, fresh, noise, old_speeds=None, fresh_speeds=None):
     """Did the best's fresh runs move from its old mean by more than DRIFT_T standard errors?"""
     if noise is None or noise.sigma is None or not old or not fresh:
         return False
-    speeds_ok = _complete(old_speeds, len(old)) and _complete(fresh_speeds, len(fresh))
+    speeds_ok = speeds_complete(old_speeds, len(old)) and speeds_complete(fresh_speeds, len(fresh))
     then = mean(corrected(old, old_speeds if speeds_ok else None, noise))
     now = mean(corrected(fresh, fresh_speeds if speeds_ok else None, noise))
     error = noise.sigma * math.sqrt(1 / len(old) + 1 / len(fresh))
@@ -434,7 +530,7 @@ def _recheck_best(run_best, best, best_speeds, noise):
             fresh_speeds.append(outcome.speed)
     if not fresh:
         return best, best_speeds, False
-    with_speeds = best_speeds is not None and _complete(fresh_speeds, len(fresh))
+    with_speeds = best_speeds is not None and speeds_complete(fresh_speeds, len(fresh))
     if drifted(best, fresh, noise, best_speeds, fresh_speeds):
         return fresh, (fresh_speeds if with_speeds else None), True
     return best + fresh, (best_speeds + fresh_speeds if with_speeds else None), False
