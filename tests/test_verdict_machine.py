@@ -150,6 +150,15 @@ def test_runs_whose_speeds_carry_different_rates_are_judged_uncorrected():
     assert decision.noise.slope is None
 
 
+def test_the_drift_check_corrects_only_runs_that_carry_the_rates_the_slopes_were_fitted_on():
+    noise = Noise(0.002, 20, 17, (-0.4, 0.0), ((30.0, 0.0), (0.0, 0.0)), 0.009)
+    old, fresh = [1.300, 1.302, 1.298], [1.342]
+    # On the same rates, the fresh run's 10% slower matmul explains its 0.042 rise: no drift.
+    assert not verdict.drifted(old, fresh, noise, [(190.0, 60.0)] * 3, [(171.0, 60.0)])
+    # Old runs with the speed index alone cannot be corrected with these slopes: judged raw, it drifted.
+    assert verdict.drifted(old, fresh, noise, [100.0] * 3, [(171.0, 60.0)])
+
+
 def test_runs_without_a_probe_leave_the_rule_uncorrected():
     values, speeds = fake_groups(random.Random(2), groups=3)
     assert pooled_noise(values, [None, None, None]).slope is None
@@ -278,10 +287,10 @@ def test_the_simulated_noise_model_is_the_measured_days_pooled():
     assert (raw, residual) == (pytest.approx(0.00945, abs=1e-5), pytest.approx(0.00217, abs=1e-5))
     # The two rates leave 0.74% of log(steps) unexplained; the memory rate wandered 15% on its own.
     assert probe_error == pytest.approx(0.0074, abs=1e-4) and wander == pytest.approx(0.149, abs=1e-3)
-    assert simulate_verdicts.RAW_SIGMA == pytest.approx(0.00771, abs=1e-5)
-    assert simulate_verdicts.RESIDUAL_SIGMA == pytest.approx(0.00418, abs=1e-5)
-    # Today's probe leaves under 1% of log(steps) unexplained: a quarter of the host's own spread.
-    assert simulate_verdicts.PROBE_ERROR == pytest.approx(0.0088, abs=1e-4)
+    assert simulate_verdicts.RAW_SIGMA == pytest.approx(0.00925, abs=1e-5)
+    assert simulate_verdicts.RESIDUAL_SIGMA == pytest.approx(0.00411, abs=1e-5)
+    # Today's probe leaves 1.1% of log(steps) unexplained: a quarter of the host's own spread.
+    assert simulate_verdicts.PROBE_ERROR == pytest.approx(0.0110, abs=1e-4)
     assert simulate_verdicts.PROBE_ERROR < simulate_verdicts.HOST_SPREAD / 3
 
 

@@ -147,8 +147,8 @@ def within_group_sums(groups, log_speeds, width=0):
             syy += (y - y_mean) ** 2
             for j in range(width):
                 sxy[j] += x[j] * (y - y_mean)
-                for l in range(width):
-                    sxx[j][l] += x[j] * x[l]
+                for other in range(width):
+                    sxx[j][other] += x[j] * x[other]
         runs += len(values)
         dof += len(values) - 1
     return syy, sxy, sxx, runs, dof
@@ -212,15 +212,15 @@ def _fit(sxy, sxx, active, runs, dof):
     zeros for the others; None with too few runs to fit them or when the rates move together."""
     if runs < MIN_NOISE_RUNS + len(active) or dof < len(active) + 1:
         return None
-    inverse = inverse_matrix([[sxx[j][l] for l in active] for j in active])
+    inverse = inverse_matrix([[sxx[j][other] for other in active] for j in active])
     if inverse is None:
         return None
     width = len(sxy)
     slope, covariance = [0.0] * width, [[0.0] * width for _ in range(width)]
     for a, j in enumerate(active):
-        slope[j] = sum(inverse[a][b] * sxy[l] for b, l in enumerate(active))
-        for b, l in enumerate(active):
-            covariance[j][l] = inverse[a][b]
+        slope[j] = sum(inverse[a][b] * sxy[other] for b, other in enumerate(active))
+        for b, other in enumerate(active):
+            covariance[j][other] = inverse[a][b]
     return tuple(slope), tuple(tuple(row) for row in covariance)
 
 
@@ -286,8 +286,8 @@ def compare(candidate, best, repeat_groups=(), candidate_speeds=None, best_speed
     if noise.slope is not None:
         best_logs, candidate_logs = [log_rates(s) for s in best_speeds], [log_rates(s) for s in candidate_speeds]
         gap = [mean([x[j] for x in best_logs]) - mean([x[j] for x in candidate_logs]) for j in range(len(noise.slope))]
-        slope_term = sum(gap[j] * noise.slope_covariance[j][l] * gap[l]
-                         for j in range(len(gap)) for l in range(len(gap)))
+        slope_term = sum(gap[j] * noise.slope_covariance[j][other] * gap[other]
+                         for j in range(len(gap)) for other in range(len(gap)))
     if k < WELCH_RUNS:
         error = noise.sigma * math.sqrt(1 / m + 1 / k + slope_term)
         return Comparison(difference, error, noise.dof, noise)
@@ -432,7 +432,9 @@ def drifted(old, fresh, noise, old_speeds=None, fresh_speeds=None):
     """Did the best's fresh runs move from its old mean by more than DRIFT_T standard errors?"""
     if noise is None or noise.sigma is None or not old or not fresh:
         return False
-    speeds_ok = speeds_complete(old_speeds, len(old)) and speeds_complete(fresh_speeds, len(fresh))
+    speeds_ok = (speeds_complete(old_speeds, len(old)) and speeds_complete(fresh_speeds, len(fresh))
+                 and noise.slope is not None
+                 and len(log_rates(old_speeds[0])) == len(log_rates(fresh_speeds[0])) == len(noise.slope))
     then = mean(corrected(old, old_speeds if speeds_ok else None, noise))
     now = mean(corrected(fresh, fresh_speeds if speeds_ok else None, noise))
     error = noise.sigma * math.sqrt(1 / len(old) + 1 / len(fresh))
