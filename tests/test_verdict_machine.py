@@ -8,6 +8,7 @@ import random
 import pytest
 
 from tools import simulate_verdicts, verdict
+from tools.runner_state import complete_speeds, probed_speed
 from tools.verdict import Noise, Outcome, compare, decide, judge_candidate, pooled_noise
 
 STEPS_SLOPE = -0.1146   # val_bpb per log(steps), as measured on the 2-core VM
@@ -157,6 +158,27 @@ def test_the_drift_check_corrects_only_runs_that_carry_the_rates_the_slopes_were
     assert not verdict.drifted(old, fresh, noise, [(190.0, 60.0)] * 3, [(171.0, 60.0)])
     # Old runs with the speed index alone cannot be corrected with these slopes: judged raw, it drifted.
     assert verdict.drifted(old, fresh, noise, [100.0] * 3, [(171.0, 60.0)])
+
+
+def test_the_small_linear_algebra_behind_the_slopes():
+    assert verdict.log_rates(math.e) == (1.0,)
+    assert verdict.log_rates((1.0, math.e ** 2)) == pytest.approx((0.0, 2.0))
+    inverse = verdict.inverse_matrix([[2.0, 1.0], [1.0, 3.0]])
+    assert inverse == [pytest.approx([0.6, -0.2]), pytest.approx([-0.2, 0.4])]
+    assert verdict.inverse_matrix([[1.0, 2.0], [2.0, 4.0]]) is None  # two rates that move together
+    syy, sxy, sxx, runs, dof = verdict.within_group_sums([[1.0, 3.0], [5.0]], [[(0.0,), (1.0,)], [(7.0,)]], 1)
+    assert (syy, sxy, sxx, runs, dof) == (2.0, [1.0], [[0.5]], 2, 1)  # the one-run group adds nothing
+
+
+def test_a_runs_record_gives_the_rule_its_two_rates_or_its_index_or_nothing():
+    assert probed_speed({"probe_matmul_gflops": 190.5, "probe_memory_gb_per_s": 60, "machine_speed": 107.0}) \
+        == (190.5, 60.0)
+    assert probed_speed({"machine_speed": 107.0}) == 107.0  # a record from before the two rates
+    assert probed_speed({"probe_matmul_gflops": 0.0, "probe_memory_gb_per_s": 60.0}) is None
+    assert probed_speed({}) is None
+    assert complete_speeds([(190.0, 60.0), (185.0, 58.0)]) == [(190.0, 60.0), (185.0, 58.0)]
+    assert complete_speeds([(190.0, 60.0), 107.0]) is None  # not the same rates: judged raw
+    assert complete_speeds([(190.0, 60.0), None]) is None
 
 
 def test_runs_without_a_probe_leave_the_rule_uncorrected():
