@@ -86,6 +86,10 @@ def test_with_two_rates_a_wandering_memory_rate_cannot_hide_a_faster_host(repo, 
     assert "corrected for the machine's speed" in done.stdout and "rechecking" not in done.stdout
     status = runner(repo, env, "status").stdout
     assert "the machine's matmul rate is 6% faster than in any of the best's runs" in status
+    machine = next(line for line in status.splitlines() if line.startswith("machine"))
+    # The line ends with the rates the fit kept: on these runs the copy rate's slope pays for its
+    # degree of freedom too (the unit tests have one that does not).
+    assert machine.endswith("; the correction uses the matmul and memory rates"), machine
 
 
 def test_a_code_change_that_slows_the_step_still_pays_for_it(repo, env):

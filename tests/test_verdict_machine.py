@@ -9,6 +9,7 @@ import pytest
 
 from tools import simulate_verdicts, verdict
 from tools.runner_state import complete_speeds, probed_speed
+from tools.status import correction_used
 from tools.verdict import Noise, Outcome, compare, decide, judge_candidate, pooled_noise
 
 STEPS_SLOPE = -0.1146   # val_bpb per log(steps), as measured on the 2-core VM
@@ -128,6 +129,18 @@ def test_a_rate_whose_slope_says_faster_scores_worse_leaves_the_fit_and_the_othe
     assert noise.slope_covariance[1] == (0.0, 0.0)
 
 
+def test_the_corrected_sigma_is_never_above_the_raw_one():
+    """Six runs of a baseline on a host that did not move, with two rates that explain nothing:
+    two slopes on five degrees of freedom could fit noise and leave a larger sigma per degree of
+    freedom than the raw one. A rate stays only while it lowers the residual sigma."""
+    rng = random.Random(12)
+    for _ in range(200):
+        values = [[1.3 + rng.gauss(0.0, 0.003) for _ in range(6)]]
+        rates = [[(190 * math.exp(rng.gauss(0, 0.02)), 60 * math.exp(rng.gauss(0, 0.15))) for _ in range(6)]]
+        noise = pooled_noise(values, rates)
+        assert noise.sigma <= pooled_noise(values).sigma + 1e-12
+
+
 def test_a_slower_step_pays_for_it_with_two_rates_as_with_one():
     rng = random.Random(9)
     groups, group_rates = fake_two_rate_groups(rng)
@@ -142,6 +155,15 @@ def test_a_slower_step_pays_for_it_with_two_rates_as_with_one():
         differences.append(decision.difference)
     assert keeps == 0
     assert -verdict.mean(differences) == pytest.approx(STEPS_SLOPE * math.log(0.9), rel=0.3)
+
+
+def test_status_says_which_rates_the_correction_uses():
+    assert correction_used(Noise(0.003, 20, 17, (-0.4, 0.0), ((30.0, 0.0), (0.0, 0.0)), 0.009)) == \
+        "the correction uses the matmul rate"
+    assert correction_used(Noise(0.003, 20, 16, (-0.4, -0.01), ((30.0, 0.0), (0.0, 9.0)), 0.009)) == \
+        "the correction uses the matmul and memory rates"
+    assert correction_used(Noise(0.009, 20, 18)) == "no correction: no rate explains the spread yet"
+    assert correction_used(Noise(None, 2, 1)) == "no correction until sigma is measured"
 
 
 def test_runs_whose_speeds_carry_different_rates_are_judged_uncorrected():

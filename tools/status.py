@@ -66,7 +66,7 @@ def cmd_status(args):
         print(f"other kinds  {best} also has results of kind " + "; ".join(
             f"{k} ({len(ledger.values_of(rows, best, k))} runs)" for k in others))
     counts = {status: sum(r.status == status for r in rows) for status in ledger.STATUSES}
-    print(f"experiments  {len(rows)} runs ({', '.join(f'{n} {status}' for status, n in counts.items())})")
+    print(f"runs         {len(rows)} rows in results.tsv ({', '.join(f'{n} {status}' for status, n in counts.items())})")
     if holder:
         print(f"running      {holder}")
     print(f"last verdict {state.get('last_verdict', 'none yet')}")
@@ -95,23 +95,38 @@ def speed_range(speeds):
     return f"matmul {min(matmul):.0f}-{max(matmul):.0f} GFLOP/s, memory {min(memory):.1f}-{max(memory):.1f} GB/s"
 
 
+def correction_used(noise):
+    """Which of the probe's rates the rule corrects for now, in words."""
+    if noise.sigma is None:
+        return "no correction until sigma is measured"
+    if noise.slope is None:
+        return "no correction: no rate explains the spread yet"
+    if len(noise.slope) == 1:
+        return "the correction uses the speed index"
+    used = [verdict.RATE_NAMES[j].split()[0] for j, b in enumerate(noise.slope) if b != 0.0]
+    return f"the correction uses the {' and '.join(used)} rate{'s' if len(used) > 1 else ''}"
+
+
 def machine_line(rows, kind, best):
-    """'speed 62.7 (matmul 140 GFLOP/s, memory 26.5 GB/s) in the last run of <commit>, its last probe
-    +8.0% off its first; ...' from the newest run's probe, against the range the best was measured
-    in; None before any probed run."""
+    """'speed index 62.7 (matmul 140 GFLOP/s, memory 26.5 GB/s) in the last run of <commit>, its
+    last single probe +8.0% off its first; the best's runs: ...; the correction uses the matmul
+    rate' from the newest run's probe, against the range the best was measured in; None before
+    any probed run."""
     probe = latest_probe()
     if probe is None:
         return None
-    text = f"speed {probe['machine_speed']:.1f}"
+    text = f"speed index {probe['machine_speed']:.1f}"
     if probe.get("probe_matmul_gflops") and probe.get("probe_memory_gb_per_s"):
         text += f" (matmul {probe['probe_matmul_gflops']:.0f} GFLOP/s, memory {probe['probe_memory_gb_per_s']:.1f} GB/s)"
     text += f" in the last run of {probe['commit']}"
     if isinstance(probe.get("machine_speed_change"), (int, float)):
-        text += f", its last probe {100 * probe['machine_speed_change']:+.1f}% off its first"
+        text += f", its last single probe {100 * probe['machine_speed_change']:+.1f}% off its first"
     best_speeds = speeds_context(rows, kind, best)[0] if kind else None
     if best_speeds:
         text += f"; the best's runs: {speed_range(best_speeds)}"
-        moved = verdict.probe_drift(best_speeds, [probed_speed(probe)], kind_noise(rows, kind, best))
+        noise = kind_noise(rows, kind, best)
+        moved = verdict.probe_drift(best_speeds, [probed_speed(probe)], noise)
         if moved:
             text += f" ({moved}: re-measure the best with uv run tools/experiment.py baseline --repeat 2)"
+        text += f"; {correction_used(noise)}"
     return text

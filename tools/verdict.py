@@ -21,7 +21,8 @@ The rule, and why it is this one:
   training depends on the host: on one VM the copy rate wandered 52-77 GB/s with no link to the
   steps while the matmul rate followed them, and one index of both corrected nothing
   (docs/measurements.md). A rate whose slope is not negative (faster hours scoring worse) is
-  noise, not the machine: it leaves the fit. The probe measures the machine with fixed work, never
+  noise, not the machine, and one whose slope's t is not under -1 costs more in freedom than it
+  explains: either leaves the fit, so the corrected sigma is never above the raw one. The probe measures the machine with fixed work, never
   the run's own steps or tokens per second, so a code change that makes the step slower still
   pays for it.
 - The best's value is the mean of all its runs, and the best is confirmed until it has
@@ -55,7 +56,7 @@ The rule, and why it is this one:
 - A simplification (a change that removes lines) is kept by a non-inferiority test: when the
   candidate is not worse than the best by SIMPLIFY_MARGIN sigma, at the one-sided levels
   SIMPLIFY_LEVEL: a removal that really costs the whole margin is kept under 5% of the time
-  (simulated: 3.1% right after a baseline, 2.1% over a night).
+  (simulated: 3.5% right after a baseline, 1.7% over a night).
 """
 
 import math
@@ -69,7 +70,7 @@ BEST_RUNS = 6           # the best is rerun (confirmed) until its mean rests on 
 MIN_BEST_RUNS = 3       # ...or on as few as this when the corrected sigma is small (best_runs_target)
 MIN_NOISE_RUNS = 3      # sigma counts only when pooled from at least this many runs
 WELCH_RUNS = 3          # from this many runs, a candidate's own spread counts (Welch)
-KEEP_LEVEL = {2: 0.015, 3: 0.02, 4: 0.02}  # one-sided t level for a keep at a candidate's run k
+KEEP_LEVEL = {2: 0.015, 3: 0.015, 4: 0.015}  # one-sided t level for a keep at a candidate's run k
 DROP_BELOW = {1: 0.5, 2: 0.8, 3: 1.2}      # t under which a candidate is discarded, no rerun
 AGREE = 0.7             # a keep at k=2 needs |run1 - run2| <= AGREE * sigma * sqrt(2), else a third run
 MAX_VOID_RUNS = 2       # runs that are not evidence (disturbed) tolerated per experiment
@@ -183,9 +184,11 @@ def pooled_noise(groups, speed_groups=None):
     left out: their spread includes the machine). Each rate's slope must be negative: a faster
     machine trains more steps of the same code in the budget and never a worse model, so a slope
     that is not says that rate did not follow the training (corrected with it, a candidate on a
-    slow hour would be charged for the machine). Such a rate, or one there are too few runs to fit
-    beside the others, leaves the fit, the weakest first, and the rest are fitted again; with no
-    rate left the raw sigma is returned."""
+    slow hour would be charged for the machine). It must also pay for its degree of freedom: its
+    t under -1, which is when fitting it lowers the residual sigma, so the corrected sigma is never
+    above the raw one. A rate that fails, or one there are too few runs to fit beside the others,
+    leaves the fit, the weakest first, and the rest are fitted again; with no rate left the raw
+    sigma is returned."""
     raw = _raw_noise(groups)
     if speed_groups is None:
         return raw
@@ -197,19 +200,18 @@ def pooled_noise(groups, speed_groups=None):
     syy, sxy, sxx, runs, dof = within_group_sums([g for g, _ in kept], [x for _, x in kept], width)
     active = list(range(width))
     while active:
-        fitted = _fit(sxy, sxx, active, runs, dof)
-        if fitted is not None and all(fitted[0][j] < 0 for j in active):
-            slope, covariance = fitted
-            residual = max(syy - sum(slope[j] * sxy[j] for j in active), 0.0)
-            freedom = dof - len(active)
-            return Noise(math.sqrt(residual / freedom), runs, freedom, slope, covariance, raw.sigma)
+        fitted = _fit(syy, sxy, sxx, active, runs, dof)
+        if fitted is not None and all(t < -1 for t in fitted[2].values()):
+            slope, covariance, _, sigma = fitted
+            return Noise(sigma, runs, dof - len(active), slope, covariance, raw.sigma)
         active.remove(_weakest(sxy, sxx, active, fitted))
     return raw
 
 
-def _fit(sxy, sxx, active, runs, dof):
-    """(slopes, their covariance over sigma^2) over the active rates, each a full-width tuple with
-    zeros for the others; None with too few runs to fit them or when the rates move together."""
+def _fit(syy, sxy, sxx, active, runs, dof):
+    """(slopes, their covariance over sigma^2, {rate: the t of its slope}, residual sigma) over the
+    active rates, slopes and covariance full-width with zeros for the others; None with too few
+    runs to fit them or when the rates move together."""
     if runs < MIN_NOISE_RUNS + len(active) or dof < len(active) + 1:
         return None
     inverse = inverse_matrix([[sxx[j][other] for other in active] for j in active])
@@ -221,18 +223,20 @@ def _fit(sxy, sxx, active, runs, dof):
         slope[j] = sum(inverse[a][b] * sxy[other] for b, other in enumerate(active))
         for b, other in enumerate(active):
             covariance[j][other] = inverse[a][b]
-    return tuple(slope), tuple(tuple(row) for row in covariance)
+    residual = max(syy - sum(slope[j] * sxy[j] for j in active), 0.0)
+    sigma = math.sqrt(residual / (dof - len(active)))
+    t = {j: slope[j] / (sigma * math.sqrt(covariance[j][j])) if sigma > 0 else math.copysign(math.inf, slope[j])
+         for j in active}
+    return tuple(slope), tuple(tuple(row) for row in covariance), t, sigma
 
 
 def _weakest(sxy, sxx, active, fitted):
-    """The rate to leave out next: the one whose fitted slope, in units of its own spread, is the
-    least negative; without a fit, the one least linked to val_bpb on its own."""
+    """The rate to leave out next: the one whose slope's t is the highest (least negative); without
+    a fit, the one least linked to val_bpb on its own."""
     def strength(j):
-        if sxx[j][j] <= 0:
-            return math.inf
         if fitted is not None:
-            return fitted[0][j] * math.sqrt(sxx[j][j])
-        return sxy[j] / math.sqrt(sxx[j][j])
+            return fitted[2][j]
+        return sxy[j] / math.sqrt(sxx[j][j]) if sxx[j][j] > 0 else math.inf
     return max(active, key=strength)
 
 
