@@ -678,7 +678,7 @@ def test_status_and_best_report_sigma_and_the_best_mean(repo, env):
     lines = {line[:13].strip(): line[13:] for line in status.stdout.splitlines()}
     assert lines["branch"].startswith("autoresearch/test (base ") and "harness unchanged" in lines["branch"]
     assert lines["best"] == f"1.300000 mean of 6 runs, {head[:7]} baseline [{KIND[1:-1]}]"
-    assert lines["experiments"] == "7 runs (6 keep, 1 discard, 0 crash)"
+    assert lines["runs"] == "7 rows in results.tsv (6 keep, 1 discard, 0 crash)"
     assert lines["last verdict"] == last
 
 
