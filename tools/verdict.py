@@ -22,9 +22,9 @@ The rule, and why it is this one:
   steps while the matmul rate followed them, and one index of both corrected nothing
   (docs/measurements.md). A rate whose slope is not negative (faster hours scoring worse) is
   noise, not the machine, and one whose slope's t is not under -1 costs more in freedom than it
-  explains: either leaves the fit, so the corrected sigma is never above the raw one. The probe measures the machine with fixed work, never
-  the run's own steps or tokens per second, so a code change that makes the step slower still
-  pays for it.
+  explains (fitted, it would raise the residual sigma): either leaves the fit. The probe measures
+  the machine with fixed work, never the run's own steps or tokens per second, so a code change
+  that makes the step slower still pays for it.
 - The best's value is the mean of all its runs, and the best is confirmed until it has
   best_runs_target() of them (BEST_RUNS without the correction; fewer when the corrected sigma
   makes fewer runs as precise in val_bpb as BEST_RUNS raw runs were): one lucky run cannot set the
@@ -185,10 +185,10 @@ def pooled_noise(groups, speed_groups=None):
     machine trains more steps of the same code in the budget and never a worse model, so a slope
     that is not says that rate did not follow the training (corrected with it, a candidate on a
     slow hour would be charged for the machine). It must also pay for its degree of freedom: its
-    t under -1, which is when fitting it lowers the residual sigma, so the corrected sigma is never
-    above the raw one. A rate that fails, or one there are too few runs to fit beside the others,
-    leaves the fit, the weakest first, and the rest are fitted again; with no rate left the raw
-    sigma is returned."""
+    t under -1, which is when fitting it beside the others lowers the residual sigma (two slopes
+    on a baseline's six runs could otherwise fit noise into a sigma above the raw one). A rate
+    that fails, or one there are too few runs to fit beside the others, leaves the fit, the
+    weakest first, and the rest are fitted again; with no rate left the raw sigma is returned."""
     raw = _raw_noise(groups)
     if speed_groups is None:
         return raw
