@@ -75,7 +75,8 @@ def test_with_two_rates_a_wandering_memory_rate_cannot_hide_a_faster_host(repo, 
     """The host is 15% faster during the change while the copy rate happens to read low: the speed
     index moved by half as much as the host. The rule fits each rate apart, corrects for the
     matmul rate, and the change that does nothing is discarded."""
-    start = baseline(repo, env, [probed_rates(m, c, residual=r) for m, c, r in zip(BASE_SPEEDS, MEMORY_RATES, RESIDUALS)])
+    start = baseline(repo, env, [probed_rates(m, c, residual=r)
+                                 for m, c, r in zip(BASE_SPEEDS, MEMORY_RATES, RESIDUALS)])
     status = runner(repo, env, "status").stdout
     assert "the best's runs: matmul 177-205 GFLOP/s, memory 57.2-76.6 GB/s" in status
     edit(repo, "rename a variable")

@@ -114,16 +114,10 @@ MARKERS = ("<!-- verdict-figures -->", "<!-- /verdict-figures -->")
 
 def pooled_regression(days):
     """(slope, raw sigma, residual sigma) of y on x within each day, pooled: days is a list of [(x, y)]."""
-    sxx = sxy = syy = 0.0
-    freedom = 0
-    for pairs in days:
-        mx, my = statistics.mean(x for x, _ in pairs), statistics.mean(y for _, y in pairs)
-        sxx += sum((x - mx) ** 2 for x, _ in pairs)
-        sxy += sum((x - mx) * (y - my) for x, y in pairs)
-        syy += sum((y - my) ** 2 for _, y in pairs)
-        freedom += len(pairs) - 1
-    slope = sxy / sxx
-    return slope, math.sqrt(syy / freedom), math.sqrt((syy - slope * sxy) / (freedom - 1))
+    syy, sxy, sxx, _, freedom = verdict.within_group_sums([[y for _, y in pairs] for pairs in days],
+                                                          [[(x,) for x, _ in pairs] for pairs in days], 1)
+    slope = sxy[0] / sxx[0][0]
+    return slope, math.sqrt(syy / freedom), math.sqrt((syy - slope * sxy[0]) / (freedom - 1))
 
 
 def measured_model(days=MEASURED_DAYS):
@@ -147,7 +141,8 @@ def probe_error(days):
         x = [verdict.log_rates(speed) for _, _, speed in runs]
         syy, sxy, sxx, _, dof = verdict.within_group_sums([y], [x], len(x[0]))
         inverse = verdict.inverse_matrix(sxx)
-        explained = sum(sxy[j] * inverse[j][other] * sxy[other] for j in range(len(sxy)) for other in range(len(sxy)))
+        explained = sum(sxy[j] * inverse[j][other] * sxy[other]
+                        for j in range(len(sxy)) for other in range(len(sxy)))
         squares += syy - explained
         freedom += dof - len(sxy)
     return math.sqrt(squares / freedom) if freedom > 0 else None
@@ -160,7 +155,8 @@ def memory_wander(days):
     groups = [[math.log(speed[1]) for _, _, speed in runs] for runs in days if isinstance(runs[0][2], tuple)]
     if not groups:
         return None
-    return math.sqrt(sum((x - statistics.mean(g)) ** 2 for g in groups for x in g) / sum(len(g) - 1 for g in groups))
+    squares, _, _, _, freedom = verdict.within_group_sums(groups, [None] * len(groups))
+    return math.sqrt(squares / freedom)
 
 
 RAW_SIGMA, RESIDUAL_SIGMA, MACHINE_SLOPE, HOST_SPREAD, MEASURED_PROBE_ERROR, MEMORY_WANDER = measured_model()

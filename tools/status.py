@@ -66,7 +66,8 @@ def cmd_status(args):
         print(f"other kinds  {best} also has results of kind " + "; ".join(
             f"{k} ({len(ledger.values_of(rows, best, k))} runs)" for k in others))
     counts = {status: sum(r.status == status for r in rows) for status in ledger.STATUSES}
-    print(f"runs         {len(rows)} rows in results.tsv ({', '.join(f'{n} {status}' for status, n in counts.items())})")
+    tally = ", ".join(f"{n} {status}" for status, n in counts.items())
+    print(f"runs         {len(rows)} rows in results.tsv ({tally})")
     if holder:
         print(f"running      {holder}")
     print(f"last verdict {state.get('last_verdict', 'none yet')}")
